@@ -1,0 +1,280 @@
+//! Building and running the server. `main` and the tests start it the same
+//! way: [`App::build`] then [`App::run`] (or [`spawn`] for tests, which binds
+//! port 0 and hands back the address).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use poem::http::HeaderMap;
+use poem::listener::{Acceptor, AcceptorExt, Listener, TcpListener};
+use poem::Request;
+
+use crate::config::{self, Config, ConfigErrors};
+use crate::http::error::ApiError;
+use crate::http::AdminToken;
+use crate::levels::LevelCurve;
+use crate::metrics::Metrics;
+use crate::pipeline::verify::{bearer_token, check_bearer, token_digest};
+use crate::settings::Settings;
+use crate::store::Store;
+
+/// Shared by every request.
+pub struct AppState {
+    pub settings: Settings,
+    pub config: ArcSwap<Config>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub levels: LevelCurve,
+    /// Config loaded and store connected.
+    pub ready: AtomicBool,
+    /// Shutting down: readiness answers 503.
+    pub draining: AtomicBool,
+    admin_digests: Vec<[u8; 32]>,
+    test_digests: Vec<[u8; 32]>,
+}
+
+impl AppState {
+    pub fn new(settings: Settings, config: Config, store: Store) -> Arc<AppState> {
+        let digest = |tokens: Vec<crate::settings::Secret>| -> Vec<[u8; 32]> {
+            tokens
+                .iter()
+                .map(|t| token_digest(t.expose().as_bytes()))
+                .collect()
+        };
+        let metrics = Metrics::new();
+        metrics.sources_loaded.set(config.sources.len() as i64);
+        metrics
+            .config_loads
+            .with_label_values(&["startup", "success"])
+            .inc();
+        Arc::new(AppState {
+            admin_digests: digest(settings.admin_tokens()),
+            test_digests: digest(settings.test_tokens()),
+            settings,
+            config: ArcSwap::from_pointee(config),
+            store,
+            metrics,
+            levels: LevelCurve::default(),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Checks the admin token; unset means every call is refused.
+    pub fn require_admin(&self, auth: &AdminToken) -> Result<(), ApiError> {
+        check_bearer(&self.admin_digests, auth.0.token.as_bytes())
+            .map_err(|_| ApiError::unauthorized("invalid or missing admin token"))
+    }
+
+    /// Checks for the test token (or, when `admin_too`, the admin token).
+    pub fn require_test_or_admin(
+        &self,
+        headers: &HeaderMap,
+        admin_too: bool,
+    ) -> Result<(), ApiError> {
+        let token = bearer_token(headers)
+            .map_err(|_| ApiError::unauthorized("a bearer token is required"))?;
+        let ok = check_bearer(&self.test_digests, token.as_bytes()).is_ok()
+            || (admin_too && check_bearer(&self.admin_digests, token.as_bytes()).is_ok());
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(if admin_too {
+                "invalid test or admin token"
+            } else {
+                "invalid test token"
+            }))
+        }
+    }
+
+    /// Rebuilds the config from disk; on any error the running one is kept.
+    pub fn reload(&self, kind: &str) -> Result<Arc<Config>, ConfigErrors> {
+        match config::load(&self.settings.config_dir, &self.settings.secrets) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                for w in &c.warnings {
+                    tracing::warn!(kind, "{w}");
+                }
+                self.config.store(c.clone());
+                self.metrics.sources_loaded.set(c.sources.len() as i64);
+                self.metrics
+                    .config_loads
+                    .with_label_values(&[kind, "success"])
+                    .inc();
+                tracing::info!(
+                    kind,
+                    sources = c.sources.len(),
+                    rules = c.rules.len(),
+                    "config reloaded"
+                );
+                Ok(c)
+            }
+            Err(e) => {
+                self.metrics
+                    .config_loads
+                    .with_label_values(&[kind, "failure"])
+                    .inc();
+                tracing::error!(
+                    kind,
+                    errors = e.0.len(),
+                    "config reload refused; keeping the running config"
+                );
+                for err in &e.0 {
+                    tracing::error!(kind, "{err}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Metrics and the one log line of a hook request.
+    pub fn observe<T>(
+        &self,
+        source: &str,
+        req: &Request,
+        started: Instant,
+        result: &Result<(T, Option<String>), ApiError>,
+    ) {
+        let elapsed = started.elapsed();
+        let (status, outcome, event_id) = match result {
+            Ok((_, id)) => (200u16, "processed", id.as_deref()),
+            Err(e) => (e.status().as_u16(), e.code(), None),
+        };
+        self.metrics
+            .requests
+            .with_label_values(&[source, &status.to_string()])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[source])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            source,
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            event_id,
+            client_ip = %crate::http::hooks::client_ip(req),
+            outcome,
+            "hook"
+        );
+    }
+}
+
+/// A built server: state plus the bound listener's address.
+pub struct App {
+    pub state: Arc<AppState>,
+    acceptor: poem::listener::BoxAcceptor,
+    pub addr: SocketAddr,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
+impl App {
+    /// Loads the config (refusing on any error), connects the store, binds.
+    pub async fn build(settings: Settings) -> Result<App, StartError> {
+        let config = config::load(&settings.config_dir, &settings.secrets)?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let store = Store::connect(&settings.database_url).await?;
+        let acceptor = TcpListener::bind(settings.listen.clone())
+            .into_acceptor()
+            .await
+            .map_err(|e| StartError::Bind(settings.listen.clone(), e))?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .ok_or_else(|| {
+                StartError::Bind(
+                    settings.listen.clone(),
+                    std::io::Error::other("no local address"),
+                )
+            })?;
+        tracing::info!(
+            %addr,
+            store = store.backend(),
+            sources = config.sources.len(),
+            rules = config.rules.len(),
+            "listening"
+        );
+        let state = AppState::new(settings, config, store);
+        state.ready.store(true, Ordering::Relaxed);
+        Ok(App {
+            state,
+            acceptor: acceptor.boxed(),
+            addr,
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets requests
+    /// in flight finish (up to 30 s) and returns.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let endpoint = crate::http::endpoint(self.state.clone());
+        let signal = async move {
+            shutdown.await;
+            state.draining.store(true, Ordering::Relaxed);
+            tracing::info!("draining");
+        };
+        let result = poem::Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(endpoint, signal, Some(Duration::from_secs(30)))
+            .await;
+        self.state.store.close().await;
+        result
+    }
+}
+
+/// A server running in this process, for tests and tools.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful stop; waits for the server to finish.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Builds and starts a server in the background.
+pub async fn spawn(settings: Settings) -> Result<Running, StartError> {
+    let app = App::build(settings).await?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = app.addr;
+    let state = app.state.clone();
+    let task = tokio::spawn(app.run(async move {
+        let _ = rx.await;
+    }));
+    Ok(Running {
+        addr,
+        state,
+        stop: Some(tx),
+        task,
+    })
+}

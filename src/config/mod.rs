@@ -1,0 +1,674 @@
+//! The config directory: `sources.d/*.yaml` and `rules/*.rhai`, loaded and
+//! compiled once into a [`Config`] (JSONPaths parsed, rhai ASTs built,
+//! secrets resolved and keyed). Every problem is collected, each naming
+//! file, line and key; a config with any error is refused whole.
+
+pub mod raw;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use poem::http::HeaderName;
+use rhai::Engine;
+
+use crate::pipeline::mapping::{
+    CompiledPath, EventTypeSpec, Field, FieldSpec, FieldType, Mapping, TimeFormat,
+};
+use crate::pipeline::rules::{self, Rule};
+use crate::pipeline::verify::AuthScheme;
+use crate::settings::SecretEnv;
+use raw::{Processing, RawAuth, RawField, RawSource};
+
+/// Default body limit: 1 MiB.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Hard ceiling a source may raise its body limit to.
+pub const MAX_MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// One problem in the config directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} config error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A compiled source.
+#[derive(Debug)]
+pub struct Source {
+    pub name: String,
+    pub description: String,
+    pub namespace: String,
+    pub processing: Processing,
+    pub auth: Vec<AuthScheme>,
+    /// Accepted content types, lower-case, without parameters.
+    pub content_types: Vec<String>,
+    pub batch: bool,
+    pub max_body_bytes: usize,
+    pub mapping: Mapping,
+    pub rules: Vec<Arc<Rule>>,
+    pub dry_run: bool,
+    pub file: PathBuf,
+    pub tests: Vec<serde_yaml_ng::Value>,
+}
+
+impl Source {
+    /// Whether a request's content type is one this source takes. A request
+    /// without one is taken as the source's first type.
+    pub fn accepts(&self, content_type: Option<&str>) -> bool {
+        match content_type {
+            None => true,
+            Some(ct) => {
+                let essence = ct.split(';').next().unwrap_or("").trim();
+                self.content_types
+                    .iter()
+                    .any(|t| t.eq_ignore_ascii_case(essence))
+            }
+        }
+    }
+
+    /// The effective content type of a request.
+    pub fn content_type_of<'a>(&'a self, content_type: Option<&'a str>) -> &'a str {
+        content_type.unwrap_or_else(|| {
+            self.content_types
+                .first()
+                .map(String::as_str)
+                .unwrap_or("application/json")
+        })
+    }
+}
+
+/// The loaded config directory.
+pub struct Config {
+    pub dir: PathBuf,
+    pub sources: HashMap<String, Arc<Source>>,
+    pub rules: BTreeMap<String, Arc<Rule>>,
+    pub engine: Arc<Engine>,
+    /// Not errors, but an operator should know (an unset secret).
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("dir", &self.dir)
+            .field("sources", &self.sources.keys().collect::<Vec<_>>())
+            .field("rules", &self.rules.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Config {
+    pub fn source(&self, name: &str) -> Option<&Arc<Source>> {
+        self.sources.get(name)
+    }
+
+    /// Source names, sorted.
+    pub fn source_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.sources.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+fn is_valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Files of a folder with one of the extensions, sorted; a missing folder is empty.
+fn files_with(dir: &Path, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(rd) => {
+            for entry in rd {
+                let path = entry?.path();
+                if path.is_file()
+                    && path
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| exts.contains(&e))
+                {
+                    out.push(path);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Loads and compiles the config directory.
+pub fn load(dir: &Path, secrets: &SecretEnv) -> Result<Config, ConfigErrors> {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let engine = rules::engine();
+
+    let rules_dir = dir.join("rules");
+    let mut rules = BTreeMap::new();
+    match files_with(&rules_dir, &["rhai"]) {
+        Ok(files) => {
+            for file in files {
+                let name = file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .to_string();
+                if !is_valid_name(&name) {
+                    errors.push(err(
+                        &file,
+                        None,
+                        "",
+                        "a rule's file name must be lower-case letters, digits, - or _",
+                    ));
+                    continue;
+                }
+                match std::fs::read_to_string(&file) {
+                    Ok(text) => match rules::compile(&engine, &name, &file, &text) {
+                        Ok(rule) => {
+                            rules.insert(name, Arc::new(rule));
+                        }
+                        Err(e) => {
+                            let pos = e.1;
+                            errors.push(ConfigError {
+                                file: file.clone(),
+                                line: pos.line(),
+                                column: pos.position(),
+                                key: String::new(),
+                                message: e.0.to_string(),
+                            });
+                        }
+                    },
+                    Err(e) => errors.push(err(&file, None, "", &format!("cannot read: {e}"))),
+                }
+            }
+        }
+        Err(e) => errors.push(err(
+            &rules_dir,
+            None,
+            "",
+            &format!("cannot read the folder: {e}"),
+        )),
+    }
+
+    let sources_dir = dir.join("sources.d");
+    let mut sources: HashMap<String, Arc<Source>> = HashMap::new();
+    match files_with(&sources_dir, &["yaml", "yml"]) {
+        Ok(files) => {
+            if files.is_empty() {
+                errors.push(err(
+                    &sources_dir,
+                    None,
+                    "",
+                    "no source files (*.yaml) found",
+                ));
+            }
+            for file in files {
+                let text = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(err(&file, None, "", &format!("cannot read: {e}")));
+                        continue;
+                    }
+                };
+                match compile_source(&file, &text, &rules, secrets, &mut warnings) {
+                    Ok(src) => {
+                        if let Some(prev) = sources.get(&src.name) {
+                            errors.push(err(
+                                &file,
+                                locate(&text, &["name"]),
+                                "name",
+                                &format!(
+                                    "source {:?} is already defined by {}",
+                                    src.name,
+                                    prev.file.display()
+                                ),
+                            ));
+                        } else {
+                            sources.insert(src.name.clone(), Arc::new(src));
+                        }
+                    }
+                    Err(mut es) => errors.append(&mut es),
+                }
+            }
+        }
+        Err(e) => errors.push(err(
+            &sources_dir,
+            None,
+            "",
+            &format!("cannot read the folder: {e}"),
+        )),
+    }
+
+    if errors.is_empty() {
+        Ok(Config {
+            dir: dir.to_path_buf(),
+            sources,
+            rules,
+            engine: Arc::new(engine),
+            warnings,
+        })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn err(file: &Path, line: Option<usize>, key: &str, message: &str) -> ConfigError {
+    ConfigError {
+        file: file.to_path_buf(),
+        line,
+        column: None,
+        key: key.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Compiles one source file, collecting every error it has.
+pub fn compile_source(
+    file: &Path,
+    text: &str,
+    rules: &BTreeMap<String, Arc<Rule>>,
+    secrets: &SecretEnv,
+    warnings: &mut Vec<String>,
+) -> Result<Source, Vec<ConfigError>> {
+    let raw: RawSource = serde_yaml_ng::from_str(text).map_err(|e| {
+        let loc = e.location();
+        vec![ConfigError {
+            file: file.to_path_buf(),
+            line: loc.as_ref().map(|l| l.line()),
+            column: loc.as_ref().map(|l| l.column()),
+            key: String::new(),
+            message: e.to_string(),
+        }]
+    })?;
+    let mut errors = Vec::new();
+    let mut fail = |keys: &[&str], message: String| {
+        errors.push(ConfigError {
+            file: file.to_path_buf(),
+            line: locate(text, keys),
+            column: None,
+            key: keys.join("."),
+            message,
+        });
+    };
+
+    let stem = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("")
+        .to_string();
+    let name = raw.name.clone().unwrap_or(stem);
+    if !is_valid_name(&name) {
+        fail(&["name"], format!("{name:?} is not a valid source name (lower-case letters, digits, - or _; at most 64)"));
+    }
+    let namespace = raw.namespace.clone().unwrap_or_else(|| name.clone());
+    if raw.namespace.is_some() && !is_valid_name(&namespace) {
+        fail(
+            &["namespace"],
+            format!("{namespace:?} is not a valid namespace"),
+        );
+    }
+
+    let mut auth = Vec::new();
+    let raw_auth = raw.auth.into_vec();
+    let auth_declared = raw_auth.len();
+    for a in raw_auth {
+        match a {
+            RawAuth::Bearer { secret_env } => {
+                let tokens = secrets.list(&secret_env);
+                if tokens.is_empty() {
+                    warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
+                }
+                auth.push(AuthScheme::bearer(&secret_env, &tokens));
+            }
+            RawAuth::Hmac {
+                secret_env,
+                header,
+                prefix,
+                encoding,
+                algorithm,
+            } => {
+                if !algorithm.eq_ignore_ascii_case("sha256") {
+                    fail(
+                        &["auth", "algorithm"],
+                        format!("unsupported algorithm {algorithm:?}; only sha256"),
+                    );
+                }
+                let header = match HeaderName::from_bytes(header.as_bytes()) {
+                    Ok(h) => h,
+                    Err(_) => {
+                        fail(
+                            &["auth", "header"],
+                            format!("{header:?} is not a valid header name"),
+                        );
+                        continue;
+                    }
+                };
+                let keys = secrets.list(&secret_env);
+                if keys.is_empty() {
+                    warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
+                }
+                auth.push(AuthScheme::hmac(
+                    &secret_env,
+                    header,
+                    prefix,
+                    encoding,
+                    &keys,
+                ));
+            }
+        }
+    }
+    if auth_declared == 0 {
+        fail(&["auth"], "at least one auth scheme is required".into());
+    }
+
+    let content_types: Vec<String> = raw
+        .content_types
+        .unwrap_or_else(|| vec!["application/json".into()])
+        .into_iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    for ct in &content_types {
+        if crate::pipeline::decode::format_of(ct).is_none() {
+            fail(&["content_types"], format!("{ct:?} cannot be decoded; use application/json or application/x-www-form-urlencoded"));
+        }
+    }
+    if content_types.is_empty() {
+        fail(
+            &["content_types"],
+            "at least one content type is required".into(),
+        );
+    }
+
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
+    if max_body_bytes == 0 || max_body_bytes > MAX_MAX_BODY {
+        fail(
+            &["max_body_bytes"],
+            format!("must be between 1 and {MAX_MAX_BODY}"),
+        );
+    }
+
+    let paths = |keys: &[&str],
+                 list: Vec<String>,
+                 fail: &mut dyn FnMut(&[&str], String)|
+     -> Vec<CompiledPath> {
+        if list.is_empty() {
+            fail(keys, "at least one JSONPath is required".into());
+        }
+        list.iter()
+            .filter_map(|p| match CompiledPath::parse(p) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    fail(keys, format!("bad JSONPath {p:?}: {e}"));
+                    None
+                }
+            })
+            .collect()
+    };
+
+    let et_paths = paths(
+        &["event_type", "paths"],
+        raw.event_type.paths.into_vec(),
+        &mut fail,
+    );
+    let event_type = EventTypeSpec {
+        paths: et_paths,
+        table: raw
+            .event_type
+            .map
+            .into_iter()
+            .map(|(k, v)| (k, Arc::<str>::from(v.as_str())))
+            .collect(),
+        passthrough: raw.event_type.passthrough,
+    };
+
+    let field = |keys: &[&str],
+                 raw: Option<RawField>,
+                 default_ty: FieldType,
+                 fail: &mut dyn FnMut(&[&str], String)| {
+        raw.map(|raw| {
+            let (list, ty, format, default) = match raw {
+                RawField::Path(p) => (vec![p], None, None, None),
+                RawField::Paths(v) => (v, None, None, None),
+                RawField::Full(s) => (s.paths.into_vec(), s.ty, s.format, s.default),
+            };
+            FieldSpec {
+                paths: paths(keys, list, fail),
+                ty: ty.unwrap_or(default_ty),
+                format: format.unwrap_or(TimeFormat::Auto),
+                default,
+            }
+        })
+    };
+    let f = raw.fields;
+    let event_id = field(
+        &["fields", "event_id"],
+        f.event_id,
+        FieldType::String,
+        &mut fail,
+    );
+    let user_id = field(
+        &["fields", "user_id"],
+        f.user_id,
+        FieldType::String,
+        &mut fail,
+    );
+    let course_id = field(
+        &["fields", "course_id"],
+        f.course_id,
+        FieldType::String,
+        &mut fail,
+    );
+    let object_id = field(
+        &["fields", "object_id"],
+        f.object_id,
+        FieldType::String,
+        &mut fail,
+    );
+    let occurred_at = field(
+        &["fields", "occurred_at"],
+        f.occurred_at,
+        FieldType::Timestamp,
+        &mut fail,
+    );
+    let mut attributes = Vec::new();
+    for (key, rf) in raw.attributes {
+        if let Some(spec) = field(&["attributes", &key], Some(rf), FieldType::Any, &mut fail) {
+            attributes.push((key, spec));
+        }
+    }
+
+    let mut required = Vec::new();
+    for r in raw
+        .required
+        .unwrap_or_else(|| vec!["user_id".into(), "event_type".into()])
+    {
+        match Field::parse(&r) {
+            Some(f) => required.push(f),
+            None => fail(&["required"], format!("unknown field {r:?}; one of event_id, event_type, user_id, course_id, object_id, occurred_at")),
+        }
+    }
+
+    let mut source_rules = Vec::new();
+    for r in &raw.rules {
+        if r == "*" {
+            source_rules.extend(rules.values().cloned());
+        } else if let Some(rule) = rules.get(r) {
+            source_rules.push(rule.clone());
+        } else {
+            fail(
+                &["rules"],
+                format!("no rule named {r:?} (expected rules/{r}.rhai)"),
+            );
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Source {
+        name,
+        description: raw.description,
+        namespace,
+        processing: raw.processing,
+        auth,
+        content_types,
+        batch: raw.batch,
+        max_body_bytes,
+        mapping: Mapping {
+            event_type,
+            event_id,
+            user_id,
+            course_id,
+            object_id,
+            occurred_at,
+            attributes,
+            required,
+        },
+        rules: source_rules,
+        dry_run: raw.dry_run,
+        file: file.to_path_buf(),
+        tests: raw.tests,
+    })
+}
+
+/// The 1-based line where a key path is written in a YAML text: each key is
+/// searched below the previous one, at a deeper indentation. Good enough for
+/// block-style YAML, which is what config files are; `None` if not found.
+pub fn locate(text: &str, keys: &[&str]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = 0;
+    let mut min_indent = 0usize;
+    let mut found = None;
+    for (depth, key) in keys.iter().enumerate() {
+        let mut hit = None;
+        for (i, line) in lines.iter().enumerate().skip(start) {
+            let trimmed = line.trim_start();
+            let indent = line.len() - trimmed.len();
+            if depth > 0
+                && i > start
+                && !trimmed.is_empty()
+                && !trimmed.starts_with('#')
+                && indent < min_indent
+            {
+                break; // left the parent block
+            }
+            let body = trimmed.strip_prefix("- ").unwrap_or(trimmed);
+            let matches = [
+                format!("{key}:"),
+                format!("\"{key}\":"),
+                format!("'{key}':"),
+            ]
+            .iter()
+            .any(|k| body.starts_with(k.as_str()));
+            if matches && (depth == 0 || indent >= min_indent) {
+                hit = Some((i, indent + 1));
+                break;
+            }
+        }
+        match hit {
+            Some((i, next_indent)) => {
+                found = Some(i + 1);
+                start = i + 1;
+                min_indent = next_indent;
+            }
+            None => return found,
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_located_under_their_parents() {
+        let text =
+            "name: x\nfields:\n  user_id: $.a\n  course_id: $.b\nattributes:\n  user_id: $.z\n";
+        assert_eq!(locate(text, &["fields", "course_id"]), Some(4));
+        assert_eq!(locate(text, &["attributes", "user_id"]), Some(6));
+        assert_eq!(locate(text, &["fields"]), Some(2));
+        assert_eq!(locate(text, &["nope"]), None);
+        assert_eq!(locate(text, &["fields", "nope"]), Some(2));
+    }
+
+    fn compile(text: &str) -> Result<Source, Vec<ConfigError>> {
+        let rules = BTreeMap::new();
+        compile_source(
+            Path::new("sources.d/x.yaml"),
+            text,
+            &rules,
+            &SecretEnv::default(),
+            &mut Vec::new(),
+        )
+    }
+
+    #[test]
+    fn an_unknown_key_names_file_line_and_key() {
+        let text = "auth: {type: bearer, secret_env: X}\nevent_type: {paths: $.t}\nfields:\n  user_id: $.u\n  colour: $.c\n";
+        let errs = compile(text).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let e = errs[0].to_string();
+        assert!(e.starts_with("sources.d/x.yaml:5:"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn every_semantic_error_is_reported() {
+        let text = "name: Bad Name\nauth: {type: hmac, secret_env: X, header: \"bad header\"}\nevent_type: {paths: \"$.[\"}\nfields:\n  user_id: [\"$.ok\", \"nope\"]\nrequired: [user_id, colour]\nrules: [missing]\n";
+        let errs = compile(text).unwrap_err();
+        let keys: Vec<_> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("name", Some(1)),
+                ("auth.header", Some(2)),
+                ("event_type.paths", Some(3)),
+                ("fields.user_id", Some(5)),
+                ("required", Some(6)),
+                ("rules", Some(7)),
+            ],
+            "{errs:#?}"
+        );
+    }
+}

@@ -1,0 +1,153 @@
+//! The YAML schema of a source file, as written by an admin. Every struct
+//! refuses unknown keys, so a typo is an error naming file, line and key.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::pipeline::mapping::{FieldType, TimeFormat};
+use crate::pipeline::verify::SigEncoding;
+
+/// One value or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A source file: `sources.d/<name>.yaml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// The endpoint name (`/api/public/hook/{name}/event`); defaults to the file stem.
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    /// Users are identified within this namespace; defaults to the name.
+    /// Sources that share one share their users.
+    pub namespace: Option<String>,
+    /// `sync` (200 after commit); `async` is reserved for queued processing.
+    #[serde(default)]
+    pub processing: Processing,
+    /// One scheme or a list; any one that verifies accepts the request.
+    pub auth: OneOrMany<RawAuth>,
+    /// Content types accepted; defaults to `application/json`.
+    pub content_types: Option<Vec<String>>,
+    /// Accept a JSON array of documents, each its own event (xAPI batches).
+    #[serde(default)]
+    pub batch: bool,
+    /// Largest accepted body in bytes (default 1 MiB).
+    pub max_body_bytes: Option<usize>,
+    /// Where the vendor's event name is and how it maps to canonical types.
+    pub event_type: RawEventType,
+    /// Canonical fields, each a JSONPath, a list of fallbacks, or a full spec.
+    #[serde(default)]
+    pub fields: RawFields,
+    /// Extra mapped values, passed to rules as `event.attributes`.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, RawField>,
+    /// Canonical fields that must be present (default `[user_id, event_type]`).
+    pub required: Option<Vec<String>>,
+    /// Rule names (files `rules/<name>.rhai`) applied to this source's events; `"*"` for all.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// The source only serves dry runs (the `test` source).
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Embedded test cases, run by `rocket-rewards check`.
+    #[serde(default)]
+    pub tests: Vec<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Processing {
+    #[default]
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawAuth {
+    /// `Authorization: Bearer <token>`, tokens from `secret_env` (comma-separated).
+    Bearer { secret_env: String },
+    /// HMAC-SHA256 of the raw body in `header` after `prefix`.
+    Hmac {
+        secret_env: String,
+        #[serde(default = "default_sig_header")]
+        header: String,
+        #[serde(default = "default_sig_prefix")]
+        prefix: String,
+        #[serde(default = "default_encoding")]
+        encoding: SigEncoding,
+        #[serde(default = "default_algorithm")]
+        algorithm: String,
+    },
+}
+
+fn default_sig_header() -> String {
+    "X-Signature".into()
+}
+fn default_sig_prefix() -> String {
+    "sha256=".into()
+}
+fn default_encoding() -> SigEncoding {
+    SigEncoding::Hex
+}
+fn default_algorithm() -> String {
+    "sha256".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEventType {
+    /// JSONPaths to the vendor's event name, first non-null wins.
+    pub paths: OneOrMany<String>,
+    /// Vendor name -> canonical type.
+    #[serde(default)]
+    pub map: BTreeMap<String, String>,
+    /// Use the vendor name as the canonical type when the table has no entry.
+    #[serde(default)]
+    pub passthrough: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFields {
+    pub event_id: Option<RawField>,
+    pub user_id: Option<RawField>,
+    pub course_id: Option<RawField>,
+    pub object_id: Option<RawField>,
+    pub occurred_at: Option<RawField>,
+}
+
+/// A mapped field: `$.path`, `[$.a, $.b]`, or `{paths, type, format, default}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawField {
+    Path(String),
+    Paths(Vec<String>),
+    Full(RawFieldSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFieldSpec {
+    #[serde(alias = "path")]
+    pub paths: OneOrMany<String>,
+    #[serde(rename = "type")]
+    pub ty: Option<FieldType>,
+    pub format: Option<TimeFormat>,
+    pub default: Option<serde_json::Value>,
+}

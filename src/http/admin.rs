@@ -1,0 +1,124 @@
+//! Operator endpoints: the loaded sources (no secrets) and config reload.
+
+use std::sync::Arc;
+
+use poem::web::Data;
+
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi};
+
+use super::error::ApiError;
+use super::{AdminToken, ApiTags};
+use crate::app::AppState;
+
+/// A loaded source, without secrets.
+#[derive(Debug, Object)]
+pub struct SourceView {
+    pub name: String,
+    pub description: String,
+    pub namespace: String,
+    /// `sync` or `async`.
+    pub processing: String,
+    /// Auth schemes, e.g. `bearer` or `hmac`.
+    pub auth: Vec<String>,
+    /// Whether every auth scheme has its secret set.
+    pub configured: bool,
+    pub content_types: Vec<String>,
+    pub max_body_bytes: i64,
+    pub rules: Vec<String>,
+    pub dry_run: bool,
+    pub file: String,
+}
+
+#[derive(Debug, Object)]
+pub struct SourceList {
+    pub sources: Vec<SourceView>,
+}
+
+#[derive(Debug, Object)]
+pub struct ReloadResult {
+    /// Always `success`.
+    pub status: String,
+    pub sources: Vec<String>,
+    pub rules: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+pub struct AdminApi;
+
+#[OpenApi(tag = "ApiTags::Admin")]
+impl AdminApi {
+    /// The loaded sources, without secrets.
+    #[oai(
+        path = "/api/admin/sources",
+        method = "get",
+        operation_id = "listSources"
+    )]
+    async fn sources(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminToken,
+    ) -> Result<Json<SourceList>, ApiError> {
+        state.require_admin(&auth)?;
+        let config = state.config.load_full();
+        let sources = config
+            .source_names()
+            .into_iter()
+            .filter_map(|n| config.source(n))
+            .map(|s| SourceView {
+                name: s.name.clone(),
+                description: s.description.clone(),
+                namespace: s.namespace.clone(),
+                processing: format!("{:?}", s.processing).to_lowercase(),
+                auth: s.auth.iter().map(|a| a.kind().to_string()).collect(),
+                configured: s.auth.iter().any(|a| a.is_configured()),
+                content_types: s.content_types.clone(),
+                max_body_bytes: s.max_body_bytes as i64,
+                rules: s.rules.iter().map(|r| r.name.to_string()).collect(),
+                dry_run: s.dry_run,
+                file: s.file.display().to_string(),
+            })
+            .collect();
+        Ok(Json(SourceList { sources }))
+    }
+
+    /// Reload the config directory, all or nothing.
+    ///
+    /// A config with any error is refused (400 `CONFIG_INVALID`, every error
+    /// listed in `details.errors`) and the running config keeps serving.
+    /// Requests in flight finish on the config they started with.
+    #[oai(
+        path = "/api/admin/reload",
+        method = "post",
+        operation_id = "reloadConfig"
+    )]
+    async fn reload(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminToken,
+    ) -> Result<Json<ReloadResult>, ApiError> {
+        state.require_admin(&auth)?;
+        match state.reload("api") {
+            Ok(config) => Ok(Json(ReloadResult {
+                status: "success".into(),
+                sources: config
+                    .source_names()
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                rules: config.rules.keys().cloned().collect(),
+                warnings: config.warnings.clone(),
+            })),
+            Err(errors) => Err(ApiError::bad_request(
+                "CONFIG_INVALID",
+                format!(
+                    "the new config has {} error(s); the running config is kept",
+                    errors.0.len()
+                ),
+                Some(
+                    serde_json::json!({ "errors": errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>() }),
+                ),
+            )),
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Liveness, readiness and the Prometheus scrape endpoint.
+
+use std::sync::Arc;
+
+use poem::web::Data;
+use std::sync::atomic::Ordering;
+
+use poem_openapi::payload::{Json, PlainText};
+use poem_openapi::{Object, OpenApi};
+
+use super::error::ApiError;
+use super::ApiTags;
+use crate::app::AppState;
+
+#[derive(Debug, Object)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+}
+
+pub struct HealthApi;
+
+#[OpenApi(tag = "ApiTags::Operations")]
+impl HealthApi {
+    /// Liveness: the process answers.
+    #[oai(path = "/health/live", method = "get", operation_id = "live")]
+    async fn live(&self) -> Json<Health> {
+        Json(Health {
+            status: "ok".into(),
+        })
+    }
+
+    /// Readiness: config loaded, the store answers, not draining.
+    #[oai(path = "/health/ready", method = "get", operation_id = "ready")]
+    async fn ready(&self, state: Data<&Arc<AppState>>) -> Result<Json<Health>, ApiError> {
+        if state.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        if !state.ready.load(Ordering::Relaxed) {
+            return Err(ApiError::unavailable("the server is starting"));
+        }
+        if let Err(e) = state.store.ping().await {
+            tracing::warn!(error = %e, "readiness: store unreachable");
+            return Err(ApiError::unavailable("the store does not answer"));
+        }
+        Ok(Json(Health {
+            status: "ok".into(),
+        }))
+    }
+
+    /// Prometheus metrics (text exposition format).
+    #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
+    async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
+        PlainText(state.metrics.render())
+    }
+}

@@ -1,0 +1,477 @@
+//! Ingestion: the hook, the dry-run test endpoint and payload validation.
+
+use std::sync::Arc;
+
+use poem::web::Data;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{TimeZone, Utc};
+use poem::Request;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchema, MetaSchemaRef};
+use poem_openapi::{
+    ApiExtractor, ApiExtractorType, ApiResponse, ExtractParamOptions, Object, OpenApi,
+};
+use serde_json::json;
+
+use super::error::ApiError;
+use super::ApiTags;
+use crate::app::AppState;
+use crate::config::{Config, Source};
+use crate::pipeline::{self, PrepareError, Prepared};
+use crate::store::{EventStatus, Persisted};
+
+/// The raw request body, left unread until the source is known and its
+/// limits apply. Any content type is taken here; the source decides.
+pub struct HookBody(poem::Body);
+
+impl<'a> ApiExtractor<'a> for HookBody {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn request_meta() -> Option<MetaRequest> {
+        let object = || MetaSchemaRef::Inline(Box::new(MetaSchema::new("object")));
+        Some(MetaRequest {
+            description: Some(
+                "The payload exactly as the LMS sends it. It is authenticated on its raw bytes, \
+                 then decoded by the source's content type and mapped by its YAML.",
+            ),
+            content: vec![
+                MetaMediaType {
+                    content_type: "application/json",
+                    schema: object(),
+                },
+                MetaMediaType {
+                    content_type: "application/x-www-form-urlencoded",
+                    schema: object(),
+                },
+            ],
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        _request: &'a Request,
+        body: &mut poem::RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        Ok(HookBody(body.take()?))
+    }
+}
+
+/// A processed (or previously processed) event.
+#[derive(Debug, Object)]
+pub struct HookSuccess {
+    /// Always `success`.
+    pub status: String,
+    /// The stored event's id (`evt_…`); for a batch, the first statement's.
+    pub event_id: String,
+    /// When the event was processed (RFC 3339, UTC).
+    pub processed_at: String,
+    /// Points of this delivery's events (for a duplicate, the first delivery's).
+    pub points_awarded: i64,
+    /// Present and true when every event was stored before: nothing awarded again.
+    #[oai(skip_serializing_if_is_none)]
+    pub duplicate: Option<bool>,
+    /// One result per statement, for batch (xAPI array) deliveries.
+    #[oai(skip_serializing_if_is_none)]
+    pub results: Option<Vec<StatementResult>>,
+}
+
+/// One statement of a batch.
+#[derive(Debug, Object)]
+pub struct StatementResult {
+    pub event_id: String,
+    /// The statement's dedupe key (its xAPI `id`).
+    pub dedupe_key: String,
+    pub points_awarded: i64,
+    pub duplicate: bool,
+}
+
+#[derive(ApiResponse)]
+pub enum HookResponse {
+    /// Processed and committed.
+    #[oai(status = 200)]
+    Ok(Json<HookSuccess>),
+}
+
+/// One event of a dry run.
+#[derive(Debug, Object)]
+pub struct DryRunEvent {
+    /// The canonical event the mapping produced.
+    pub event: serde_json::Value,
+    pub points_awarded: i64,
+    /// Each rule's award.
+    pub awards: Vec<AwardView>,
+    /// The rule error, if a rule failed (nothing would be awarded).
+    #[oai(skip_serializing_if_is_none)]
+    pub rule_error: Option<String>,
+}
+
+#[derive(Debug, Object)]
+pub struct AwardView {
+    pub rule: String,
+    pub points: i64,
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
+}
+
+/// A dry run's outcome; nothing was stored.
+#[derive(Debug, Object)]
+pub struct DryRunResult {
+    /// Always `success`.
+    pub status: String,
+    /// Always true: nothing was stored.
+    pub dry_run: bool,
+    /// The source whose mapping and rules were used.
+    pub source: String,
+    pub points_awarded: i64,
+    pub events: Vec<DryRunEvent>,
+}
+
+/// A validation's outcome.
+#[derive(Debug, Object)]
+pub struct ValidationResult {
+    /// Always `success`.
+    pub status: String,
+    pub valid: bool,
+    pub source: String,
+    /// The canonical events the payload maps to.
+    pub events: Vec<serde_json::Value>,
+}
+
+pub struct HookApi;
+
+#[OpenApi(tag = "ApiTags::Hooks")]
+impl HookApi {
+    /// Ingest one webhook (or an xAPI batch).
+    ///
+    /// Authenticated per source (bearer token or HMAC over the raw body),
+    /// mapped by the source's YAML, scored by its rules and committed to the
+    /// ledger before the answer. A redelivery answers 200 with
+    /// `"duplicate": true` and the first delivery's id and points.
+    #[oai(
+        path = "/api/public/hook/:source/event",
+        method = "post",
+        operation_id = "ingest"
+    )]
+    async fn ingest(
+        &self,
+        state: Data<&Arc<AppState>>,
+        source: Path<String>,
+        req: &Request,
+        body: HookBody,
+    ) -> Result<HookResponse, ApiError> {
+        let started = Instant::now();
+        let config = state.config.load_full();
+        let src = config.source(&source.0).cloned();
+        let label = src.as_ref().map(|s| s.name.as_str()).unwrap_or("unknown");
+        let result = match &src {
+            None => Err(unknown_source(&source.0)),
+            Some(s) if s.dry_run => Err(ApiError::not_found(
+                "UNKNOWN_SOURCE",
+                format!(
+                    "source {:?} only serves dry runs at /api/public/hook/test/event",
+                    s.name
+                ),
+            )),
+            Some(s) => ingest_into(&state, &config, s, req, body).await,
+        };
+        state.observe(label, req, started, &result);
+        result.map(|(success, _)| HookResponse::Ok(Json(success)))
+    }
+
+    /// Dry run: the full pipeline with nothing stored.
+    ///
+    /// Authenticated with the test token (`ROCKET_TEST_TOKEN`). `?as=SOURCE`
+    /// chooses the mapping and rules; without it, the `test` source's own
+    /// (the canonical event format) are used. The source's own signature is
+    /// not required.
+    #[oai(
+        path = "/api/public/hook/test/event",
+        method = "post",
+        operation_id = "dryRun"
+    )]
+    async fn test_event(
+        &self,
+        state: Data<&Arc<AppState>>,
+        #[oai(name = "as")] as_source: Query<Option<String>>,
+        req: &Request,
+        body: HookBody,
+    ) -> Result<Json<DryRunResult>, ApiError> {
+        let config = state.config.load_full();
+        state.require_test_or_admin(req.headers(), false)?;
+        let name = as_source.0.as_deref().unwrap_or("test");
+        let src = config
+            .source(name)
+            .cloned()
+            .ok_or_else(|| unknown_source(name))?;
+        let bytes = read_body(body, &src, req).await?;
+        let prepared = prepare(&config, &src, req, &bytes)?;
+        Ok(Json(dry_run_result(&src, &prepared)))
+    }
+
+    /// Check a payload against a source's mapping and schema.
+    ///
+    /// Answers 200 with the canonical events when the payload maps, and 400
+    /// `VALIDATION_ERROR` listing `missing_fields` and `invalid_fields` when
+    /// it does not. Test or admin token. Nothing is stored or scored.
+    #[oai(
+        path = "/api/public/validate/webhook",
+        method = "post",
+        operation_id = "validateWebhook"
+    )]
+    async fn validate(
+        &self,
+        state: Data<&Arc<AppState>>,
+        source: Query<String>,
+        req: &Request,
+        body: HookBody,
+    ) -> Result<Json<ValidationResult>, ApiError> {
+        let config = state.config.load_full();
+        state.require_test_or_admin(req.headers(), true)?;
+        let src = config
+            .source(&source.0)
+            .cloned()
+            .ok_or_else(|| unknown_source(&source.0))?;
+        let bytes = read_body(body, &src, req).await?;
+        let prepared = prepare(&config, &src, req, &bytes)?;
+        Ok(Json(ValidationResult {
+            status: "success".into(),
+            valid: true,
+            source: src.name.clone(),
+            events: prepared
+                .iter()
+                .map(|p| serde_json::to_value(&p.event).unwrap_or_default())
+                .collect(),
+        }))
+    }
+}
+
+async fn ingest_into(
+    state: &AppState,
+    config: &Config,
+    src: &Arc<Source>,
+    req: &Request,
+    body: HookBody,
+) -> Result<(HookSuccess, Option<String>), ApiError> {
+    let bytes = read_body(body, src, req).await?;
+    if let Err(e) = pipeline::verify::verify_any(&src.auth, req.headers(), &bytes) {
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&[src.name.as_str(), e.reason()])
+            .inc();
+        tracing::warn!(source = %src.name, client_ip = %client_ip(req), reason = e.reason(), "authentication failed");
+        return Err(ApiError::unauthorized(match e {
+            pipeline::verify::AuthError::NotConfigured => {
+                "this source has no credentials configured".to_string()
+            }
+            other => format!("invalid or missing credentials: {other}"),
+        }));
+    }
+    let prepared = prepare(config, src, req, &bytes)?;
+    for p in &prepared {
+        if let Err(e) = &p.outcome {
+            state
+                .metrics
+                .rule_errors
+                .with_label_values(&[&*e.rule])
+                .inc();
+            tracing::error!(source = %src.name, rule = %e.rule, error = %e.message, "rule failed; event stored as failed");
+        }
+    }
+    let labels: Vec<String> = prepared
+        .iter()
+        .map(|p| type_label(src, p).to_string())
+        .collect();
+    let keys: Vec<String> = prepared.iter().map(|p| p.event.event_id.clone()).collect();
+    let batch = prepared.len() > 1 || src.batch;
+    let stored = state
+        .store
+        .ingest(&src.namespace, prepared)
+        .await
+        .map_err(|e| {
+            state.metrics.store_errors.inc();
+            tracing::error!(source = %src.name, error = %e, "store write failed");
+            ApiError::internal(None)
+        })?;
+    for (p, label) in stored.iter().zip(&labels) {
+        if p.duplicate {
+            state
+                .metrics
+                .duplicates
+                .with_label_values(&[src.name.as_str()])
+                .inc();
+        } else if p.status == EventStatus::Processed {
+            state
+                .metrics
+                .events
+                .with_label_values(&[src.name.as_str(), label])
+                .inc();
+            if p.points > 0 {
+                state
+                    .metrics
+                    .points
+                    .with_label_values(&[src.name.as_str()])
+                    .inc_by(p.points as u64);
+            }
+        }
+    }
+    if let Some(failed) = stored.iter().find(|p| p.status == EventStatus::Failed) {
+        return Err(ApiError::internal(Some(json!({
+            "event_id": failed.event_id,
+            "reason": "a point rule failed; the event is stored as failed and is re-scored when delivered again",
+        }))));
+    }
+    Ok((
+        success_body(&stored, &keys, batch),
+        stored.first().map(|p| p.event_id.clone()),
+    ))
+}
+
+fn success_body(stored: &[Persisted], keys: &[String], batch: bool) -> HookSuccess {
+    let first = &stored[0];
+    let all_dup = stored.iter().all(|p| p.duplicate);
+    let processed_at = stored
+        .iter()
+        .map(|p| p.processed_at)
+        .max()
+        .unwrap_or(first.processed_at);
+    HookSuccess {
+        status: "success".into(),
+        event_id: first.event_id.clone(),
+        processed_at: Utc
+            .timestamp_millis_opt(processed_at)
+            .single()
+            .unwrap_or_else(Utc::now)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        points_awarded: stored.iter().map(|p| p.points).sum(),
+        duplicate: all_dup.then_some(true),
+        results: batch.then(|| {
+            stored
+                .iter()
+                .zip(keys)
+                .map(|(p, k)| StatementResult {
+                    event_id: p.event_id.clone(),
+                    dedupe_key: k.clone(),
+                    points_awarded: p.points,
+                    duplicate: p.duplicate,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// The metric label for an event's type: a canonical type from the source's
+/// table, `other` for a passthrough name, `unmapped` for none.
+fn type_label<'a>(src: &'a Source, p: &'a Prepared) -> &'a str {
+    match &p.event.event_type {
+        None => "unmapped",
+        Some(t) => src.mapping.event_type.label(t),
+    }
+}
+
+fn unknown_source(name: &str) -> ApiError {
+    let shown: String = name.chars().take(64).collect();
+    ApiError::not_found(
+        "UNKNOWN_SOURCE",
+        format!("no source named {shown:?} is configured"),
+    )
+}
+
+/// The client's address (the peer; proxy headers are not trusted here).
+pub fn client_ip(req: &Request) -> String {
+    match req.remote_addr().as_socket_addr() {
+        Some(a) => a.ip().to_string(),
+        None => "unknown".into(),
+    }
+}
+
+/// Reads the body within the source's limit: a declared length over the
+/// limit is refused before reading; a body that grows past it while read is
+/// cut off with the same 413.
+pub async fn read_body(body: HookBody, src: &Source, req: &Request) -> Result<Bytes, ApiError> {
+    let limit = src.max_body_bytes;
+    if let Some(len) = req
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(ApiError::too_large(limit));
+        }
+    }
+    body.0.into_bytes_limit(limit).await.map_err(|e| match e {
+        poem::error::ReadBodyError::PayloadTooLarge => ApiError::too_large(limit),
+        other => ApiError::bad_request(
+            "INVALID_PAYLOAD",
+            format!("the request body could not be read: {other}"),
+            None,
+        ),
+    })
+}
+
+/// Decode, map and score, with the pipeline's errors as API errors.
+pub fn prepare(
+    config: &Config,
+    src: &Source,
+    req: &Request,
+    bytes: &Bytes,
+) -> Result<Vec<Prepared>, ApiError> {
+    pipeline::prepare(config, src, req.content_type(), bytes, Utc::now()).map_err(|e| match e {
+        PrepareError::UnsupportedMediaType(ct) => ApiError::unsupported_media_type(
+            format!(
+                "content type {ct:?} is not accepted by source {:?}",
+                src.name
+            ),
+            &src.content_types,
+        ),
+        PrepareError::Decode(d) => ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None),
+        PrepareError::Mapping { index, error } => {
+            let mut details = json!({
+                "missing_fields": error.missing_fields,
+                "invalid_fields": error.invalid_fields,
+            });
+            if let Some(i) = index {
+                details["statement"] = json!(i);
+            }
+            ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
+        }
+    })
+}
+
+fn dry_run_result(src: &Source, prepared: &[Prepared]) -> DryRunResult {
+    let events: Vec<DryRunEvent> = prepared
+        .iter()
+        .map(|p| DryRunEvent {
+            event: serde_json::to_value(&p.event).unwrap_or_default(),
+            points_awarded: p.points(),
+            awards: p
+                .outcome
+                .as_ref()
+                .map(|a| {
+                    a.iter()
+                        .map(|a| AwardView {
+                            rule: a.rule.to_string(),
+                            points: a.points,
+                            reason: a.reason.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            rule_error: p.outcome.as_ref().err().map(|e| e.to_string()),
+        })
+        .collect();
+    DryRunResult {
+        status: "success".into(),
+        dry_run: true,
+        source: src.name.clone(),
+        points_awarded: events.iter().map(|e| e.points_awarded).sum(),
+        events,
+    }
+}

@@ -1,0 +1,21 @@
+//! Rocket Learning Rewards: LMS webhooks in, learning rewards out.
+//!
+//! A request's path through the crate:
+//! - [`http`]: poem-openapi operations; the hook reads the raw body within
+//!   the source's limit and answers with one success or error body.
+//! - [`config`]: `sources.d/*.yaml` and `rules/*.rhai`, compiled once.
+//! - [`pipeline`]: `verify` (bearer/HMAC on raw bytes), `decode`,
+//!   `mapping` (JSONPath to the canonical event), `rules` (rhai scoring).
+//! - [`store`]: the idempotent ledger on SQLite or PostgreSQL, written by a
+//!   group-commit writer.
+//! - [`metrics`], [`levels`], [`settings`]; [`app`] wires it all and runs it.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod levels;
+pub mod metrics;
+pub mod pipeline;
+pub mod settings;
+pub mod store;

@@ -1,0 +1,143 @@
+//! The Prometheus registry and typed metric handles. Names carry the
+//! `rocket_` prefix and their unit; label values come only from closed sets
+//! (configured source names, canonical types, rule names, fixed reasons),
+//! never from a payload, a user or an event id.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the server exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub events: IntCounterVec,
+    pub points: IntCounterVec,
+    pub duplicates: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub rule_errors: IntCounterVec,
+    pub store_errors: IntCounter,
+    pub config_loads: IntCounterVec,
+    pub sources_loaded: IntGauge,
+}
+
+fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    reg.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+impl Metrics {
+    /// Builds the registry. Names and labels are constants, so a failure
+    /// here is a programming error caught by every test run.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = counter(
+            &registry,
+            "rocket_http_requests_total",
+            "Hook requests by source and HTTP status code.",
+            &["source", "status"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "rocket_http_request_duration_seconds",
+                "Hook request latency by source.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["source"],
+        )
+        .unwrap_or_else(|e| panic!("histogram: {e}"));
+        registry
+            .register(Box::new(request_duration.clone()))
+            .unwrap_or_else(|e| panic!("histogram: {e}"));
+        let events = counter(
+            &registry,
+            "rocket_events_processed_total",
+            "Events stored, by source and canonical type (`unmapped`, `other`).",
+            &["source", "event_type"],
+        );
+        let points = counter(
+            &registry,
+            "rocket_points_awarded_total",
+            "Points awarded, by source.",
+            &["source"],
+        );
+        let duplicates = counter(
+            &registry,
+            "rocket_duplicates_total",
+            "Redeliveries of stored events.",
+            &["source"],
+        );
+        let auth_failures = counter(
+            &registry,
+            "rocket_auth_failures_total",
+            "Authentication failures by source and reason.",
+            &["source", "reason"],
+        );
+        let rule_errors = counter(
+            &registry,
+            "rocket_rule_errors_total",
+            "Rule evaluation errors by rule.",
+            &["rule"],
+        );
+        let store_errors = IntCounter::new("rocket_store_errors_total", "Store (database) errors.")
+            .unwrap_or_else(|e| panic!("counter: {e}"));
+        registry
+            .register(Box::new(store_errors.clone()))
+            .unwrap_or_else(|e| panic!("counter: {e}"));
+        let config_loads = counter(
+            &registry,
+            "rocket_config_loads_total",
+            "Config loads and reloads by outcome.",
+            &["kind", "outcome"],
+        );
+        let sources_loaded =
+            IntGauge::new("rocket_sources_loaded", "Sources in the running config.")
+                .unwrap_or_else(|e| panic!("gauge: {e}"));
+        registry
+            .register(Box::new(sources_loaded.clone()))
+            .unwrap_or_else(|e| panic!("gauge: {e}"));
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "rocket".to_string(),
+            );
+            let _ = registry.register(Box::new(pc));
+        }
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            events,
+            points,
+            duplicates,
+            auth_failures,
+            rule_errors,
+            store_errors,
+            config_loads,
+            sources_loaded,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,170 @@
+//! Decoding the verified raw body into JSON documents: a JSON object, a
+//! form-encoded body (flat string values), or, for xAPI sources, one
+//! statement or an array of statements (each becomes its own event).
+
+use serde_json::{Map, Value};
+
+/// Body formats a request may arrive in; chosen from its `Content-Type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    Form,
+}
+
+/// Why a body could not be decoded. Always the sender's fault: a 400.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("the request body is empty")]
+    Empty,
+    #[error("the request body is not valid JSON: {0}")]
+    Json(String),
+    #[error("the request body must be a JSON object{0}")]
+    NotAnObject(&'static str),
+    #[error("the request body is not valid form data: {0}")]
+    Form(String),
+    #[error("a batch holds {0} statements; at most {1} are accepted")]
+    BatchTooLarge(usize, usize),
+    #[error("a batch must hold at least one statement")]
+    EmptyBatch,
+}
+
+/// Most statements one xAPI batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// Picks the decoder for a `Content-Type` value (parameters ignored), or
+/// `None` when the type is neither JSON nor a form.
+pub fn format_of(content_type: &str) -> Option<BodyFormat> {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 5
+            && essence[..essence.len() - 5].contains('/')
+            && essence[essence.len() - 5..].eq_ignore_ascii_case("+json"))
+    {
+        Some(BodyFormat::Json)
+    } else if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Some(BodyFormat::Form)
+    } else {
+        None
+    }
+}
+
+/// Decodes a body into the documents to map: one, or several for a batch
+/// source given an array.
+pub fn decode(format: BodyFormat, body: &[u8], batch: bool) -> Result<Vec<Value>, DecodeError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(DecodeError::Empty);
+    }
+    match format {
+        BodyFormat::Json => {
+            let value: Value =
+                serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+            match value {
+                Value::Object(_) => Ok(vec![value]),
+                Value::Array(items) if batch => {
+                    if items.is_empty() {
+                        return Err(DecodeError::EmptyBatch);
+                    }
+                    if items.len() > MAX_BATCH {
+                        return Err(DecodeError::BatchTooLarge(items.len(), MAX_BATCH));
+                    }
+                    if items.iter().any(|v| !v.is_object()) {
+                        return Err(DecodeError::NotAnObject(" (every statement of the array)"));
+                    }
+                    Ok(items)
+                }
+                _ if batch => Err(DecodeError::NotAnObject(" or an array of objects")),
+                _ => Err(DecodeError::NotAnObject("")),
+            }
+        }
+        BodyFormat::Form => {
+            let text =
+                std::str::from_utf8(body).map_err(|_| DecodeError::Form("not UTF-8".into()))?;
+            let mut map = Map::new();
+            for (k, v) in form_urlencoded::parse(text.as_bytes()) {
+                map.insert(k.into_owned(), Value::String(v.into_owned()));
+            }
+            if map.is_empty() {
+                return Err(DecodeError::Form("no fields".into()));
+            }
+            Ok(vec![Value::Object(map)])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn content_types_choose_the_decoder() {
+        assert_eq!(format_of("application/json"), Some(BodyFormat::Json));
+        assert_eq!(
+            format_of("Application/JSON; charset=utf-8"),
+            Some(BodyFormat::Json)
+        );
+        assert_eq!(format_of("application/vnd.x+json"), Some(BodyFormat::Json));
+        assert_eq!(
+            format_of("application/x-www-form-urlencoded"),
+            Some(BodyFormat::Form)
+        );
+        assert_eq!(format_of("text/plain"), None);
+        assert_eq!(format_of("+json"), None);
+        assert_eq!(format_of(""), None);
+    }
+
+    #[test]
+    fn bad_bodies_are_refused() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"", false),
+            (b"  \n", false),
+            (b"[1,2]", false),
+            (b"\"text\"", false),
+            (b"{\"a\":", false),
+            (b"\xff\xfe{}", false),
+            (b"[]", true),
+            (b"[1]", true),
+            (b"42", true),
+            (b"1e999999", false),
+        ];
+        for (body, batch) in cases {
+            assert!(
+                decode(BodyFormat::Json, body, *batch).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let body = "[".repeat(100_000);
+        assert!(matches!(
+            decode(BodyFormat::Json, body.as_bytes(), true),
+            Err(DecodeError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn a_batch_becomes_several_documents() {
+        let docs = decode(BodyFormat::Json, br#"[{"id":"a"},{"id":"b"}]"#, true).unwrap();
+        assert_eq!(docs, vec![json!({"id":"a"}), json!({"id":"b"})]);
+        let one = decode(BodyFormat::Json, br#"{"id":"a"}"#, true).unwrap();
+        assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn forms_become_flat_string_maps() {
+        let docs = decode(
+            BodyFormat::Form,
+            b"eventname=%5Ccore%5Cevent%5Ccourse_completed&userid=7&other_x=1",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            docs[0]["eventname"],
+            json!("\\core\\event\\course_completed")
+        );
+        assert_eq!(docs[0]["userid"], json!("7"));
+    }
+}

@@ -1,0 +1,717 @@
+//! Mapping a decoded document to the canonical event with the source's
+//! compiled JSONPaths: fallbacks (first non-null of several paths), type
+//! coercion (ids arrive as numbers or strings) and time formats.
+//!
+//! Paths are parsed once by `jsonpath-rust` at config load. Plain member and
+//! index chains (`$.a.b[0]`, nearly every mapping) are lowered to a list of
+//! steps walked without allocation; anything richer (filters, wildcards,
+//! descendants) runs through the library's evaluator.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// A JSONPath compiled at load time.
+#[derive(Clone, Debug)]
+pub struct CompiledPath {
+    text: String,
+    plan: Plan,
+}
+
+#[derive(Clone, Debug)]
+enum Plan {
+    Steps(Vec<Step>),
+    Query(Box<JpQuery>),
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    Key(String),
+    Index(i64),
+}
+
+impl CompiledPath {
+    /// Parses a JSONPath; the error text is the parser's.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let query = jsonpath_rust::parser::parse_json_path(text).map_err(|e| e.to_string())?;
+        let steps: Option<Vec<Step>> = query
+            .segments
+            .iter()
+            .map(|seg| match seg {
+                Segment::Selector(Selector::Name(n)) => Some(Step::Key(unquote(n))),
+                Segment::Selector(Selector::Index(i)) => Some(Step::Index(*i)),
+                _ => None,
+            })
+            .collect();
+        let plan = match steps {
+            Some(steps) => Plan::Steps(steps),
+            None => Plan::Query(Box::new(query)),
+        };
+        Ok(Self {
+            text: text.to_string(),
+            plan,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first value the path selects, if any (null counts as none).
+    pub fn first<'a>(&self, doc: &'a Value) -> Option<&'a Value> {
+        let found = match &self.plan {
+            Plan::Steps(steps) => {
+                let mut cur = doc;
+                for step in steps {
+                    cur = match (step, cur) {
+                        (Step::Key(k), Value::Object(m)) => m.get(k)?,
+                        (Step::Index(i), Value::Array(a)) => {
+                            let idx = if *i < 0 { a.len() as i64 + i } else { *i };
+                            a.get(usize::try_from(idx).ok()?)?
+                        }
+                        _ => return None,
+                    };
+                }
+                Some(cur)
+            }
+            Plan::Query(q) => jsonpath_rust::query::js_path_process(q, doc)
+                .ok()
+                .and_then(|refs| refs.into_iter().map(|r| r.val).find(|v| !v.is_null())),
+        };
+        found.filter(|v| !v.is_null())
+    }
+}
+
+/// The parser keeps quotes of bracketed names in some versions; strip them.
+fn unquote(name: &str) -> String {
+    let b = name.as_bytes();
+    if b.len() >= 2 && (b[0] == b'\'' || b[0] == b'"') && b[b.len() - 1] == b[0] {
+        name[1..name.len() - 1].to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+/// What a mapped value is coerced to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// Strings as they are; integers and integral floats as their digits.
+    String,
+    Integer,
+    Number,
+    Boolean,
+    /// A point in time, see [`TimeFormat`].
+    Timestamp,
+    /// The JSON value as it is.
+    Any,
+}
+
+/// How a timestamp is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeFormat {
+    /// Numbers below 10^11 are seconds, larger ones milliseconds; strings of
+    /// digits likewise; other strings RFC 3339 or `YYYY-MM-DD HH:MM:SS` (UTC).
+    Auto,
+    Unix,
+    UnixMs,
+    Rfc3339,
+}
+
+/// One mapped field: its paths in order of preference and its type.
+#[derive(Clone, Debug)]
+pub struct FieldSpec {
+    pub paths: Vec<CompiledPath>,
+    pub ty: FieldType,
+    pub format: TimeFormat,
+    pub default: Option<Value>,
+}
+
+impl FieldSpec {
+    /// The first present value: null and blank strings count as absent, so
+    /// a form's empty `relateduserid=` falls back to the next path.
+    fn resolve(&self, doc: &Value) -> Option<Value> {
+        self.paths
+            .iter()
+            .find_map(|p| {
+                p.first(doc)
+                    .filter(|v| !matches!(v, Value::String(s) if s.trim().is_empty()))
+            })
+            .cloned()
+            .or_else(|| self.default.clone())
+    }
+}
+
+/// Canonical fields a source can map and require.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Field {
+    EventId,
+    EventType,
+    UserId,
+    CourseId,
+    ObjectId,
+    OccurredAt,
+}
+
+impl Field {
+    pub const ALL: [Field; 6] = [
+        Field::EventId,
+        Field::EventType,
+        Field::UserId,
+        Field::CourseId,
+        Field::ObjectId,
+        Field::OccurredAt,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::EventId => "event_id",
+            Field::EventType => "event_type",
+            Field::UserId => "user_id",
+            Field::CourseId => "course_id",
+            Field::ObjectId => "object_id",
+            Field::OccurredAt => "occurred_at",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Field> {
+        Field::ALL.into_iter().find(|f| f.name() == s)
+    }
+}
+
+/// The vendor-to-canonical event type table.
+#[derive(Clone, Debug)]
+pub struct EventTypeSpec {
+    pub paths: Vec<CompiledPath>,
+    pub table: std::collections::HashMap<String, Arc<str>>,
+    /// With no table entry, use the vendor name itself as the canonical type
+    /// (for sources that send canonical events, like `custom`).
+    pub passthrough: bool,
+}
+
+impl EventTypeSpec {
+    /// A metric label for a canonical type: the type itself when the table
+    /// names it (a closed set), else `other` (a passthrough name from a payload).
+    pub fn label<'a>(&'a self, canonical: &'a str) -> &'a str {
+        if self.table.values().any(|t| &**t == canonical) {
+            canonical
+        } else {
+            "other"
+        }
+    }
+}
+
+/// A source's compiled mapping.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    pub event_type: EventTypeSpec,
+    pub event_id: Option<FieldSpec>,
+    pub user_id: Option<FieldSpec>,
+    pub course_id: Option<FieldSpec>,
+    pub object_id: Option<FieldSpec>,
+    pub occurred_at: Option<FieldSpec>,
+    pub attributes: Vec<(String, FieldSpec)>,
+    pub required: Vec<Field>,
+}
+
+/// The canonical event every source's payload is mapped to.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CanonicalEvent {
+    pub source: String,
+    /// The dedupe key: the mapped id, else `sha256:<hex>` of the raw bytes.
+    pub event_id: String,
+    /// The canonical type, or `None` when the vendor's name has no mapping.
+    pub event_type: Option<String>,
+    /// The vendor's own event name, as sent.
+    pub vendor_event_type: Option<String>,
+    pub user_id: Option<String>,
+    pub course_id: Option<String>,
+    pub object_id: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub attributes: Map<String, Value>,
+}
+
+/// Why a document does not map: lists every missing and invalid field.
+#[derive(Debug, Default, Clone, PartialEq, thiserror::Error)]
+#[error("the payload does not satisfy the source's mapping")]
+pub struct MappingError {
+    pub missing_fields: Vec<String>,
+    pub invalid_fields: Vec<String>,
+}
+
+impl MappingError {
+    pub fn message(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.missing_fields.is_empty() {
+            parts.push(format!(
+                "missing required fields: {}",
+                self.missing_fields.join(", ")
+            ));
+        }
+        if !self.invalid_fields.is_empty() {
+            parts.push(format!(
+                "invalid fields: {}",
+                self.invalid_fields.join(", ")
+            ));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Longest id or type string accepted.
+pub const MAX_ID_LEN: usize = 512;
+
+/// Maps one document. `raw` is the bytes the document came from (hashed for
+/// the dedupe key when the payload carries no id); `now` is the default time.
+pub fn map_event(
+    source: &str,
+    mapping: &Mapping,
+    doc: &Value,
+    raw: &[u8],
+    now: DateTime<Utc>,
+) -> Result<CanonicalEvent, MappingError> {
+    let mut err = MappingError::default();
+
+    let vendor = mapping
+        .event_type
+        .paths
+        .iter()
+        .find_map(|p| p.first(doc))
+        .and_then(|v| id_string(v, Field::EventType.name(), &mut err));
+    let event_type = vendor
+        .as_deref()
+        .and_then(|v| match mapping.event_type.table.get(v) {
+            Some(t) => Some(t.to_string()),
+            None if mapping.event_type.passthrough => Some(v.to_string()),
+            None => None,
+        });
+
+    let id = |spec: &Option<FieldSpec>, field: Field, err: &mut MappingError| {
+        spec.as_ref()
+            .and_then(|s| s.resolve(doc))
+            .and_then(|v| id_string(&v, field.name(), err))
+    };
+    let mapped_id = id(&mapping.event_id, Field::EventId, &mut err);
+    let user_id = id(&mapping.user_id, Field::UserId, &mut err);
+    let course_id = id(&mapping.course_id, Field::CourseId, &mut err);
+    let object_id = id(&mapping.object_id, Field::ObjectId, &mut err);
+
+    let occurred = match mapping
+        .occurred_at
+        .as_ref()
+        .and_then(|s| s.resolve(doc).map(|v| (s, v)))
+    {
+        Some((spec, v)) => match parse_time(&v, spec.format) {
+            Some(t) => Some(t),
+            None => {
+                err.invalid_fields
+                    .push(Field::OccurredAt.name().to_string());
+                None
+            }
+        },
+        None => None,
+    };
+
+    let mut attributes = Map::new();
+    for (name, spec) in &mapping.attributes {
+        if let Some(v) = spec.resolve(doc) {
+            match coerce(&v, spec) {
+                Some(v) => {
+                    attributes.insert(name.clone(), v);
+                }
+                None => err.invalid_fields.push(name.clone()),
+            }
+        }
+    }
+
+    for field in &mapping.required {
+        let present = match field {
+            Field::EventId => mapped_id.is_some(),
+            Field::EventType => vendor.is_some(),
+            Field::UserId => user_id.is_some(),
+            Field::CourseId => course_id.is_some(),
+            Field::ObjectId => object_id.is_some(),
+            Field::OccurredAt => occurred.is_some(),
+        };
+        if !present && !err.invalid_fields.iter().any(|f| f == field.name()) {
+            err.missing_fields.push(field.name().to_string());
+        }
+    }
+    if !err.missing_fields.is_empty() || !err.invalid_fields.is_empty() {
+        return Err(err);
+    }
+
+    let event_id =
+        mapped_id.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))));
+    Ok(CanonicalEvent {
+        source: source.to_string(),
+        event_id,
+        event_type,
+        vendor_event_type: vendor,
+        user_id,
+        course_id,
+        object_id,
+        occurred_at: occurred.unwrap_or(now),
+        attributes,
+    })
+}
+
+/// An id as a string: strings as they are (trimmed), integers as digits.
+/// Empty, over-long, NUL-bearing or structured values are invalid.
+fn id_string(v: &Value, field: &str, err: &mut MappingError) -> Option<String> {
+    let s = match v {
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => number_digits(n)?,
+        Value::Bool(_) | Value::Array(_) | Value::Object(_) | Value::Null => {
+            err.invalid_fields.push(field.to_string());
+            return None;
+        }
+    };
+    if s.is_empty() {
+        return None;
+    }
+    if s.len() > MAX_ID_LEN || s.contains('\0') {
+        err.invalid_fields.push(field.to_string());
+        return None;
+    }
+    Some(s)
+}
+
+/// Integers (and integral floats within 2^53) as their digits; other floats
+/// as written.
+fn number_digits(n: &serde_json::Number) -> Option<String> {
+    if let Some(i) = n.as_i64() {
+        return Some(i.to_string());
+    }
+    if let Some(u) = n.as_u64() {
+        return Some(u.to_string());
+    }
+    let f = n.as_f64()?;
+    if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+        Some((f as i64).to_string())
+    } else {
+        Some(n.to_string())
+    }
+}
+
+/// Coerces an attribute value to its declared type; `None` when it cannot be.
+pub fn coerce(v: &Value, spec: &FieldSpec) -> Option<Value> {
+    match spec.ty {
+        FieldType::Any => Some(v.clone()),
+        FieldType::String => match v {
+            Value::String(s) if !s.contains('\0') => Some(Value::String(s.clone())),
+            Value::Number(n) => number_digits(n).map(Value::String),
+            Value::Bool(b) => Some(Value::String(b.to_string())),
+            _ => None,
+        },
+        FieldType::Integer => match v {
+            Value::Number(n) => n
+                .as_i64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+                        .map(|f| f as i64)
+                })
+                .map(Value::from),
+            Value::String(s) => s.trim().parse::<i64>().ok().map(Value::from),
+            _ => None,
+        },
+        FieldType::Number => match v {
+            Value::Number(_) => Some(v.clone()),
+            Value::String(s) => s
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .and_then(serde_json::Number::from_f64)
+                .map(Value::Number),
+            _ => None,
+        },
+        FieldType::Boolean => match v {
+            Value::Bool(_) => Some(v.clone()),
+            Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => Some(Value::Bool(true)),
+                "false" | "0" | "no" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            Value::Number(n) => n
+                .as_i64()
+                .filter(|i| *i == 0 || *i == 1)
+                .map(|i| Value::Bool(i == 1)),
+            _ => None,
+        },
+        FieldType::Timestamp => parse_time(v, spec.format).map(|t| Value::String(t.to_rfc3339())),
+    }
+}
+
+/// Parses a time value in the given format.
+pub fn parse_time(v: &Value, format: TimeFormat) -> Option<DateTime<Utc>> {
+    let from_number = |x: f64, ms: bool| -> Option<DateTime<Utc>> {
+        if !x.is_finite() || x < 0.0 {
+            return None;
+        }
+        let millis = if ms { x } else { x * 1000.0 };
+        if millis > 253_402_300_799_000.0 {
+            return None; // after 9999-12-31
+        }
+        Utc.timestamp_millis_opt(millis as i64).single()
+    };
+    let number = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<f64>().ok()
+        }
+        _ => None,
+    };
+    match (format, number, v) {
+        (TimeFormat::Unix, Some(x), _) => from_number(x, false),
+        (TimeFormat::UnixMs, Some(x), _) => from_number(x, true),
+        (TimeFormat::Auto, Some(x), _) => from_number(x, x >= 1e11),
+        (TimeFormat::Rfc3339 | TimeFormat::Auto, None, Value::String(s)) => {
+            let s = s.trim();
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .ok()
+                .or_else(|| {
+                    if format == TimeFormat::Auto {
+                        NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S")
+                            .ok()
+                            .map(|n| n.and_utc())
+                    } else {
+                        None
+                    }
+                })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn field(paths: &[&str], ty: FieldType) -> FieldSpec {
+        FieldSpec {
+            paths: paths
+                .iter()
+                .map(|p| CompiledPath::parse(p).unwrap())
+                .collect(),
+            ty,
+            format: TimeFormat::Auto,
+            default: None,
+        }
+    }
+
+    fn moodle() -> Mapping {
+        Mapping {
+            event_type: EventTypeSpec {
+                paths: vec![CompiledPath::parse("$.eventname").unwrap()],
+                table: [(
+                    "\\core\\event\\course_completed".to_string(),
+                    Arc::from("course.completed"),
+                )]
+                .into_iter()
+                .collect(),
+                passthrough: false,
+            },
+            event_id: Some(field(&["$.id"], FieldType::String)),
+            user_id: Some(field(&["$.relateduserid", "$.userid"], FieldType::String)),
+            course_id: Some(field(&["$.courseid"], FieldType::String)),
+            object_id: Some(field(&["$.objectid"], FieldType::String)),
+            occurred_at: Some(field(&["$.timecreated"], FieldType::Timestamp)),
+            attributes: vec![(
+                "completion".into(),
+                field(&["$.other.completiontime"], FieldType::Integer),
+            )],
+            required: vec![Field::UserId, Field::EventType],
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn paths_compile_to_steps_or_queries() {
+        let doc = json!({"a": {"b": [10, 20, {"c": "x"}]}, "k e": 1, "list": [{"t": "q", "v": 5}, {"t": "p", "v": 6}]});
+        let cases = [
+            ("$.a.b[1]", Some(json!(20))),
+            ("$.a.b[-1].c", Some(json!("x"))),
+            ("$['k e']", Some(json!(1))),
+            ("$.a.missing", None),
+            ("$.a.b[9]", None),
+            ("$.list[?@.t == 'p'].v", Some(json!(6))),
+            ("$..c", Some(json!("x"))),
+        ];
+        for (path, want) in cases {
+            let p = CompiledPath::parse(path).unwrap();
+            assert_eq!(p.first(&doc).cloned(), want, "{path}");
+        }
+        assert!(CompiledPath::parse("$.a[").is_err());
+        assert!(CompiledPath::parse("no dollar").is_err());
+    }
+
+    #[test]
+    fn ids_arrive_as_numbers_or_strings() {
+        let m = moodle();
+        for doc in [
+            json!({"id": 9194694, "eventname": "\\core\\event\\course_completed", "userid": 8774, "courseid": 987, "timecreated": 1662013333}),
+            json!({"id": "9194694", "eventname": "\\core\\event\\course_completed", "userid": "8774", "courseid": "987", "timecreated": "1662013333"}),
+            json!({"id": 9194694.0, "eventname": "\\core\\event\\course_completed", "userid": 8774.0, "courseid": 987, "timecreated": 1662013333}),
+        ] {
+            let ev = map_event("moodle", &m, &doc, b"raw", now()).unwrap();
+            assert_eq!(ev.event_id, "9194694");
+            assert_eq!(ev.user_id.as_deref(), Some("8774"));
+            assert_eq!(ev.course_id.as_deref(), Some("987"));
+            assert_eq!(ev.event_type.as_deref(), Some("course.completed"));
+            assert_eq!(ev.occurred_at.timestamp(), 1662013333);
+        }
+    }
+
+    #[test]
+    fn the_first_non_null_path_wins() {
+        let m = moodle();
+        let doc = json!({"eventname": "x", "relateduserid": 42, "userid": 2});
+        assert_eq!(
+            map_event("moodle", &m, &doc, b"", now())
+                .unwrap()
+                .user_id
+                .as_deref(),
+            Some("42")
+        );
+        let doc = json!({"eventname": "x", "relateduserid": null, "userid": 2});
+        assert_eq!(
+            map_event("moodle", &m, &doc, b"", now())
+                .unwrap()
+                .user_id
+                .as_deref(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn unmapped_vendor_types_keep_their_name_and_no_canonical_type() {
+        let ev = map_event(
+            "moodle",
+            &moodle(),
+            &json!({"eventname": "\\mod_forum\\event\\post_created", "userid": 1}),
+            b"",
+            now(),
+        )
+        .unwrap();
+        assert_eq!(ev.event_type, None);
+        assert_eq!(
+            ev.vendor_event_type.as_deref(),
+            Some("\\mod_forum\\event\\post_created")
+        );
+    }
+
+    #[test]
+    fn without_an_id_the_dedupe_key_is_the_body_hash() {
+        let ev = map_event(
+            "moodle",
+            &moodle(),
+            &json!({"eventname": "x", "userid": 1}),
+            b"abc",
+            now(),
+        )
+        .unwrap();
+        assert_eq!(
+            ev.event_id,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(ev.occurred_at, now());
+    }
+
+    #[test]
+    fn missing_and_invalid_fields_are_all_listed() {
+        let doc = json!({"userid": {"nested": true}, "timecreated": "yesterday", "other": {"completiontime": "soon"}});
+        let err = map_event("moodle", &moodle(), &doc, b"", now()).unwrap_err();
+        assert_eq!(err.missing_fields, vec!["event_type"]);
+        let mut invalid = err.invalid_fields.clone();
+        invalid.sort();
+        assert_eq!(invalid, vec!["completion", "occurred_at", "user_id"]);
+    }
+
+    #[test]
+    fn nul_bytes_and_huge_ids_are_invalid() {
+        for user in [json!("a\u{0}b"), json!("x".repeat(MAX_ID_LEN + 1))] {
+            let err = map_event(
+                "moodle",
+                &moodle(),
+                &json!({"eventname": "x", "userid": user}),
+                b"",
+                now(),
+            )
+            .unwrap_err();
+            assert_eq!(err.invalid_fields, vec!["user_id"]);
+        }
+    }
+
+    #[test]
+    fn times_parse_in_every_format() {
+        let t = |v: Value, f| parse_time(&v, f).map(|t| t.timestamp_millis());
+        assert_eq!(t(json!(1662013333), TimeFormat::Auto), Some(1662013333000));
+        assert_eq!(
+            t(json!(1662013333123u64), TimeFormat::Auto),
+            Some(1662013333123)
+        );
+        assert_eq!(
+            t(json!("1662013333"), TimeFormat::Unix),
+            Some(1662013333000)
+        );
+        assert_eq!(
+            t(json!(1662013333123u64), TimeFormat::UnixMs),
+            Some(1662013333123)
+        );
+        assert_eq!(
+            t(json!("2025-08-21T10:15:30Z"), TimeFormat::Auto),
+            Some(1755771330000)
+        );
+        assert_eq!(
+            t(json!("2025-08-21T12:15:30+02:00"), TimeFormat::Rfc3339),
+            Some(1755771330000)
+        );
+        assert_eq!(
+            t(json!("2025-08-21 10:15:30"), TimeFormat::Auto),
+            Some(1755771330000)
+        );
+        assert_eq!(t(json!("2025-08-21 10:15:30"), TimeFormat::Rfc3339), None);
+        assert_eq!(t(json!(-5), TimeFormat::Auto), None);
+        assert_eq!(t(json!(1e300), TimeFormat::Auto), None);
+        assert_eq!(t(json!(true), TimeFormat::Auto), None);
+    }
+
+    #[test]
+    fn coercions() {
+        let s = |ty| field(&["$.x"], ty);
+        assert_eq!(
+            coerce(&json!("12"), &s(FieldType::Integer)),
+            Some(json!(12))
+        );
+        assert_eq!(
+            coerce(&json!(12.0), &s(FieldType::Integer)),
+            Some(json!(12))
+        );
+        assert_eq!(coerce(&json!(12.5), &s(FieldType::Integer)), None);
+        assert_eq!(
+            coerce(&json!("0.75"), &s(FieldType::Number)),
+            Some(json!(0.75))
+        );
+        assert_eq!(coerce(&json!("NaN"), &s(FieldType::Number)), None);
+        assert_eq!(
+            coerce(&json!("yes"), &s(FieldType::Boolean)),
+            Some(json!(true))
+        );
+        assert_eq!(coerce(&json!(7), &s(FieldType::String)), Some(json!("7")));
+        assert_eq!(
+            coerce(&json!({"a": 1}), &s(FieldType::Any)),
+            Some(json!({"a": 1}))
+        );
+        assert_eq!(coerce(&json!([1]), &s(FieldType::String)), None);
+    }
+}

@@ -1,0 +1,299 @@
+//! Point rules: one `rules/*.rhai` file is one rule, compiled once at load
+//! and run in a sandboxed engine (operation, depth, size limits; no modules,
+//! files or network). A rule sees `event` and returns an integer, nothing
+//! (`()`), or a map `#{ points: N, reason: "…" }`.
+
+use std::sync::Arc;
+
+use rhai::{Dynamic, Engine, Map as RhaiMap, Scope, AST};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::mapping::CanonicalEvent;
+
+/// Sandbox limits; generous for scoring, tight for a runaway script.
+pub mod limits {
+    pub const MAX_OPERATIONS: u64 = 100_000;
+    pub const MAX_CALL_LEVELS: usize = 32;
+    pub const MAX_EXPR_DEPTH: usize = 64;
+    pub const MAX_FN_EXPR_DEPTH: usize = 32;
+    pub const MAX_STRING_SIZE: usize = 64 * 1024;
+    pub const MAX_ARRAY_SIZE: usize = 10_000;
+    pub const MAX_MAP_SIZE: usize = 10_000;
+    /// Largest award (in absolute value) one rule may give one event.
+    pub const MAX_POINTS: i64 = 1_000_000;
+}
+
+/// Builds the sandboxed engine shared by every rule.
+pub fn engine() -> Engine {
+    let mut e = Engine::new();
+    e.set_max_operations(limits::MAX_OPERATIONS);
+    e.set_max_call_levels(limits::MAX_CALL_LEVELS);
+    e.set_max_expr_depths(limits::MAX_EXPR_DEPTH, limits::MAX_FN_EXPR_DEPTH);
+    e.set_max_string_size(limits::MAX_STRING_SIZE);
+    e.set_max_array_size(limits::MAX_ARRAY_SIZE);
+    e.set_max_map_size(limits::MAX_MAP_SIZE);
+    e.disable_symbol("eval");
+    e.on_print(|s| tracing::debug!(target: "rules", "{s}"));
+    e.on_debug(|s, _, _| tracing::debug!(target: "rules", "{s}"));
+    e
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Arc<str>,
+    pub file: std::path::PathBuf,
+    pub ast: AST,
+}
+
+/// One rule's award for one event.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Award {
+    pub rule: Arc<str>,
+    pub points: i64,
+    pub reason: Option<String>,
+}
+
+/// A rule failed: nothing of this event is awarded.
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
+#[error("rule {rule} failed: {message}")]
+pub struct RuleError {
+    pub rule: Arc<str>,
+    pub message: String,
+}
+
+/// Runs every rule on the event; all or nothing.
+pub fn score(
+    engine: &Engine,
+    rules: &[Arc<Rule>],
+    ev: &CanonicalEvent,
+) -> Result<Vec<Award>, RuleError> {
+    if rules.is_empty() || ev.event_type.is_none() {
+        return Ok(Vec::new());
+    }
+    let event = Dynamic::from_map(event_map(ev));
+    let mut awards = Vec::new();
+    for rule in rules {
+        let mut scope = Scope::new();
+        scope.push_constant("event", event.clone());
+        let out = engine
+            .eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast)
+            .map_err(|e| RuleError {
+                rule: rule.name.clone(),
+                message: e.to_string(),
+            })?;
+        if let Some(award) = award_of(&rule.name, out)? {
+            awards.push(award);
+        }
+    }
+    Ok(awards)
+}
+
+fn award_of(rule: &Arc<str>, out: Dynamic) -> Result<Option<Award>, RuleError> {
+    let fail = |message: String| RuleError {
+        rule: rule.clone(),
+        message,
+    };
+    let (points, reason) = if out.is_unit() {
+        return Ok(None);
+    } else if let Some(p) = out.clone().try_cast::<i64>() {
+        (p, None)
+    } else if let Some(map) = out.clone().try_cast::<RhaiMap>() {
+        let points = match map.get("points") {
+            None => return Ok(None),
+            Some(p) if p.is_unit() => return Ok(None),
+            Some(p) => p
+                .as_int()
+                .map_err(|t| fail(format!("`points` must be an integer, got {t}")))?,
+        };
+        let reason = match map.get("reason") {
+            None => None,
+            Some(r) if r.is_unit() => None,
+            Some(r) => Some(
+                r.clone()
+                    .into_string()
+                    .map_err(|t| fail(format!("`reason` must be a string, got {t}")))?,
+            ),
+        };
+        (points, reason)
+    } else {
+        return Err(fail(format!(
+            "a rule returns an integer, () or #{{points, reason}}, not {}",
+            out.type_name()
+        )));
+    };
+    if points.abs() > limits::MAX_POINTS {
+        return Err(fail(format!(
+            "{points} points exceed the limit of {}",
+            limits::MAX_POINTS
+        )));
+    }
+    if points == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Award {
+        rule: rule.clone(),
+        points,
+        reason,
+    }))
+}
+
+/// The event as the script sees it.
+fn event_map(ev: &CanonicalEvent) -> RhaiMap {
+    let mut m = RhaiMap::new();
+    let opt = |s: &Option<String>| s.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT);
+    m.insert("source".into(), ev.source.clone().into());
+    m.insert("event_id".into(), ev.event_id.clone().into());
+    m.insert("event_type".into(), opt(&ev.event_type));
+    m.insert("vendor_event_type".into(), opt(&ev.vendor_event_type));
+    m.insert("user_id".into(), opt(&ev.user_id));
+    m.insert("course_id".into(), opt(&ev.course_id));
+    m.insert("object_id".into(), opt(&ev.object_id));
+    m.insert("occurred_at".into(), ev.occurred_at.to_rfc3339().into());
+    m.insert("timestamp".into(), ev.occurred_at.timestamp().into());
+    let attrs: RhaiMap = ev
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
+        .collect();
+    m.insert("attributes".into(), attrs.into());
+    m
+}
+
+fn to_dynamic(v: &Value) -> Dynamic {
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => (*b).into(),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => i.into(),
+            None => n.as_f64().unwrap_or(0.0).into(),
+        },
+        Value::String(s) => s.clone().into(),
+        Value::Array(a) => a.iter().map(to_dynamic).collect::<Vec<_>>().into(),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
+            .collect::<RhaiMap>()
+            .into(),
+    }
+}
+
+/// Compiles one rule's source text.
+pub fn compile(
+    engine: &Engine,
+    name: &str,
+    file: &std::path::Path,
+    text: &str,
+) -> Result<Rule, rhai::ParseError> {
+    Ok(Rule {
+        name: Arc::from(name),
+        file: file.to_path_buf(),
+        ast: engine.compile(text)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn ev(kind: &str) -> CanonicalEvent {
+        CanonicalEvent {
+            source: "moodle".into(),
+            event_id: "1".into(),
+            event_type: Some(kind.into()),
+            vendor_event_type: None,
+            user_id: Some("u1".into()),
+            course_id: Some("c1".into()),
+            object_id: None,
+            occurred_at: Utc::now(),
+            attributes: [("score".to_string(), serde_json::json!(0.9))]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn rule(e: &Engine, name: &str, text: &str) -> Arc<Rule> {
+        Arc::new(compile(e, name, std::path::Path::new("x.rhai"), text).unwrap())
+    }
+
+    #[test]
+    fn rules_return_points_nothing_or_a_map() {
+        let e = engine();
+        let rules = vec![
+            rule(
+                &e,
+                "int",
+                r#"if event.event_type == "course.completed" { 50 }"#,
+            ),
+            rule(
+                &e,
+                "map",
+                r#"#{ points: 5, reason: "bonus for " + event.course_id }"#,
+            ),
+            rule(&e, "none", "()"),
+            rule(&e, "attr", "if event.attributes.score > 0.5 { 1 }"),
+        ];
+        let awards = score(&e, &rules, &ev("course.completed")).unwrap();
+        let got: Vec<_> = awards
+            .iter()
+            .map(|a| (a.rule.to_string(), a.points, a.reason.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("int".into(), 50, None),
+                ("map".into(), 5, Some("bonus for c1".into())),
+                ("attr".into(), 1, None)
+            ]
+        );
+        assert_eq!(score(&e, &rules, &ev("lesson.completed")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn sandbox_limits_stop_runaway_rules() {
+        let e = engine();
+        let cases = [
+            ("loop", "loop { }"),
+            ("recursion", "fn f(x) { f(x + 1) } f(0)"),
+            ("string", r#"let s = "x"; loop { s += s; }"#),
+            ("array", "let a = []; loop { a.push(1); }"),
+            ("eval", r#"eval("1")"#),
+            ("bad type", r#""fifty""#),
+            ("huge", "2000000"),
+            ("bad points", r#"#{ points: "ten" }"#),
+            ("throw", r#"throw "no""#),
+        ];
+        for (name, text) in cases {
+            let Ok(r) = compile(&e, name, std::path::Path::new("x"), text) else {
+                continue; // refused at compile time is as good
+            };
+            let err = score(&e, &[Arc::new(r)], &ev("course.completed")).unwrap_err();
+            assert_eq!(&*err.rule, name);
+        }
+    }
+
+    #[test]
+    fn a_failing_rule_awards_nothing_at_all() {
+        let e = engine();
+        let rules = vec![rule(&e, "good", "10"), rule(&e, "bad", "1 / 0")];
+        assert!(score(&e, &rules, &ev("course.completed")).is_err());
+    }
+
+    #[test]
+    fn unmapped_events_are_not_scored() {
+        let e = engine();
+        let mut event = ev("x");
+        event.event_type = None;
+        assert!(score(&e, &[rule(&e, "r", "10")], &event)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn modules_cannot_be_imported() {
+        let e = engine();
+        assert!(e.compile(r#"import "std" as s;"#).is_err());
+    }
+}

@@ -1,0 +1,477 @@
+//! Authentication on the raw request bytes, before anything is parsed.
+//!
+//! Bearer tokens are compared as SHA-256 digests in constant time (so neither
+//! content nor length leaks); HMAC signatures are decoded from the header and
+//! checked with the MAC's own constant-time `verify_slice`. Keyed MAC states
+//! are built once at config load and cloned per request.
+
+use hmac::{Hmac, Mac};
+use poem::http::{HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::settings::Secret;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// How a signature is written in its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SigEncoding {
+    Hex,
+    Base64,
+}
+
+/// One way a source may prove a request is its own. A source may accept
+/// several; the first that verifies wins.
+#[derive(Clone)]
+pub enum AuthScheme {
+    /// `Authorization: Bearer <token>`; any token of the list.
+    Bearer { env: String, digests: Vec<[u8; 32]> },
+    /// HMAC-SHA256 over the raw body in `header`, after `prefix`.
+    Hmac {
+        env: String,
+        header: HeaderName,
+        prefix: String,
+        encoding: SigEncoding,
+        keys: Vec<HmacSha256>,
+    },
+}
+
+impl std::fmt::Debug for AuthScheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthScheme::Bearer { env, digests } => f
+                .debug_struct("Bearer")
+                .field("env", env)
+                .field("tokens", &digests.len())
+                .finish(),
+            AuthScheme::Hmac {
+                env,
+                header,
+                prefix,
+                encoding,
+                keys,
+            } => f
+                .debug_struct("Hmac")
+                .field("env", env)
+                .field("header", header)
+                .field("prefix", prefix)
+                .field("encoding", encoding)
+                .field("secrets", &keys.len())
+                .finish(),
+        }
+    }
+}
+
+/// Why a request failed authentication. The variant name is the metric and
+/// log reason; none of them carries a secret or a computed signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials are configured for this source")]
+    NotConfigured,
+    #[error("the authentication header is missing")]
+    MissingHeader,
+    #[error("the authentication header is malformed")]
+    Malformed,
+    #[error("the credentials do not match")]
+    Mismatch,
+}
+
+impl AuthError {
+    /// A closed set of reasons, safe as a metric label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::NotConfigured => "not_configured",
+            AuthError::MissingHeader => "missing_header",
+            AuthError::Malformed => "malformed",
+            AuthError::Mismatch => "mismatch",
+        }
+    }
+}
+
+pub fn token_digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+impl AuthScheme {
+    pub fn bearer(env: &str, tokens: &[Secret]) -> Self {
+        AuthScheme::Bearer {
+            env: env.to_string(),
+            digests: tokens
+                .iter()
+                .map(|t| token_digest(t.expose().as_bytes()))
+                .collect(),
+        }
+    }
+
+    pub fn hmac(
+        env: &str,
+        header: HeaderName,
+        prefix: String,
+        encoding: SigEncoding,
+        secrets: &[Secret],
+    ) -> Self {
+        let keys = secrets
+            .iter()
+            .filter_map(|s| HmacSha256::new_from_slice(s.expose().as_bytes()).ok())
+            .collect();
+        AuthScheme::Hmac {
+            env: env.to_string(),
+            header,
+            prefix,
+            encoding,
+            keys,
+        }
+    }
+
+    /// The env var that holds this scheme's secrets.
+    pub fn env(&self) -> &str {
+        match self {
+            AuthScheme::Bearer { env, .. } | AuthScheme::Hmac { env, .. } => env,
+        }
+    }
+
+    pub fn is_configured(&self) -> bool {
+        match self {
+            AuthScheme::Bearer { digests, .. } => !digests.is_empty(),
+            AuthScheme::Hmac { keys, .. } => !keys.is_empty(),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthScheme::Bearer { .. } => "bearer",
+            AuthScheme::Hmac { .. } => "hmac",
+        }
+    }
+
+    /// Checks one request against this scheme.
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
+        if !self.is_configured() {
+            return Err(AuthError::NotConfigured);
+        }
+        match self {
+            AuthScheme::Bearer { digests, .. } => {
+                let token = bearer_token(headers)?;
+                check_bearer(digests, token.as_bytes())
+            }
+            AuthScheme::Hmac {
+                header,
+                prefix,
+                encoding,
+                keys,
+                ..
+            } => {
+                let value = headers
+                    .get(header)
+                    .ok_or(AuthError::MissingHeader)?
+                    .to_str()
+                    .map_err(|_| AuthError::Malformed)?
+                    .trim();
+                let sig = decode_signature(value, prefix, *encoding)?;
+                check_hmac(keys, body, &sig)
+            }
+        }
+    }
+}
+
+/// Verifies against a list of schemes: the first that passes wins; otherwise
+/// the most telling failure is reported (a mismatch beats a missing header,
+/// so a sender using the wrong scheme's header still learns it was wrong).
+pub fn verify_any(
+    schemes: &[AuthScheme],
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), AuthError> {
+    let mut worst = AuthError::NotConfigured;
+    for scheme in schemes {
+        match scheme.verify(headers, body) {
+            Ok(()) => return Ok(()),
+            Err(e) => worst = rank(worst, e),
+        }
+    }
+    Err(worst)
+}
+
+fn rank(a: AuthError, b: AuthError) -> AuthError {
+    fn weight(e: AuthError) -> u8 {
+        match e {
+            AuthError::NotConfigured => 0,
+            AuthError::MissingHeader => 1,
+            AuthError::Malformed => 2,
+            AuthError::Mismatch => 3,
+        }
+    }
+    if weight(b) > weight(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header (scheme case-insensitive).
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
+        .get(poem::http::header::AUTHORIZATION)
+        .ok_or(AuthError::MissingHeader)?
+        .to_str()
+        .map_err(|_| AuthError::Malformed)?
+        .trim();
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token)
+}
+
+/// Constant-time check of a presented token against the digests of the
+/// configured ones. Every digest is compared, match or not.
+pub fn check_bearer(digests: &[[u8; 32]], presented: &[u8]) -> Result<(), AuthError> {
+    let d = token_digest(presented);
+    let mut ok = subtle::Choice::from(0u8);
+    for known in digests {
+        ok |= known.ct_eq(&d);
+    }
+    if bool::from(ok) {
+        Ok(())
+    } else {
+        Err(AuthError::Mismatch)
+    }
+}
+
+fn decode_signature(
+    value: &str,
+    prefix: &str,
+    encoding: SigEncoding,
+) -> Result<Vec<u8>, AuthError> {
+    let raw = if prefix.is_empty() {
+        value
+    } else if value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        &value[prefix.len()..]
+    } else {
+        return Err(AuthError::Malformed);
+    };
+    let sig = match encoding {
+        SigEncoding::Hex => hex::decode(raw).map_err(|_| AuthError::Malformed)?,
+        SigEncoding::Base64 => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(raw)
+                .map_err(|_| AuthError::Malformed)?
+        }
+    };
+    if sig.len() != 32 {
+        return Err(AuthError::Malformed);
+    }
+    Ok(sig)
+}
+
+fn check_hmac(keys: &[HmacSha256], body: &[u8], sig: &[u8]) -> Result<(), AuthError> {
+    let mut ok = false;
+    for key in keys {
+        let mut mac = key.clone();
+        mac.update(body);
+        ok |= mac.verify_slice(sig).is_ok();
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::Mismatch)
+    }
+}
+
+/// The signature a sender would put in the header: used by `send`, the
+/// examples and the tests.
+pub fn sign_hex(secret: &[u8], body: &[u8]) -> String {
+    // A MAC accepts keys of any length, so this cannot fail.
+    let mut mac = HmacSha256::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use poem::http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn hmac_scheme(secrets: &[&str], encoding: SigEncoding) -> AuthScheme {
+        let secrets: Vec<_> = secrets.iter().map(|s| Secret::new(*s)).collect();
+        AuthScheme::hmac(
+            "ROCKET_X_SECRET",
+            HeaderName::from_static("x-signature"),
+            "sha256=".into(),
+            encoding,
+            &secrets,
+        )
+    }
+
+    #[test]
+    fn every_malformed_signature_is_refused_with_its_reason() {
+        let body = br#"{"topic":"course.completed"}"#;
+        let good = sign_hex(b"s3cret", body);
+        let other = sign_hex(b"another-source", body);
+        let last = if good.ends_with('0') { "1" } else { "0" };
+        let flipped = format!("{}{last}", &good[..63]);
+        let scheme = hmac_scheme(&["s3cret"], SigEncoding::Hex);
+        let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, Result<(), AuthError>)> = vec![
+            (
+                "valid",
+                vec![("x-signature", format!("sha256={good}").into_bytes())],
+                Ok(()),
+            ),
+            (
+                "prefix in capitals",
+                vec![("x-signature", format!("SHA256={good}").into_bytes())],
+                Ok(()),
+            ),
+            ("missing header", vec![], Err(AuthError::MissingHeader)),
+            (
+                "empty header",
+                vec![("x-signature", b"".to_vec())],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "no prefix",
+                vec![("x-signature", good.clone().into_bytes())],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "bad hex",
+                vec![("x-signature", b"sha256=zz".to_vec())],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "odd-length hex",
+                vec![("x-signature", format!("sha256={}", &good[1..]).into_bytes())],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "too short",
+                vec![(
+                    "x-signature",
+                    format!("sha256={}", &good[..62]).into_bytes(),
+                )],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "too long",
+                vec![("x-signature", format!("sha256={good}00").into_bytes())],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "non-ascii",
+                vec![("x-signature", "sha256=é".as_bytes().to_vec())],
+                Err(AuthError::Malformed),
+            ),
+            (
+                "another source's secret",
+                vec![("x-signature", format!("sha256={other}").into_bytes())],
+                Err(AuthError::Mismatch),
+            ),
+            (
+                "flipped digit",
+                vec![("x-signature", format!("sha256={flipped}").into_bytes())],
+                Err(AuthError::Mismatch),
+            ),
+        ];
+        for (name, hs, want) in cases {
+            let hs: Vec<(&str, &[u8])> = hs.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+            let got = scheme.verify(&headers(&hs), body);
+            assert_eq!(got, want, "case {name}");
+        }
+    }
+
+    #[test]
+    fn a_tampered_body_fails_the_signature() {
+        let scheme = hmac_scheme(&["s3cret"], SigEncoding::Hex);
+        let sig = format!("sha256={}", sign_hex(b"s3cret", b"{\"a\":1}"));
+        let h = headers(&[("x-signature", sig.as_bytes())]);
+        assert_eq!(scheme.verify(&h, b"{\"a\":2}"), Err(AuthError::Mismatch));
+        assert_eq!(scheme.verify(&h, b"{\"a\":1}"), Ok(()));
+    }
+
+    #[test]
+    fn any_secret_of_a_rotating_list_verifies() {
+        let scheme = hmac_scheme(&["old", "new"], SigEncoding::Hex);
+        for secret in ["old", "new"] {
+            let sig = format!("sha256={}", sign_hex(secret.as_bytes(), b"x"));
+            assert_eq!(
+                scheme.verify(&headers(&[("x-signature", sig.as_bytes())]), b"x"),
+                Ok(())
+            );
+        }
+    }
+
+    #[test]
+    fn base64_signatures_verify() {
+        use base64::Engine as _;
+        let scheme = hmac_scheme(&["k"], SigEncoding::Base64);
+        let raw = hex::decode(sign_hex(b"k", b"body")).unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+        let sig = format!("sha256={b64}");
+        assert_eq!(
+            scheme.verify(&headers(&[("x-signature", sig.as_bytes())]), b"body"),
+            Ok(())
+        );
+        let bad = headers(&[("x-signature", b"sha256=!!!notbase64")]);
+        assert_eq!(scheme.verify(&bad, b"body"), Err(AuthError::Malformed));
+    }
+
+    #[test]
+    fn bearer_cases() {
+        let scheme = AuthScheme::bearer("ROCKET_T", &[Secret::new("tok-a"), Secret::new("tok-b")]);
+        let cases: &[(&[u8], Result<(), AuthError>)] = &[
+            (b"Bearer tok-a", Ok(())),
+            (b"bearer tok-b", Ok(())),
+            (b"Bearer  tok-a ", Ok(())),
+            (b"Bearer tok-c", Err(AuthError::Mismatch)),
+            (b"Bearer tok-a-longer", Err(AuthError::Mismatch)),
+            (b"Bearer ", Err(AuthError::Malformed)),
+            (b"Basic dG9rLWE=", Err(AuthError::Malformed)),
+            (b"tok-a", Err(AuthError::Malformed)),
+        ];
+        for (value, want) in cases {
+            let got = scheme.verify(&headers(&[("authorization", value)]), b"");
+            assert_eq!(got, *want, "header {:?}", String::from_utf8_lossy(value));
+        }
+        assert_eq!(
+            scheme.verify(&HeaderMap::new(), b""),
+            Err(AuthError::MissingHeader)
+        );
+    }
+
+    #[test]
+    fn an_unset_secret_fails_closed() {
+        let bearer = AuthScheme::bearer("ROCKET_T", &[]);
+        let h = headers(&[("authorization", b"Bearer anything")]);
+        assert_eq!(bearer.verify(&h, b""), Err(AuthError::NotConfigured));
+        let hmac = hmac_scheme(&[], SigEncoding::Hex);
+        assert_eq!(hmac.verify(&h, b""), Err(AuthError::NotConfigured));
+        assert_eq!(
+            verify_any(&[bearer, hmac], &h, b""),
+            Err(AuthError::NotConfigured)
+        );
+    }
+
+    #[test]
+    fn debug_output_names_no_secret() {
+        let s = format!("{:?}", hmac_scheme(&["topsecret"], SigEncoding::Hex));
+        assert!(!s.contains("topsecret"));
+    }
+}

@@ -1,0 +1,381 @@
+//! The ledger's persistence: SQLite (the embedded default) and PostgreSQL
+//! behind one [`Store`]. SQL is written once with `$n` placeholders, which
+//! both drivers take; [`with_pool!`] instantiates it for each backend.
+//!
+//! Writes go through a group-commit writer: concurrent requests' events are
+//! batched into one transaction, and each request is answered only after the
+//! batch holding its events has committed. Exactly-once comes from the
+//! unique `(source, dedupe_key)` index, so it holds across processes too.
+
+mod write;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::Row;
+use tokio::sync::{mpsc, oneshot};
+
+pub use write::{EventStatus, Persisted};
+
+use crate::pipeline::Prepared;
+
+/// Store failures; all are the server's, answered as opaque 500s.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
+    BadUrl(String),
+    #[error("cannot create the database folder {0}: {1}")]
+    Folder(String, std::io::Error),
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$p` bound to the backend's pool; the SQL inside is
+/// shared, the code is instantiated once per backend.
+macro_rules! with_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+        }
+    };
+}
+pub(crate) use with_pool;
+
+/// The ledger store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: Pool,
+    writer: mpsc::Sender<write::Job>,
+    backend: &'static str,
+}
+
+/// A stored event as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub event_id: String,
+    pub source: String,
+    pub namespace: String,
+    pub dedupe_key: String,
+    pub status: String,
+    pub event_type: Option<String>,
+    pub user_id: Option<String>,
+    pub points: i64,
+    pub error: Option<String>,
+    pub attempts: i64,
+    pub received_at: i64,
+    pub processed_at: Option<i64>,
+    pub canonical: serde_json::Value,
+    pub awards: Vec<LedgerEntry>,
+}
+
+/// One ledger row.
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerEntry {
+    pub event_id: String,
+    pub rule: String,
+    pub points: i64,
+    pub reason: Option<String>,
+    pub course_id: Option<String>,
+    pub occurred_at: i64,
+}
+
+/// A user's standing.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserRecord {
+    pub total_points: i64,
+    pub events: i64,
+    pub recent: Vec<LedgerEntry>,
+}
+
+/// Leaderboard filters.
+#[derive(Debug, Clone, Default)]
+pub struct LeaderboardQuery {
+    pub namespace: Option<String>,
+    pub course_id: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaderRow {
+    pub namespace: String,
+    pub user_id: String,
+    pub points: i64,
+}
+
+/// Counts for `/api/v1/stats`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub events: Vec<(String, String, String, i64)>,
+    pub points_per_day: Vec<(String, i64)>,
+}
+
+/// How many writer tasks drain the queue: one for SQLite (a single writer is
+/// what SQLite wants), a few for PostgreSQL.
+const SQLITE_WRITERS: usize = 1;
+const POSTGRES_WRITERS: usize = 4;
+
+impl Store {
+    /// Connects, creating the SQLite file and folder if needed, and runs the
+    /// backend's migrations.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let (pool, writers, backend) = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // FULL: a commit is on disk before we answer, so a power cut
+                // loses nothing acknowledged. Group commit pays for the fsync.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            if let Some(parent) = opts.get_filename().parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| StoreError::Folder(parent.display().to_string(), e))?;
+                }
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .min_connections(1)
+                .connect_with(opts)
+                .await?;
+            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            (Pool::Sqlite(pool), SQLITE_WRITERS, "sqlite")
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            (Pool::Postgres(pool), POSTGRES_WRITERS, "postgres")
+        } else {
+            return Err(StoreError::BadUrl(url.to_string()));
+        };
+        let writer = write::spawn_writers(pool.clone(), writers);
+        Ok(Store {
+            pool,
+            writer,
+            backend,
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Stores one request's events in one transaction (grouped with other
+    /// requests'), returning once it has committed.
+    pub async fn ingest(
+        &self,
+        namespace: &str,
+        events: Vec<Prepared>,
+    ) -> Result<Vec<Persisted>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job = write::Job::new(namespace, events, reply);
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Whether the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_pool!(&self.pool, p => {
+            sqlx::query("SELECT 1").execute(p).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        with_pool!(&self.pool, p => p.close().await)
+    }
+
+    /// One stored event with its ledger entries.
+    pub async fn event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
+        const EVENT: &str = "SELECT id, source, namespace, dedupe_key, status, event_type, user_id, points, error, \
+            attempts, received_at, processed_at, canonical FROM events WHERE id = $1";
+        const AWARDS: &str =
+            "SELECT event_id, rule, points, reason, course_id, occurred_at FROM ledger \
+            WHERE event_id = $1 ORDER BY id";
+        with_pool!(&self.pool, p => {
+            let Some(row) = sqlx::query(EVENT).bind(id).fetch_optional(p).await? else {
+                return Ok(None);
+            };
+            let awards = sqlx::query(AWARDS).bind(id).fetch_all(p).await?;
+            let canonical: String = row.try_get("canonical")?;
+            Ok(Some(EventRecord {
+                event_id: row.try_get("id")?,
+                source: row.try_get("source")?,
+                namespace: row.try_get("namespace")?,
+                dedupe_key: row.try_get("dedupe_key")?,
+                status: row.try_get("status")?,
+                event_type: row.try_get("event_type")?,
+                user_id: row.try_get("user_id")?,
+                points: row.try_get("points")?,
+                error: row.try_get("error")?,
+                attempts: row.try_get("attempts")?,
+                received_at: row.try_get("received_at")?,
+                processed_at: row.try_get("processed_at")?,
+                canonical: serde_json::from_str(&canonical).unwrap_or(serde_json::Value::Null),
+                awards: awards.iter().map(ledger_entry).collect::<Result<_, _>>()?,
+            }))
+        })
+    }
+
+    /// A user's total, event count and most recent ledger entries.
+    pub async fn user(
+        &self,
+        namespace: &str,
+        user_id: &str,
+        recent: i64,
+    ) -> Result<UserRecord, StoreError> {
+        const TOTAL: &str =
+            "SELECT points, events FROM totals WHERE namespace = $1 AND user_id = $2";
+        const RECENT: &str =
+            "SELECT event_id, rule, points, reason, course_id, occurred_at FROM ledger \
+            WHERE namespace = $1 AND user_id = $2 ORDER BY id DESC LIMIT $3";
+        with_pool!(&self.pool, p => {
+            let total = sqlx::query(TOTAL).bind(namespace).bind(user_id).fetch_optional(p).await?;
+            let (total_points, events) = match total {
+                Some(r) => (r.try_get::<i64, _>("points")?, r.try_get::<i64, _>("events")?),
+                None => (0, 0),
+            };
+            let rows = sqlx::query(RECENT).bind(namespace).bind(user_id).bind(recent).fetch_all(p).await?;
+            Ok(UserRecord {
+                total_points,
+                events,
+                recent: rows.iter().map(ledger_entry).collect::<Result<_, _>>()?,
+            })
+        })
+    }
+
+    /// The top of a leaderboard, best first. Overall standings come from the
+    /// totals table; course or time filters aggregate the ledger.
+    pub async fn leaderboard(&self, q: &LeaderboardQuery) -> Result<Vec<LeaderRow>, StoreError> {
+        let mut conds: Vec<String> = Vec::new();
+        let mut texts: Vec<&str> = Vec::new();
+        let mut ints: Vec<i64> = Vec::new();
+        let filtered = q.course_id.is_some() || q.since_ms.is_some() || q.until_ms.is_some();
+        // Text binds first, then integer binds: numbering follows that order.
+        if let Some(ns) = &q.namespace {
+            texts.push(ns);
+            conds.push(format!("namespace = ${}", texts.len()));
+        }
+        if let Some(c) = &q.course_id {
+            texts.push(c);
+            conds.push(format!("course_id = ${}", texts.len()));
+        }
+        let base = texts.len();
+        if let Some(s) = q.since_ms {
+            ints.push(s);
+            conds.push(format!("occurred_at >= ${}", base + ints.len()));
+        }
+        if let Some(u) = q.until_ms {
+            ints.push(u);
+            conds.push(format!("occurred_at < ${}", base + ints.len()));
+        }
+        ints.push(q.limit);
+        let limit = format!("${}", base + ints.len());
+        let where_ = if conds.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conds.join(" AND "))
+        };
+        let sql = if filtered {
+            format!(
+                "SELECT namespace, user_id, CAST(SUM(points) AS BIGINT) AS points FROM ledger {where_} \
+                 GROUP BY namespace, user_id ORDER BY points DESC, namespace, user_id LIMIT {limit}"
+            )
+        } else {
+            format!(
+                "SELECT namespace, user_id, points FROM totals {where_} \
+                 ORDER BY points DESC, namespace, user_id LIMIT {limit}"
+            )
+        };
+        with_pool!(&self.pool, p => {
+            let mut query = sqlx::query(&sql);
+            for t in &texts {
+                query = query.bind(*t);
+            }
+            for i in &ints {
+                query = query.bind(*i);
+            }
+            let rows = query.fetch_all(p).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(LeaderRow {
+                        namespace: r.try_get("namespace")?,
+                        user_id: r.try_get("user_id")?,
+                        points: r.try_get("points")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// Event counts by source, type and status; points per day since `since_ms`.
+    pub async fn stats(&self, since_ms: i64) -> Result<Stats, StoreError> {
+        const COUNTS: &str = "SELECT source, COALESCE(event_type, 'unmapped') AS event_type, status, COUNT(*) AS n \
+            FROM events GROUP BY source, COALESCE(event_type, 'unmapped'), status ORDER BY source, event_type, status";
+        let day = match self.pool {
+            Pool::Sqlite(_) => "strftime('%Y-%m-%d', occurred_at / 1000, 'unixepoch')",
+            Pool::Postgres(_) => {
+                "to_char(to_timestamp(occurred_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+        };
+        let per_day = format!(
+            "SELECT {day} AS day, CAST(SUM(points) AS BIGINT) AS points FROM ledger WHERE occurred_at >= $1 GROUP BY 1 ORDER BY 1"
+        );
+        with_pool!(&self.pool, p => {
+            let counts = sqlx::query(COUNTS).fetch_all(p).await?;
+            let days = sqlx::query(&per_day).bind(since_ms).fetch_all(p).await?;
+            Ok(Stats {
+                events: counts
+                    .iter()
+                    .map(|r| Ok((r.try_get("source")?, r.try_get("event_type")?, r.try_get("status")?, r.try_get("n")?)))
+                    .collect::<Result<_, sqlx::Error>>()?,
+                points_per_day: days
+                    .iter()
+                    .map(|r| Ok((r.try_get("day")?, r.try_get("points")?)))
+                    .collect::<Result<_, sqlx::Error>>()?,
+            })
+        })
+    }
+}
+
+fn ledger_entry<R: Row>(r: &R) -> Result<LedgerEntry, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(LedgerEntry {
+        event_id: r.try_get("event_id")?,
+        rule: r.try_get("rule")?,
+        points: r.try_get("points")?,
+        reason: r.try_get("reason")?,
+        course_id: r.try_get("course_id")?,
+        occurred_at: r.try_get("occurred_at")?,
+    })
+}
