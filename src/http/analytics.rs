@@ -150,6 +150,8 @@ fn store_error(e: crate::store::StoreError, state: &AppState) -> ApiError {
     ApiError::internal(None)
 }
 
+// The leaderboard takes one documented query parameter each.
+#[allow(clippy::too_many_arguments)]
 #[OpenApi(tag = "ApiTags::Analytics")]
 impl AnalyticsApi {
     /// A user's total, level, event count and recent ledger entries.

@@ -329,7 +329,8 @@ mod tests {
         let last = if good.ends_with('0') { "1" } else { "0" };
         let flipped = format!("{}{last}", &good[..63]);
         let scheme = hmac_scheme(&["s3cret"], SigEncoding::Hex);
-        let cases: Vec<(&str, Vec<(&str, Vec<u8>)>, Result<(), AuthError>)> = vec![
+        type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, Result<(), AuthError>);
+        let cases: Vec<Case> = vec![
             (
                 "valid",
                 vec![("x-signature", format!("sha256={good}").into_bytes())],

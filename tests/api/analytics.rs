@@ -1,0 +1,207 @@
+//! Reads of the ledger: users, events, leaderboards, stats.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn custom(app: &TestApp, id: &str, kind: &str, user: &str, course: &str, at: &str) {
+    let ev = json!({"event_id": id, "event_type": kind, "user_id": user, "course_id": course, "occurred_at": at});
+    let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_user_has_a_total_a_level_and_recent_entries() {
+    let app = spawn_app().await;
+    for i in 0..3 {
+        custom(
+            &app,
+            &format!("c{i}"),
+            "course.completed",
+            "ana",
+            "c1",
+            "2025-01-01T00:00:00Z",
+        )
+        .await;
+    }
+    let r = app.admin_get("/api/v1/users/custom/ana").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["total_points"], 150);
+    assert_eq!(r.body["level"], 2);
+    assert_eq!(r.body["next_level_at"], 276);
+    assert_eq!(r.body["event_count"], 3);
+    assert_eq!(r.body["recent"].as_array().unwrap().len(), 3);
+    assert_eq!(r.body["recent"][0]["rule"], "course_completed");
+    let nobody = app.admin_get("/api/v1/users/custom/nobody").await;
+    assert_eq!(nobody.body["total_points"], 0);
+    assert_eq!(nobody.body["level"], 1);
+}
+
+#[tokio::test]
+async fn leaderboards_rank_ties_and_filter_by_source_course_and_time() {
+    let app = spawn_app().await;
+    custom(
+        &app,
+        "1",
+        "course.completed",
+        "ana",
+        "c1",
+        "2025-01-01T00:00:00Z",
+    )
+    .await;
+    custom(
+        &app,
+        "2",
+        "course.completed",
+        "bo",
+        "c1",
+        "2025-02-01T00:00:00Z",
+    )
+    .await;
+    custom(
+        &app,
+        "3",
+        "lesson.completed",
+        "cy",
+        "c2",
+        "2025-03-01T00:00:00Z",
+    )
+    .await;
+    custom(
+        &app,
+        "4",
+        "lesson.completed",
+        "ana",
+        "c2",
+        "2025-03-02T00:00:00Z",
+    )
+    .await;
+    app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 9))
+        .await;
+
+    let all = app.admin_get("/api/v1/leaderboard").await;
+    assert_eq!(all.status, 200, "{}", all.text);
+    let rows: Vec<(i64, String, String, i64)> = all.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["rank"].as_i64().unwrap(),
+                e["source"].as_str().unwrap().into(),
+                e["user_id"].as_str().unwrap().into(),
+                e["points"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (1, "custom".into(), "ana".into(), 60),
+            (2, "custom".into(), "bo".into(), 50),
+            (2, "moodle".into(), "9".into(), 50),
+            (4, "custom".into(), "cy".into(), 10),
+        ]
+    );
+    let by_source = app.admin_get("/api/v1/leaderboard?source=moodle").await;
+    assert_eq!(by_source.body["entries"].as_array().unwrap().len(), 1);
+    let course = app.admin_get("/api/v1/leaderboard?course_id=c2").await;
+    assert_eq!(course.body["entries"][0]["rank"], 1);
+    assert_eq!(course.body["entries"][1]["rank"], 1);
+    assert_eq!(course.body["entries"][0]["points"], 10);
+    let window = app.admin_get("/api/v1/leaderboard?since=2025-01-15T00:00:00Z&until=2025-03-01T12:00:00Z&source=custom").await;
+    let users: Vec<&str> = window.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, ["bo", "cy"]);
+    let limited = app.admin_get("/api/v1/leaderboard?limit=1").await;
+    assert_eq!(limited.body["entries"].as_array().unwrap().len(), 1);
+    let bad = app.admin_get("/api/v1/leaderboard?since=yesterday").await;
+    assert_error(&bad, 400, "INVALID_REQUEST");
+}
+
+#[tokio::test]
+async fn an_event_shows_its_status_canonical_form_and_awards() {
+    let app = spawn_app().await;
+    let r = app
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(31, 32))
+        .await;
+    let id = r.body["event_id"].as_str().unwrap();
+    let ev = app.admin_get(&format!("/api/v1/events/{id}")).await;
+    assert_eq!(ev.status, 200, "{}", ev.text);
+    assert_eq!(ev.body["status"], "processed");
+    assert_eq!(ev.body["points"], 50);
+    assert_eq!(ev.body["dedupe_key"], "31");
+    assert_eq!(ev.body["canonical"]["user_id"], "32");
+    assert_eq!(
+        ev.body["canonical"]["vendor_event_type"],
+        "\\core\\event\\course_completed"
+    );
+    assert_eq!(ev.body["awards"][0]["points"], 50);
+    assert_error(
+        &app.admin_get("/api/v1/events/evt_nope").await,
+        404,
+        "UNKNOWN_EVENT",
+    );
+}
+
+#[tokio::test]
+async fn stats_count_events_by_source_and_type() {
+    let app = spawn_app().await;
+    custom(
+        &app,
+        "1",
+        "course.completed",
+        "ana",
+        "c1",
+        &chrono::Utc::now().to_rfc3339(),
+    )
+    .await;
+    custom(
+        &app,
+        "2",
+        "course.completed",
+        "bo",
+        "c1",
+        &chrono::Utc::now().to_rfc3339(),
+    )
+    .await;
+    app.bearer(
+        "moodle",
+        MOODLE_TOKEN,
+        &json!({"id": 1, "eventname": "x", "userid": 1}),
+    )
+    .await;
+    let s = app.admin_get("/api/v1/stats").await;
+    assert_eq!(s.status, 200, "{}", s.text);
+    let events = s.body["events"].as_array().unwrap();
+    assert!(events.contains(&json!({"source": "custom", "event_type": "course.completed", "status": "processed", "count": 2})), "{}", s.text);
+    assert!(events.contains(&json!({"source": "moodle", "event_type": "unmapped", "status": "processed", "count": 1})), "{}", s.text);
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        s.body["points_per_day"],
+        json!([{"day": today, "points": 100}])
+    );
+}
+
+#[tokio::test]
+async fn analytics_need_the_admin_token() {
+    let app = spawn_app().await;
+    for path in [
+        "/api/v1/users/moodle/1",
+        "/api/v1/leaderboard",
+        "/api/v1/events/evt_x",
+        "/api/v1/stats",
+        "/api/admin/sources",
+    ] {
+        let none = app.send(app.client.get(app.url(path))).await;
+        assert_error(&none, 401, "AUTHENTICATION_FAILED");
+        let wrong = app
+            .send(app.client.get(app.url(path)).bearer_auth(TEST_TOKEN))
+            .await;
+        assert_error(&wrong, 401, "AUTHENTICATION_FAILED");
+    }
+}

@@ -1,0 +1,8 @@
+//! Black-box API tests: each starts the real server on 127.0.0.1 port 0
+//! with a fresh store and speaks HTTP to it.
+
+mod analytics;
+mod config;
+mod helpers;
+mod ingest;
+mod surface;

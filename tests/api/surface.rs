@@ -1,0 +1,86 @@
+//! The HTTP surface: health, spec, docs, and the one error body for
+//! errors poem raises itself.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_endpoints_answer() {
+    let app = spawn_app().await;
+    let live = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(
+        (live.status, live.body["status"].as_str()),
+        (200, Some("ok"))
+    );
+    let ready = app.send(app.client.get(app.url("/health/ready"))).await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_the_error_body() {
+    let app = spawn_app().await;
+    assert_error(
+        &app.send(app.client.get(app.url("/nope"))).await,
+        404,
+        "NOT_FOUND",
+    );
+    assert_error(
+        &app.send(app.client.get(app.url("/api/public/hook/moodle/event")))
+            .await,
+        405,
+        "METHOD_NOT_ALLOWED",
+    );
+    let bad_param = app.admin_get("/api/v1/leaderboard?limit=many").await;
+    assert_error(&bad_param, 400, "INVALID_REQUEST");
+}
+
+#[tokio::test]
+async fn the_spec_and_docs_are_served_and_the_committed_spec_is_current() {
+    let app = spawn_app().await;
+    let spec = app.send(app.client.get(app.url("/openapi.json"))).await;
+    assert_eq!(spec.status, 200);
+    assert!(
+        spec.body["paths"]["/api/public/hook/{source}/event"]["post"].is_object(),
+        "{}",
+        spec.text
+    );
+    let yaml = app.send(app.client.get(app.url("/openapi.yaml"))).await;
+    assert_eq!(yaml.status, 200);
+    assert!(yaml.text.contains("/api/v1/leaderboard"));
+    let docs = app.send(app.client.get(app.url("/docs"))).await;
+    assert_eq!(docs.status, 200);
+    assert!(
+        docs.text.contains("swagger"),
+        "the UI is served from the binary"
+    );
+    assert!(!docs.text.contains("cdn."), "no CDN");
+
+    let committed =
+        std::fs::read_to_string(repo_dir().join("openapi/openapi.json")).unwrap_or_default();
+    let generated = rocket_rewards::http::spec_json();
+    assert!(
+        committed.trim() == generated.trim(),
+        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`"
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_served_in_the_text_format() {
+    let app = spawn_app().await;
+    app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 1))
+        .await;
+    let m = app.send(app.client.get(app.url("/metrics"))).await;
+    assert_eq!(m.status, 200);
+    assert!(m.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert!(
+        m.text
+            .contains("rocket_http_requests_total{source=\"moodle\",status=\"200\"} 1"),
+        "{}",
+        m.text
+    );
+    assert!(m
+        .text
+        .contains("rocket_points_awarded_total{source=\"moodle\"} 50"));
+}
