@@ -2,24 +2,57 @@
 //! way: [`App::build`] then [`App::run`] (or [`spawn`] for tests, which binds
 //! port 0 and hands back the address).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use poem::http::HeaderMap;
-use poem::listener::{Acceptor, AcceptorExt, Listener, TcpListener};
+use poem::listener::{
+    Acceptor, AcceptorExt, Listener, RustlsCertificate, RustlsConfig, TcpListener,
+};
 use poem::Request;
 
-use crate::config::{self, Config, ConfigErrors};
+use crate::config::{self, Config, ConfigErrors, Source};
 use crate::http::error::ApiError;
 use crate::http::AdminToken;
 use crate::levels::LevelCurve;
 use crate::metrics::Metrics;
+use crate::net::GuardedAcceptor;
+use crate::pipeline::limits::{self, ProxyHeader, Refusal, ServerLimits, Standing};
 use crate::pipeline::verify::{bearer_token, check_bearer, token_digest};
 use crate::settings::Settings;
 use crate::store::Store;
+
+const DEFAULT_PROXY_HEADERS: [ProxyHeader; 2] =
+    [ProxyHeader::XForwardedFor, ProxyHeader::Forwarded];
+
+/// The rate-limit standing of a hook request, for its response headers.
+#[derive(Clone, Copy, Debug)]
+pub struct RateHeaders {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: u64,
+    pub retry_after: Option<u64>,
+}
+
+/// Filled by the hook handler, read by the middleware that writes the
+/// `X-RateLimit-*` and `Retry-After` headers. The last record wins (an
+/// event-type refusal after the request-level standing).
+#[derive(Default, Debug)]
+pub struct RateSlot(std::sync::Mutex<Option<RateHeaders>>);
+
+impl RateSlot {
+    pub fn record(&self, h: RateHeaders) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(h);
+        }
+    }
+    pub fn get(&self) -> Option<RateHeaders> {
+        self.0.lock().ok().and_then(|g| *g)
+    }
+}
 
 /// Shared by every request.
 pub struct AppState {
@@ -28,6 +61,8 @@ pub struct AppState {
     pub store: Store,
     pub metrics: Metrics,
     pub levels: LevelCurve,
+    /// The all-hooks and per-address buckets (per-source ones live in the config).
+    pub limits: ServerLimits,
     /// Config loaded and store connected.
     pub ready: AtomicBool,
     /// Shutting down: readiness answers 503.
@@ -53,6 +88,7 @@ impl AppState {
         Arc::new(AppState {
             admin_digests: digest(settings.admin_tokens()),
             test_digests: digest(settings.test_tokens()),
+            limits: ServerLimits::new(settings.rate_global, settings.rate_ip),
             settings,
             config: ArcSwap::from_pointee(config),
             store,
@@ -92,7 +128,11 @@ impl AppState {
 
     /// Rebuilds the config from disk; on any error the running one is kept.
     pub fn reload(&self, kind: &str) -> Result<Arc<Config>, ConfigErrors> {
-        match config::load(&self.settings.config_dir, &self.settings.secrets) {
+        match config::load(
+            &self.settings.config_dir,
+            &self.settings.secrets,
+            self.settings.rate_source,
+        ) {
             Ok(c) => {
                 let c = Arc::new(c);
                 for w in &c.warnings {
@@ -130,11 +170,72 @@ impl AppState {
         }
     }
 
+    /// The client's address for a request to `source`: the peer, or what a
+    /// trusted proxy's header says.
+    pub fn client_ip(&self, req: &Request, source: Option<&Source>) -> IpAddr {
+        let peer = match req.remote_addr().as_socket_addr() {
+            Some(a) => a.ip(),
+            None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        let headers = source
+            .map(|s| s.proxy_headers.as_slice())
+            .unwrap_or(&DEFAULT_PROXY_HEADERS);
+        limits::client_ip(peer, req.headers(), &self.settings.trusted_proxies, headers)
+    }
+
+    /// Records a rate-limit check: headers for the response, metrics, and
+    /// for a refusal the audit line and the 429.
+    pub fn rate_outcome(
+        &self,
+        req: &Request,
+        source: &str,
+        ip: IpAddr,
+        checked: Result<Option<Standing>, Refusal>,
+    ) -> Result<(), ApiError> {
+        let slot = req.extensions().get::<Arc<RateSlot>>();
+        match checked {
+            Ok(Some(s)) => {
+                self.metrics
+                    .rate_utilization
+                    .with_label_values(&[s.scope.label()])
+                    .set(s.utilization());
+                if let Some(slot) = slot {
+                    slot.record(RateHeaders {
+                        limit: s.limit,
+                        remaining: s.remaining,
+                        reset: s.reset,
+                        retry_after: None,
+                    });
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(r) => {
+                let scope = r.scope.label();
+                self.metrics.rate_limited.with_label_values(&[scope]).inc();
+                self.metrics
+                    .rate_utilization
+                    .with_label_values(&[scope])
+                    .set(1.0);
+                tracing::warn!(source, client_ip = %ip, reason = "rate_limited", scope, "request refused");
+                if let Some(slot) = slot {
+                    slot.record(RateHeaders {
+                        limit: r.limit,
+                        remaining: 0,
+                        reset: r.reset,
+                        retry_after: Some(r.retry_after),
+                    });
+                }
+                Err(ApiError::rate_limited(scope, r.retry_after))
+            }
+        }
+    }
+
     /// Metrics and the one log line of a hook request.
     pub fn observe<T>(
         &self,
         source: &str,
-        req: &Request,
+        ip: IpAddr,
         started: Instant,
         result: &Result<(T, Option<String>), ApiError>,
     ) {
@@ -156,7 +257,7 @@ impl AppState {
             status,
             latency_ms = elapsed.as_secs_f64() * 1000.0,
             event_id,
-            client_ip = %crate::http::hooks::client_ip(req),
+            client_ip = %ip,
             outcome,
             "hook"
         );
@@ -179,20 +280,42 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl App {
     /// Loads the config (refusing on any error), connects the store, binds.
     pub async fn build(settings: Settings) -> Result<App, StartError> {
-        let config = config::load(&settings.config_dir, &settings.secrets)?;
+        let config = config::load(
+            &settings.config_dir,
+            &settings.secrets,
+            settings.rate_source,
+        )?;
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
         let store = Store::connect(&settings.database_url).await?;
-        let acceptor = TcpListener::bind(settings.listen.clone())
-            .into_acceptor()
-            .await
-            .map_err(|e| StartError::Bind(settings.listen.clone(), e))?;
+        let tcp = TcpListener::bind(settings.listen.clone());
+        let bind_err = |e| StartError::Bind(settings.listen.clone(), e);
+        let acceptor = match &settings.tls {
+            None => {
+                GuardedAcceptor::new(tcp.into_acceptor().await.map_err(bind_err)?, settings.conn)
+                    .boxed()
+            }
+            Some(files) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read(p)
+                        .map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+                };
+                let cert = RustlsCertificate::new()
+                    .cert(read(&files.cert)?)
+                    .key(read(&files.key)?);
+                let tls = tcp.rustls(RustlsConfig::new().fallback(cert));
+                GuardedAcceptor::new(tls.into_acceptor().await.map_err(bind_err)?, settings.conn)
+                    .boxed()
+            }
+        };
         let addr = acceptor
             .local_addr()
             .first()
@@ -233,6 +356,7 @@ impl App {
             tracing::info!("draining");
         };
         let result = poem::Server::new_with_acceptor(self.acceptor)
+            .idle_timeout(self.state.settings.idle_timeout)
             .run_with_graceful_shutdown(endpoint, signal, Some(Duration::from_secs(30)))
             .await;
         self.state.store.close().await;

@@ -20,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod levels;
 pub mod metrics;
+pub mod net;
 pub mod pipeline;
 pub mod settings;
 pub mod store;

@@ -3,12 +3,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ipnet::IpNet;
 use rocket_rewards::app::{App, StartError};
+use rocket_rewards::net::ConnLimits;
+use rocket_rewards::pipeline::limits::{RateSpec, DEFAULT_SOURCE};
 use rocket_rewards::settings::{
-    parse_switch, LogFormat, SecretEnv, Settings, DEFAULT_DATABASE_URL, DEFAULT_LISTEN,
+    parse_network, parse_switch, LogFormat, SecretEnv, Settings, TlsFiles, DEFAULT_DATABASE_URL,
+    DEFAULT_LISTEN,
 };
 
 #[derive(Parser)]
@@ -59,6 +64,39 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "ROCKET_LOG_FORMAT", value_enum, default_value = "json")]
     log_format: LogFormat,
+    /// All hooks together: PER_MINUTE[:BURST].
+    #[arg(long, env = "ROCKET_RATE_LIMIT_GLOBAL", default_value = "1000:2000", value_parser = RateSpec::parse)]
+    rate_limit_global: RateSpec,
+    /// Each source, unless its file sets `rate_limit`: PER_MINUTE[:BURST].
+    #[arg(long, env = "ROCKET_RATE_LIMIT_SOURCE", default_value = "500:1000", value_parser = RateSpec::parse)]
+    rate_limit_source: RateSpec,
+    /// Each client address: PER_MINUTE[:BURST].
+    #[arg(long, env = "ROCKET_RATE_LIMIT_IP", default_value = "100:200", value_parser = RateSpec::parse)]
+    rate_limit_ip: RateSpec,
+    /// Proxies (CIDR list) whose X-Forwarded-For/Forwarded headers name the client.
+    #[arg(long, env = "ROCKET_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_network)]
+    trusted_proxies: Vec<IpNet>,
+    /// PEM certificate chain: serve HTTPS (with HSTS).
+    #[arg(long, env = "ROCKET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ROCKET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Most open connections; more wait to be accepted.
+    #[arg(long, env = "ROCKET_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Seconds allowed for a request's headers once they start.
+    #[arg(long, env = "ROCKET_HEADER_TIMEOUT", default_value_t = 10)]
+    header_timeout: u64,
+    /// Largest request head in bytes.
+    #[arg(long, env = "ROCKET_MAX_HEADER_BYTES", default_value_t = 65_536)]
+    max_header_bytes: usize,
+    /// Seconds allowed to read a hook's body.
+    #[arg(long, env = "ROCKET_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout: u64,
+    /// Seconds an idle keep-alive connection stays open.
+    #[arg(long, env = "ROCKET_IDLE_TIMEOUT", default_value_t = 120)]
+    idle_timeout: u64,
 }
 
 fn init_logs(format: LogFormat) {
@@ -104,7 +142,7 @@ fn main() -> ExitCode {
 }
 
 fn check(dir: &std::path::Path) -> ExitCode {
-    match rocket_rewards::config::load(dir, &SecretEnv::from_process()) {
+    match rocket_rewards::config::load(dir, &SecretEnv::from_process(), DEFAULT_SOURCE) {
         Ok(config) => {
             for w in &config.warnings {
                 println!("warning: {w}");
@@ -132,6 +170,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         config_dir: args.config_dir,
         rate_limits: args.rate_limits,
         secrets: SecretEnv::from_process(),
+        rate_global: args.rate_limit_global,
+        rate_source: args.rate_limit_source,
+        rate_ip: args.rate_limit_ip,
+        trusted_proxies: args.trusted_proxies,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        },
+        conn: ConnLimits {
+            max_connections: args.max_connections,
+            header_timeout: Duration::from_secs(args.header_timeout.max(1)),
+            max_header_bytes: args.max_header_bytes,
+        },
+        body_timeout: Duration::from_secs(args.body_timeout.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

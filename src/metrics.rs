@@ -4,8 +4,8 @@
 //! never from a payload, a user or an event id.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the server exports.
@@ -21,6 +21,9 @@ pub struct Metrics {
     pub rule_errors: IntCounterVec,
     pub store_errors: IntCounter,
     pub config_loads: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub rate_utilization: GaugeVec,
+    pub ip_refusals: IntCounterVec,
     pub sources_loaded: IntGauge,
 }
 
@@ -99,6 +102,29 @@ impl Metrics {
             "Config loads and reloads by outcome.",
             &["kind", "outcome"],
         );
+        let rate_limited = counter(
+            &registry,
+            "rocket_rate_limited_total",
+            "Requests refused by a rate limit, by scope.",
+            &["scope"],
+        );
+        let rate_utilization = GaugeVec::new(
+            Opts::new(
+                "rocket_rate_limit_utilization",
+                "Share of the burst in use (0-1) at the last check, by scope.",
+            ),
+            &["scope"],
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        registry
+            .register(Box::new(rate_utilization.clone()))
+            .unwrap_or_else(|e| panic!("gauge: {e}"));
+        let ip_refusals = counter(
+            &registry,
+            "rocket_ip_refusals_total",
+            "Requests refused by a source's IP allowlist.",
+            &["source"],
+        );
         let sources_loaded =
             IntGauge::new("rocket_sources_loaded", "Sources in the running config.")
                 .unwrap_or_else(|e| panic!("gauge: {e}"));
@@ -124,6 +150,9 @@ impl Metrics {
             rule_errors,
             store_errors,
             config_loads,
+            rate_limited,
+            rate_utilization,
+            ip_refusals,
             sources_loaded,
         }
     }

@@ -5,6 +5,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::net::ConnLimits;
+use crate::pipeline::limits::{RateSpec, DEFAULT_GLOBAL, DEFAULT_IP, DEFAULT_SOURCE};
 
 /// A secret value from the environment. Never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -99,6 +105,13 @@ pub enum LogFormat {
     Text,
 }
 
+/// A certificate chain and key (PEM) for HTTPS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Everything `serve` needs; built from flags and env vars in `main`, and
 /// directly by the tests.
 #[derive(Clone, Debug)]
@@ -113,6 +126,22 @@ pub struct Settings {
     pub rate_limits: bool,
     /// Secrets by environment variable name.
     pub secrets: SecretEnv,
+    /// All hooks together (seed: 1000/min, burst 2000).
+    pub rate_global: RateSpec,
+    /// Each source, unless its file says otherwise (seed: 500/min, burst 1000).
+    pub rate_source: RateSpec,
+    /// Each client address (seed: 100/min, burst 200).
+    pub rate_ip: RateSpec,
+    /// Peers whose `X-Forwarded-For`/`Forwarded` headers name the client.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Serve HTTPS with these files (HSTS on every response).
+    pub tls: Option<TlsFiles>,
+    /// Connection count, header deadline and header size.
+    pub conn: ConnLimits,
+    /// Time allowed to read a hook's body.
+    pub body_timeout: Duration,
+    /// A keep-alive connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -128,6 +157,14 @@ impl Settings {
             config_dir: PathBuf::from("."),
             rate_limits: true,
             secrets,
+            rate_global: DEFAULT_GLOBAL,
+            rate_source: DEFAULT_SOURCE,
+            rate_ip: DEFAULT_IP,
+            trusted_proxies: Vec::new(),
+            tls: None,
+            conn: ConnLimits::default(),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 
@@ -147,6 +184,14 @@ pub fn parse_switch(s: &str) -> Result<bool, String> {
         "off" | "false" | "0" | "no" => Ok(false),
         other => Err(format!("expected on or off, got {other:?}")),
     }
+}
+
+/// Parses a CIDR network, or a single address as a one-host network.
+pub fn parse_network(s: &str) -> Result<IpNet, String> {
+    let p = s.trim();
+    p.parse::<IpNet>()
+        .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{p:?} is not a CIDR network or address"))
 }
 
 #[cfg(test)]

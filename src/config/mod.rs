@@ -10,9 +10,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use poem::http::HeaderName;
 use rhai::Engine;
 
+use crate::pipeline::limits::{Bucket, ProxyHeader, RateSpec};
 use crate::pipeline::mapping::{
     CompiledPath, EventTypeSpec, Field, FieldSpec, FieldType, Mapping, TimeFormat,
 };
@@ -80,6 +82,12 @@ pub struct Source {
     pub content_types: Vec<String>,
     pub batch: bool,
     pub max_body_bytes: usize,
+    /// This source's bucket (all its hooks).
+    pub rate: Bucket,
+    /// Buckets per canonical event type.
+    pub event_type_rates: HashMap<String, Bucket>,
+    pub allow_ips: Vec<IpNet>,
+    pub proxy_headers: Vec<ProxyHeader>,
     pub mapping: Mapping,
     pub rules: Vec<Arc<Rule>>,
     pub dry_run: bool,
@@ -178,7 +186,11 @@ fn files_with(dir: &Path, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Loads and compiles the config directory.
-pub fn load(dir: &Path, secrets: &SecretEnv) -> Result<Config, ConfigErrors> {
+pub fn load(
+    dir: &Path,
+    secrets: &SecretEnv,
+    source_rate: RateSpec,
+) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let engine = rules::engine();
@@ -250,7 +262,7 @@ pub fn load(dir: &Path, secrets: &SecretEnv) -> Result<Config, ConfigErrors> {
                         continue;
                     }
                 };
-                match compile_source(&file, &text, &rules, secrets, &mut warnings) {
+                match compile_source(&file, &text, &rules, secrets, source_rate, &mut warnings) {
                     Ok(src) => {
                         if let Some(prev) = sources.get(&src.name) {
                             errors.push(err(
@@ -308,6 +320,7 @@ pub fn compile_source(
     text: &str,
     rules: &BTreeMap<String, Arc<Rule>>,
     secrets: &SecretEnv,
+    source_rate: RateSpec,
     warnings: &mut Vec<String>,
 ) -> Result<Source, Vec<ConfigError>> {
     let raw: RawSource = serde_yaml_ng::from_str(text).map_err(|e| {
@@ -366,6 +379,8 @@ pub fn compile_source(
                 prefix,
                 encoding,
                 algorithm,
+                timestamp_header,
+                tolerance_seconds,
             } => {
                 if !algorithm.eq_ignore_ascii_case("sha256") {
                     fail(
@@ -387,16 +402,77 @@ pub fn compile_source(
                 if keys.is_empty() {
                     warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
                 }
-                auth.push(AuthScheme::hmac(
-                    &secret_env,
-                    header,
-                    prefix,
-                    encoding,
-                    &keys,
-                ));
+                let mut scheme = AuthScheme::hmac(&secret_env, header, prefix, encoding, &keys);
+                if let Some(ts) = timestamp_header {
+                    match HeaderName::from_bytes(ts.as_bytes()) {
+                        Ok(h) => scheme = scheme.with_timestamp(h, tolerance_seconds),
+                        Err(_) => fail(
+                            &["auth", "timestamp_header"],
+                            format!("{ts:?} is not a valid header name"),
+                        ),
+                    }
+                }
+                if tolerance_seconds <= 0 {
+                    fail(&["auth", "tolerance_seconds"], "must be at least 1".into());
+                }
+                auth.push(scheme);
+            }
+            RawAuth::StandardWebhooks {
+                secret_env,
+                tolerance_seconds,
+            } => {
+                let secrets = secrets.list(&secret_env);
+                if secrets.is_empty() {
+                    warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
+                }
+                if tolerance_seconds <= 0 {
+                    fail(&["auth", "tolerance_seconds"], "must be at least 1".into());
+                }
+                match AuthScheme::standard_webhooks(&secret_env, &secrets, tolerance_seconds) {
+                    Ok(s) => auth.push(s),
+                    Err(i) => fail(
+                        &["auth", "secret_env"],
+                        format!(
+                            "value {} of {secret_env} is not a whsec_<base64> secret",
+                            i + 1
+                        ),
+                    ),
+                }
             }
         }
     }
+
+    let rate_spec = raw.rate_limit.unwrap_or(source_rate);
+    if let Err(e) = rate_spec.validate() {
+        fail(&["rate_limit"], e);
+    }
+    let mut event_type_rates = HashMap::new();
+    for (kind, spec) in &raw.event_type_rate_limits {
+        match spec.validate() {
+            Ok(()) => {
+                event_type_rates.insert(kind.clone(), Bucket::new(*spec));
+            }
+            Err(e) => fail(&["event_type_rate_limits", kind], e),
+        }
+    }
+    let mut allow_ips = Vec::new();
+    for cidr in &raw.allow_ips {
+        // A bare address is a single-host network.
+        let parsed = cidr
+            .parse::<IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(n) => allow_ips.push(n),
+            Err(_) => fail(
+                &["allow_ips"],
+                format!("{cidr:?} is not a CIDR network or address"),
+            ),
+        }
+    }
+    let proxy_headers = raw
+        .proxy_headers
+        .clone()
+        .unwrap_or_else(|| vec![ProxyHeader::XForwardedFor, ProxyHeader::Forwarded]);
     if auth_declared == 0 {
         fail(&["auth"], "at least one auth scheme is required".into());
     }
@@ -554,6 +630,10 @@ pub fn compile_source(
         content_types,
         batch: raw.batch,
         max_body_bytes,
+        rate: Bucket::new(rate_spec),
+        event_type_rates,
+        allow_ips,
+        proxy_headers,
         mapping: Mapping {
             event_type,
             event_id,
@@ -639,6 +719,7 @@ mod tests {
             text,
             &rules,
             &SecretEnv::default(),
+            crate::pipeline::limits::DEFAULT_SOURCE,
             &mut Vec::new(),
         )
     }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::pipeline::limits::{ProxyHeader, RateSpec};
 use crate::pipeline::mapping::{FieldType, TimeFormat};
 use crate::pipeline::verify::SigEncoding;
 
@@ -48,6 +49,17 @@ pub struct RawSource {
     pub batch: bool,
     /// Largest accepted body in bytes (default 1 MiB).
     pub max_body_bytes: Option<usize>,
+    /// This source's rate (default: the server's per-source setting, 500/min, burst 1000).
+    pub rate_limit: Option<RateSpec>,
+    /// Rates per canonical event type, checked after mapping.
+    #[serde(default)]
+    pub event_type_rate_limits: BTreeMap<String, RateSpec>,
+    /// Client addresses allowed (CIDR, IPv4 or IPv6); empty allows all.
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+    /// Proxy headers that name the client when the peer is a trusted proxy
+    /// (default both `x-forwarded-for` and `forwarded`).
+    pub proxy_headers: Option<Vec<ProxyHeader>>,
     /// Where the vendor's event name is and how it maps to canonical types.
     pub event_type: RawEventType,
     /// Canonical fields, each a JSONPath, a list of fallbacks, or a full spec.
@@ -93,7 +105,23 @@ pub enum RawAuth {
         encoding: SigEncoding,
         #[serde(default = "default_algorithm")]
         algorithm: String,
+        /// A header carrying Unix seconds; when set, the signed content is
+        /// `<timestamp>.<body>` and the timestamp must be within the tolerance.
+        timestamp_header: Option<String>,
+        #[serde(default = "default_tolerance")]
+        tolerance_seconds: i64,
     },
+    /// Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`),
+    /// secrets `whsec_<base64>`.
+    StandardWebhooks {
+        secret_env: String,
+        #[serde(default = "default_tolerance")]
+        tolerance_seconds: i64,
+    },
+}
+
+fn default_tolerance() -> i64 {
+    300
 }
 
 fn default_sig_header() -> String {

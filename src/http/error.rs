@@ -53,6 +53,9 @@ pub enum ApiError {
     /// Unknown source or event.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The body did not arrive in time.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The body is larger than the source allows.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
@@ -82,6 +85,27 @@ impl ApiError {
     }
     pub fn not_found(code: &str, message: impl Into<String>) -> Self {
         ApiError::NotFound(Self::body(code, message, None))
+    }
+    pub fn ip_not_allowed() -> Self {
+        ApiError::Forbidden(Self::body(
+            "IP_NOT_ALLOWED",
+            "this client address is not allowed to post to this source",
+            None,
+        ))
+    }
+    pub fn rate_limited(scope: &str, retry_after: u64) -> Self {
+        ApiError::TooManyRequests(Self::body(
+            "RATE_LIMITED",
+            format!("rate limit exceeded ({scope}); retry after {retry_after} s"),
+            Some(serde_json::json!({ "scope": scope, "retry_after": retry_after })),
+        ))
+    }
+    pub fn body_timeout() -> Self {
+        ApiError::RequestTimeout(Self::body(
+            "REQUEST_TIMEOUT",
+            "the request body did not arrive in time",
+            None,
+        ))
     }
     pub fn too_large(limit: usize) -> Self {
         ApiError::PayloadTooLarge(Self::body(
@@ -115,6 +139,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -129,6 +154,7 @@ impl ApiError {
             | ApiError::Unauthorized(b)
             | ApiError::Forbidden(b)
             | ApiError::NotFound(b)
+            | ApiError::RequestTimeout(b)
             | ApiError::PayloadTooLarge(b)
             | ApiError::UnsupportedMediaType(b)
             | ApiError::TooManyRequests(b)
@@ -145,6 +171,7 @@ fn code_for(status: StatusCode) -> &'static str {
         StatusCode::UNAUTHORIZED => "AUTHENTICATION_FAILED",
         StatusCode::FORBIDDEN => "FORBIDDEN",
         StatusCode::NOT_FOUND => "NOT_FOUND",
+        StatusCode::REQUEST_TIMEOUT => "REQUEST_TIMEOUT",
         StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED",
         StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "UNSUPPORTED_MEDIA_TYPE",

@@ -1,9 +1,10 @@
 //! Ingestion: the hook, the dry-run test endpoint and payload validation.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use poem::web::Data;
-use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
@@ -20,6 +21,7 @@ use super::error::ApiError;
 use super::ApiTags;
 use crate::app::AppState;
 use crate::config::{Config, Source};
+use crate::pipeline::limits::{self, Scope};
 use crate::pipeline::{self, PrepareError, Prepared};
 use crate::store::{EventStatus, Persisted};
 
@@ -169,6 +171,7 @@ impl HookApi {
         let config = state.config.load_full();
         let src = config.source(&source.0).cloned();
         let label = src.as_ref().map(|s| s.name.as_str()).unwrap_or("unknown");
+        let ip = state.client_ip(req, src.as_deref());
         let result = match &src {
             None => Err(unknown_source(&source.0)),
             Some(s) if s.dry_run => Err(ApiError::not_found(
@@ -178,9 +181,9 @@ impl HookApi {
                     s.name
                 ),
             )),
-            Some(s) => ingest_into(&state, &config, s, req, body).await,
+            Some(s) => ingest_into(&state, &config, s, req, ip, body).await,
         };
-        state.observe(label, req, started, &result);
+        state.observe(label, ip, started, &result);
         result.map(|(success, _)| HookResponse::Ok(Json(success)))
     }
 
@@ -209,7 +212,7 @@ impl HookApi {
             .source(name)
             .cloned()
             .ok_or_else(|| unknown_source(name))?;
-        let bytes = read_body(body, &src, req).await?;
+        let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
         let prepared = prepare(&config, &src, req, &bytes)?;
         Ok(Json(dry_run_result(&src, &prepared)))
     }
@@ -237,7 +240,7 @@ impl HookApi {
             .source(&source.0)
             .cloned()
             .ok_or_else(|| unknown_source(&source.0))?;
-        let bytes = read_body(body, &src, req).await?;
+        let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
         let prepared = prepare(&config, &src, req, &bytes)?;
         Ok(Json(ValidationResult {
             status: "success".into(),
@@ -256,16 +259,41 @@ async fn ingest_into(
     config: &Config,
     src: &Arc<Source>,
     req: &Request,
+    ip: IpAddr,
     body: HookBody,
 ) -> Result<(HookSuccess, Option<String>), ApiError> {
-    let bytes = read_body(body, src, req).await?;
-    if let Err(e) = pipeline::verify::verify_any(&src.auth, req.headers(), &bytes) {
+    // Cheap refusals first: before the body is read or a MAC computed.
+    if !limits::allowed(ip, &src.allow_ips) {
+        state
+            .metrics
+            .ip_refusals
+            .with_label_values(&[src.name.as_str()])
+            .inc();
+        tracing::warn!(source = %src.name, client_ip = %ip, reason = "ip_not_allowed", "request refused");
+        return Err(ApiError::ip_not_allowed());
+    }
+    if state.settings.rate_limits {
+        let ip_bucket = state.limits.ip_bucket(ip);
+        let checked = limits::check_all([
+            (Scope::Ip, &*ip_bucket),
+            (Scope::Source, &src.rate),
+            (Scope::Global, &state.limits.global),
+        ]);
+        state.rate_outcome(req, &src.name, ip, checked)?;
+    }
+    if !src.accepts(req.content_type()) {
+        return Err(unsupported(src, req.content_type().unwrap_or("")));
+    }
+    let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
+    if let Err(e) =
+        pipeline::verify::verify_any(&src.auth, req.headers(), &bytes, Utc::now().timestamp())
+    {
         state
             .metrics
             .auth_failures
             .with_label_values(&[src.name.as_str(), e.reason()])
             .inc();
-        tracing::warn!(source = %src.name, client_ip = %client_ip(req), reason = e.reason(), "authentication failed");
+        tracing::warn!(source = %src.name, client_ip = %ip, reason = e.reason(), "authentication failed");
         return Err(ApiError::unauthorized(match e {
             pipeline::verify::AuthError::NotConfigured => {
                 "this source has no credentials configured".to_string()
@@ -274,6 +302,18 @@ async fn ingest_into(
         }));
     }
     let prepared = prepare(config, src, req, &bytes)?;
+    if state.settings.rate_limits && !src.event_type_rates.is_empty() {
+        for p in &prepared {
+            if let Some(bucket) = p
+                .event
+                .event_type
+                .as_deref()
+                .and_then(|t| src.event_type_rates.get(t))
+            {
+                state.rate_outcome(req, &src.name, ip, bucket.check(Scope::EventType).map(Some))?;
+            }
+        }
+    }
     for p in &prepared {
         if let Err(e) = &p.outcome {
             state
@@ -383,18 +423,26 @@ fn unknown_source(name: &str) -> ApiError {
     )
 }
 
-/// The client's address (the peer; proxy headers are not trusted here).
-pub fn client_ip(req: &Request) -> String {
-    match req.remote_addr().as_socket_addr() {
-        Some(a) => a.ip().to_string(),
-        None => "unknown".into(),
-    }
+fn unsupported(src: &Source, ct: &str) -> ApiError {
+    let shown: String = ct.chars().take(100).collect();
+    ApiError::unsupported_media_type(
+        format!(
+            "content type {shown:?} is not accepted by source {:?}",
+            src.name
+        ),
+        &src.content_types,
+    )
 }
 
 /// Reads the body within the source's limit: a declared length over the
 /// limit is refused before reading; a body that grows past it while read is
 /// cut off with the same 413.
-pub async fn read_body(body: HookBody, src: &Source, req: &Request) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    body: HookBody,
+    src: &Source,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
     let limit = src.max_body_bytes;
     if let Some(len) = req
         .headers()
@@ -406,14 +454,16 @@ pub async fn read_body(body: HookBody, src: &Source, req: &Request) -> Result<By
             return Err(ApiError::too_large(limit));
         }
     }
-    body.0.into_bytes_limit(limit).await.map_err(|e| match e {
-        poem::error::ReadBodyError::PayloadTooLarge => ApiError::too_large(limit),
-        other => ApiError::bad_request(
+    match tokio::time::timeout(timeout, body.0.into_bytes_limit(limit)).await {
+        Err(_) => Err(ApiError::body_timeout()),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(poem::error::ReadBodyError::PayloadTooLarge)) => Err(ApiError::too_large(limit)),
+        Ok(Err(other)) => Err(ApiError::bad_request(
             "INVALID_PAYLOAD",
             format!("the request body could not be read: {other}"),
             None,
-        ),
-    })
+        )),
+    }
 }
 
 /// Decode, map and score, with the pipeline's errors as API errors.

@@ -9,12 +9,13 @@ pub mod hooks;
 
 use std::sync::Arc;
 
+use poem::http::HeaderValue;
 use poem::middleware::CatchPanic;
-use poem::{Endpoint, EndpointExt, IntoEndpoint, Route};
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::auth::Bearer;
 use poem_openapi::{OpenApiService, SecurityScheme, Tags};
 
-use crate::app::AppState;
+use crate::app::{AppState, RateSlot};
 
 #[derive(Tags)]
 pub enum ApiTags {
@@ -75,8 +76,44 @@ pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
         .at("/openapi.json", spec_json)
         .at("/openapi.yaml", spec_yaml)
         .nest("/docs", docs)
-        .into_endpoint()
-        .data(state)
-        .with(CatchPanic::new())
         .catch_all_error(error::into_error_body)
+        .around(response_headers)
+        .with(CatchPanic::new().with_handler(|_| {
+            tracing::error!("a request handler panicked");
+            error::json_error(
+                poem::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_ERROR",
+                "an internal error occurred; it has been logged",
+            )
+        }))
+        .data(state)
+}
+
+/// Adds the rate-limit headers a hook handler recorded, and HSTS on HTTPS.
+async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Result<Response> {
+    let https = *req.scheme() == poem::http::uri::Scheme::HTTPS;
+    let slot = if req.uri().path().starts_with("/api/public/hook/") {
+        let slot = Arc::new(RateSlot::default());
+        req.extensions_mut().insert(slot.clone());
+        Some(slot)
+    } else {
+        None
+    };
+    let mut resp = ep.call(req).await?.into_response();
+    let h = resp.headers_mut();
+    if let Some(r) = slot.and_then(|s| s.get()) {
+        h.insert("x-ratelimit-limit", HeaderValue::from(r.limit));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(r.remaining));
+        h.insert("x-ratelimit-reset", HeaderValue::from(r.reset));
+        if let Some(after) = r.retry_after {
+            h.insert(poem::http::header::RETRY_AFTER, HeaderValue::from(after));
+        }
+    }
+    if https {
+        h.insert(
+            poem::http::header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+        );
+    }
+    Ok(resp)
 }

@@ -2,6 +2,7 @@
 //! form-encoded body (flat string values), or, for xAPI sources, one
 //! statement or an array of statements (each becomes its own event).
 
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// Body formats a request may arrive in; chosen from its `Content-Type`.
@@ -56,8 +57,7 @@ pub fn decode(format: BodyFormat, body: &[u8], batch: bool) -> Result<Vec<Value>
     }
     match format {
         BodyFormat::Json => {
-            let value: Value =
-                serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))?;
+            let value = parse_strict(body)?;
             match value {
                 Value::Object(_) => Ok(vec![value]),
                 Value::Array(items) if batch => {
@@ -88,6 +88,81 @@ pub fn decode(format: BodyFormat, body: &[u8], batch: bool) -> Result<Vec<Value>
             }
             Ok(vec![Value::Object(map)])
         }
+    }
+}
+
+/// Parses JSON, refusing duplicate object keys (which parsers disagree
+/// on: one would read the first, another the last). serde_json's own
+/// recursion limit (128) refuses deep nesting.
+pub fn parse_strict(body: &[u8]) -> Result<Value, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = StrictValue::deserialize(&mut de).map_err(|e| DecodeError::Json(e.to_string()))?;
+    de.end().map_err(|e| DecodeError::Json(e.to_string()))?;
+    Ok(v.0)
+}
+
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .unwrap_or(Value::Null))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                let shown: String = key.chars().take(64).collect();
+                return Err(serde::de::Error::custom(format_args!(
+                    "duplicate key {shown:?}"
+                )));
+            }
+            let StrictValue(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
     }
 }
 
@@ -134,6 +209,27 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        for body in [
+            &br#"{"a":1,"a":2}"#[..],
+            br#"{"x":{"b":1,"b":1}}"#,
+            br#"[{"k":1},{"k":1,"k":2}]"#,
+        ] {
+            let err = decode(BodyFormat::Json, body, true).unwrap_err();
+            assert!(err.to_string().contains("duplicate key"), "{err}");
+        }
+        assert!(decode(BodyFormat::Json, br#"{"a":{"a":1}}"#, false).is_ok());
+    }
+
+    #[test]
+    fn trailing_garbage_and_nul_bytes_are_refused() {
+        assert!(decode(BodyFormat::Json, b"{} {}", false).is_err());
+        assert!(decode(BodyFormat::Json, b"{\"a\":\"\x00\"}", false).is_err());
+        // An escaped NUL is valid JSON; mapping refuses it in ids.
+        assert!(decode(BodyFormat::Json, br#"{"a":"\u0000"}"#, false).is_ok());
     }
 
     #[test]

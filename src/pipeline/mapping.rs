@@ -364,7 +364,14 @@ pub fn map_event(
 fn id_string(v: &Value, field: &str, err: &mut MappingError) -> Option<String> {
     let s = match v {
         Value::String(s) => s.trim().to_string(),
-        Value::Number(n) => number_digits(n)?,
+        Value::Number(n) => match number_digits(n) {
+            Some(d) => d,
+            None => {
+                // Beyond 2^53 a JSON number has lost digits: not an id.
+                err.invalid_fields.push(field.to_string());
+                return None;
+            }
+        },
         Value::Bool(_) | Value::Array(_) | Value::Object(_) | Value::Null => {
             err.invalid_fields.push(field.to_string());
             return None;
@@ -380,8 +387,8 @@ fn id_string(v: &Value, field: &str, err: &mut MappingError) -> Option<String> {
     Some(s)
 }
 
-/// Integers (and integral floats within 2^53) as their digits; other floats
-/// as written.
+/// Integers (and integral floats within 2^53) as their digits; smaller
+/// fractional numbers as written; `None` for floats too large to be exact.
 fn number_digits(n: &serde_json::Number) -> Option<String> {
     if let Some(i) = n.as_i64() {
         return Some(i.to_string());
@@ -390,7 +397,9 @@ fn number_digits(n: &serde_json::Number) -> Option<String> {
         return Some(u.to_string());
     }
     let f = n.as_f64()?;
-    if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+    if f.abs() >= 9_007_199_254_740_992.0 {
+        None
+    } else if f.fract() == 0.0 {
         Some((f as i64).to_string())
     } else {
         Some(n.to_string())

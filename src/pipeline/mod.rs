@@ -4,6 +4,7 @@
 //! and score for a verified body; persisting is the store's.
 
 pub mod decode;
+pub mod limits;
 pub mod mapping;
 pub mod rules;
 pub mod verify;

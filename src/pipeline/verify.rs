@@ -28,13 +28,24 @@ pub enum SigEncoding {
 pub enum AuthScheme {
     /// `Authorization: Bearer <token>`; any token of the list.
     Bearer { env: String, digests: Vec<[u8; 32]> },
-    /// HMAC-SHA256 over the raw body in `header`, after `prefix`.
+    /// HMAC-SHA256 over the raw body in `header`, after `prefix`. With a
+    /// timestamp header, the signed content is `<timestamp>.<body>` and the
+    /// timestamp must be within the tolerance of now (replay protection).
     Hmac {
         env: String,
         header: HeaderName,
         prefix: String,
         encoding: SigEncoding,
         keys: Vec<HmacSha256>,
+        timestamp: Option<(HeaderName, i64)>,
+    },
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp` (Unix seconds,
+    /// within the tolerance, past or future) and `webhook-signature`
+    /// (space-separated `v1,<base64>`) over `<id>.<timestamp>.<body>`.
+    StandardWebhooks {
+        env: String,
+        keys: Vec<HmacSha256>,
+        tolerance: i64,
     },
 }
 
@@ -52,6 +63,7 @@ impl std::fmt::Debug for AuthScheme {
                 prefix,
                 encoding,
                 keys,
+                timestamp,
             } => f
                 .debug_struct("Hmac")
                 .field("env", env)
@@ -59,6 +71,17 @@ impl std::fmt::Debug for AuthScheme {
                 .field("prefix", prefix)
                 .field("encoding", encoding)
                 .field("secrets", &keys.len())
+                .field("timestamp", timestamp)
+                .finish(),
+            AuthScheme::StandardWebhooks {
+                env,
+                keys,
+                tolerance,
+            } => f
+                .debug_struct("StandardWebhooks")
+                .field("env", env)
+                .field("secrets", &keys.len())
+                .field("tolerance", tolerance)
                 .finish(),
         }
     }
@@ -76,6 +99,8 @@ pub enum AuthError {
     Malformed,
     #[error("the credentials do not match")]
     Mismatch,
+    #[error("the timestamp is outside the accepted window")]
+    Stale,
 }
 
 impl AuthError {
@@ -86,6 +111,7 @@ impl AuthError {
             AuthError::MissingHeader => "missing_header",
             AuthError::Malformed => "malformed",
             AuthError::Mismatch => "mismatch",
+            AuthError::Stale => "stale_timestamp",
         }
     }
 }
@@ -122,20 +148,54 @@ impl AuthScheme {
             prefix,
             encoding,
             keys,
+            timestamp: None,
         }
+    }
+
+    /// Requires a timestamp header within `tolerance` seconds; the signed
+    /// content becomes `<timestamp>.<body>`.
+    pub fn with_timestamp(mut self, name: HeaderName, tolerance: i64) -> Self {
+        if let AuthScheme::Hmac { timestamp, .. } = &mut self {
+            *timestamp = Some((name, tolerance));
+        }
+        self
+    }
+
+    /// A Standard Webhooks scheme. Secrets are `whsec_<base64>` (or plain
+    /// base64); `Err` names the index of a secret that does not decode.
+    pub fn standard_webhooks(env: &str, secrets: &[Secret], tolerance: i64) -> Result<Self, usize> {
+        use base64::Engine as _;
+        let mut keys = Vec::with_capacity(secrets.len());
+        for (i, s) in secrets.iter().enumerate() {
+            let text = s.expose();
+            let b64 = text.strip_prefix("whsec_").unwrap_or(text);
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|_| i)?;
+            keys.push(HmacSha256::new_from_slice(&raw).map_err(|_| i)?);
+        }
+        Ok(AuthScheme::StandardWebhooks {
+            env: env.to_string(),
+            keys,
+            tolerance,
+        })
     }
 
     /// The env var that holds this scheme's secrets.
     pub fn env(&self) -> &str {
         match self {
-            AuthScheme::Bearer { env, .. } | AuthScheme::Hmac { env, .. } => env,
+            AuthScheme::Bearer { env, .. }
+            | AuthScheme::Hmac { env, .. }
+            | AuthScheme::StandardWebhooks { env, .. } => env,
         }
     }
 
     pub fn is_configured(&self) -> bool {
         match self {
             AuthScheme::Bearer { digests, .. } => !digests.is_empty(),
-            AuthScheme::Hmac { keys, .. } => !keys.is_empty(),
+            AuthScheme::Hmac { keys, .. } | AuthScheme::StandardWebhooks { keys, .. } => {
+                !keys.is_empty()
+            }
         }
     }
 
@@ -143,11 +203,12 @@ impl AuthScheme {
         match self {
             AuthScheme::Bearer { .. } => "bearer",
             AuthScheme::Hmac { .. } => "hmac",
+            AuthScheme::StandardWebhooks { .. } => "standard_webhooks",
         }
     }
 
-    /// Checks one request against this scheme.
-    pub fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
+    /// Checks one request against this scheme; `now` is Unix seconds.
+    pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), AuthError> {
         if !self.is_configured() {
             return Err(AuthError::NotConfigured);
         }
@@ -161,16 +222,51 @@ impl AuthScheme {
                 prefix,
                 encoding,
                 keys,
+                timestamp,
                 ..
             } => {
-                let value = headers
-                    .get(header)
-                    .ok_or(AuthError::MissingHeader)?
-                    .to_str()
-                    .map_err(|_| AuthError::Malformed)?
-                    .trim();
+                let value = header_str(headers, header)?;
                 let sig = decode_signature(value, prefix, *encoding)?;
-                check_hmac(keys, body, &sig)
+                match timestamp {
+                    None => check_hmac(keys, &[body], &sig),
+                    Some((name, tolerance)) => {
+                        let ts = header_str(headers, name)?;
+                        check_time(ts, now, *tolerance)?;
+                        check_hmac(keys, &[ts.as_bytes(), b".", body], &sig)
+                    }
+                }
+            }
+            AuthScheme::StandardWebhooks {
+                keys, tolerance, ..
+            } => {
+                let id = header_str(headers, &HeaderName::from_static("webhook-id"))?;
+                let ts = header_str(headers, &HeaderName::from_static("webhook-timestamp"))?;
+                let sigs = header_str(headers, &HeaderName::from_static("webhook-signature"))?;
+                check_time(ts, now, *tolerance)?;
+                let mut candidates = Vec::new();
+                for part in sigs.split(' ').filter(|p| !p.is_empty()) {
+                    if let Some(b64) = part.strip_prefix("v1,") {
+                        use base64::Engine as _;
+                        if let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(b64) {
+                            if sig.len() == 32 {
+                                candidates.push(sig);
+                            }
+                        }
+                    }
+                }
+                if candidates.is_empty() {
+                    return Err(AuthError::Malformed);
+                }
+                let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts.as_bytes(), b".", body];
+                let mut ok = false;
+                for sig in &candidates {
+                    ok |= check_hmac(keys, &parts, sig).is_ok();
+                }
+                if ok {
+                    Ok(())
+                } else {
+                    Err(AuthError::Mismatch)
+                }
             }
         }
     }
@@ -183,10 +279,11 @@ pub fn verify_any(
     schemes: &[AuthScheme],
     headers: &HeaderMap,
     body: &[u8],
+    now: i64,
 ) -> Result<(), AuthError> {
     let mut worst = AuthError::NotConfigured;
     for scheme in schemes {
-        match scheme.verify(headers, body) {
+        match scheme.verify(headers, body, now) {
             Ok(()) => return Ok(()),
             Err(e) => worst = rank(worst, e),
         }
@@ -200,7 +297,8 @@ fn rank(a: AuthError, b: AuthError) -> AuthError {
             AuthError::NotConfigured => 0,
             AuthError::MissingHeader => 1,
             AuthError::Malformed => 2,
-            AuthError::Mismatch => 3,
+            AuthError::Stale => 3,
+            AuthError::Mismatch => 4,
         }
     }
     if weight(b) > weight(a) {
@@ -271,11 +369,33 @@ fn decode_signature(
     Ok(sig)
 }
 
-fn check_hmac(keys: &[HmacSha256], body: &[u8], sig: &[u8]) -> Result<(), AuthError> {
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<&'a str, AuthError> {
+    Ok(headers
+        .get(name)
+        .ok_or(AuthError::MissingHeader)?
+        .to_str()
+        .map_err(|_| AuthError::Malformed)?
+        .trim())
+}
+
+/// A Unix-seconds timestamp within `tolerance` of `now`, past or future.
+fn check_time(ts: &str, now: i64, tolerance: i64) -> Result<(), AuthError> {
+    let t: i64 = ts.parse().map_err(|_| AuthError::Malformed)?;
+    if now.abs_diff(t) > tolerance.unsigned_abs() {
+        return Err(AuthError::Stale);
+    }
+    Ok(())
+}
+
+/// Checks a signature over the concatenated parts against every key
+/// (every key is tried, so timing does not tell which matched).
+fn check_hmac(keys: &[HmacSha256], parts: &[&[u8]], sig: &[u8]) -> Result<(), AuthError> {
     let mut ok = false;
     for key in keys {
         let mut mac = key.clone();
-        mac.update(body);
+        for p in parts {
+            mac.update(p);
+        }
         ok |= mac.verify_slice(sig).is_ok();
     }
     if ok {
@@ -393,7 +513,7 @@ mod tests {
         ];
         for (name, hs, want) in cases {
             let hs: Vec<(&str, &[u8])> = hs.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-            let got = scheme.verify(&headers(&hs), body);
+            let got = scheme.verify(&headers(&hs), body, 0);
             assert_eq!(got, want, "case {name}");
         }
     }
@@ -403,8 +523,8 @@ mod tests {
         let scheme = hmac_scheme(&["s3cret"], SigEncoding::Hex);
         let sig = format!("sha256={}", sign_hex(b"s3cret", b"{\"a\":1}"));
         let h = headers(&[("x-signature", sig.as_bytes())]);
-        assert_eq!(scheme.verify(&h, b"{\"a\":2}"), Err(AuthError::Mismatch));
-        assert_eq!(scheme.verify(&h, b"{\"a\":1}"), Ok(()));
+        assert_eq!(scheme.verify(&h, b"{\"a\":2}", 0), Err(AuthError::Mismatch));
+        assert_eq!(scheme.verify(&h, b"{\"a\":1}", 0), Ok(()));
     }
 
     #[test]
@@ -413,7 +533,7 @@ mod tests {
         for secret in ["old", "new"] {
             let sig = format!("sha256={}", sign_hex(secret.as_bytes(), b"x"));
             assert_eq!(
-                scheme.verify(&headers(&[("x-signature", sig.as_bytes())]), b"x"),
+                scheme.verify(&headers(&[("x-signature", sig.as_bytes())]), b"x", 0),
                 Ok(())
             );
         }
@@ -427,11 +547,11 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
         let sig = format!("sha256={b64}");
         assert_eq!(
-            scheme.verify(&headers(&[("x-signature", sig.as_bytes())]), b"body"),
+            scheme.verify(&headers(&[("x-signature", sig.as_bytes())]), b"body", 0),
             Ok(())
         );
         let bad = headers(&[("x-signature", b"sha256=!!!notbase64")]);
-        assert_eq!(scheme.verify(&bad, b"body"), Err(AuthError::Malformed));
+        assert_eq!(scheme.verify(&bad, b"body", 0), Err(AuthError::Malformed));
     }
 
     #[test]
@@ -448,11 +568,11 @@ mod tests {
             (b"tok-a", Err(AuthError::Malformed)),
         ];
         for (value, want) in cases {
-            let got = scheme.verify(&headers(&[("authorization", value)]), b"");
+            let got = scheme.verify(&headers(&[("authorization", value)]), b"", 0);
             assert_eq!(got, *want, "header {:?}", String::from_utf8_lossy(value));
         }
         assert_eq!(
-            scheme.verify(&HeaderMap::new(), b""),
+            scheme.verify(&HeaderMap::new(), b"", 0),
             Err(AuthError::MissingHeader)
         );
     }
@@ -461,12 +581,115 @@ mod tests {
     fn an_unset_secret_fails_closed() {
         let bearer = AuthScheme::bearer("ROCKET_T", &[]);
         let h = headers(&[("authorization", b"Bearer anything")]);
-        assert_eq!(bearer.verify(&h, b""), Err(AuthError::NotConfigured));
+        assert_eq!(bearer.verify(&h, b"", 0), Err(AuthError::NotConfigured));
         let hmac = hmac_scheme(&[], SigEncoding::Hex);
-        assert_eq!(hmac.verify(&h, b""), Err(AuthError::NotConfigured));
+        assert_eq!(hmac.verify(&h, b"", 0), Err(AuthError::NotConfigured));
         assert_eq!(
-            verify_any(&[bearer, hmac], &h, b""),
+            verify_any(&[bearer, hmac], &h, b"", 0),
             Err(AuthError::NotConfigured)
+        );
+    }
+
+    fn b64(bytes: &[u8]) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn standard_webhooks_signatures_verify_within_the_tolerance() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let secret = Secret::new(format!("whsec_{}", b64(key)));
+        let scheme = AuthScheme::standard_webhooks("ROCKET_SW", &[secret], 300).unwrap();
+        let body = br#"{"type":"course.completed"}"#;
+        let sign = |id: &str, ts: i64| {
+            let content = format!("{id}.{ts}.{}", std::str::from_utf8(body).unwrap());
+            b64(&hex::decode(sign_hex(key, content.as_bytes())).unwrap())
+        };
+        let now = 1_700_000_000;
+        let ok_sig = format!("v1,{}", sign("msg_1", now - 100));
+        let h = |id: &str, ts: i64, sig: &str| {
+            headers(&[
+                ("webhook-id", id.as_bytes()),
+                ("webhook-timestamp", ts.to_string().as_bytes()),
+                ("webhook-signature", sig.as_bytes()),
+            ])
+        };
+        assert_eq!(
+            scheme.verify(&h("msg_1", now - 100, &ok_sig), body, now),
+            Ok(())
+        );
+        // Several signatures: any one that matches.
+        let several = format!("v1,{} {ok_sig}", b64(&[0u8; 32]));
+        assert_eq!(
+            scheme.verify(&h("msg_1", now - 100, &several), body, now),
+            Ok(())
+        );
+        // Replayed outside the window, past or future.
+        let old = format!("v1,{}", sign("msg_1", now - 301));
+        assert_eq!(
+            scheme.verify(&h("msg_1", now - 301, &old), body, now),
+            Err(AuthError::Stale)
+        );
+        let future = format!("v1,{}", sign("msg_1", now + 301));
+        assert_eq!(
+            scheme.verify(&h("msg_1", now + 301, &future), body, now),
+            Err(AuthError::Stale)
+        );
+        // The id and timestamp are signed.
+        assert_eq!(
+            scheme.verify(&h("msg_2", now - 100, &ok_sig), body, now),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            scheme.verify(&h("msg_1", now - 99, &ok_sig), body, now),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            scheme.verify(&h("msg_1", now, "v2,abc"), body, now),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            scheme.verify(&h("msg_1", now, &ok_sig), b"{}", now),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            scheme.verify(&headers(&[]), body, now),
+            Err(AuthError::MissingHeader)
+        );
+        let bad_ts = headers(&[
+            ("webhook-id", b"m"),
+            ("webhook-timestamp", b"soon"),
+            ("webhook-signature", ok_sig.as_bytes()),
+        ]);
+        assert_eq!(scheme.verify(&bad_ts, body, now), Err(AuthError::Malformed));
+        assert!(AuthScheme::standard_webhooks("X", &[Secret::new("whsec_!!")], 300).is_err());
+    }
+
+    #[test]
+    fn an_hmac_timestamp_is_signed_and_checked() {
+        let scheme = hmac_scheme(&["k"], SigEncoding::Hex)
+            .with_timestamp(HeaderName::from_static("x-timestamp"), 300);
+        let now = 1_700_000_000i64;
+        let sig = |ts: i64| format!("sha256={}", sign_hex(b"k", format!("{ts}.body").as_bytes()));
+        let h = |ts: i64, s: &str| {
+            headers(&[
+                ("x-timestamp", ts.to_string().as_bytes()),
+                ("x-signature", s.as_bytes()),
+            ])
+        };
+        assert_eq!(scheme.verify(&h(now, &sig(now)), b"body", now), Ok(()));
+        assert_eq!(
+            scheme.verify(&h(now - 1000, &sig(now - 1000)), b"body", now),
+            Err(AuthError::Stale)
+        );
+        assert_eq!(
+            scheme.verify(&h(now + 1, &sig(now)), b"body", now),
+            Err(AuthError::Mismatch)
+        );
+        let no_ts = headers(&[("x-signature", sig(now).as_bytes())]);
+        assert_eq!(
+            scheme.verify(&no_ts, b"body", now),
+            Err(AuthError::MissingHeader)
         );
     }
 

@@ -4,5 +4,7 @@
 mod analytics;
 mod config;
 mod helpers;
+mod hostile;
 mod ingest;
+mod logs;
 mod surface;

@@ -1,0 +1,428 @@
+//! Rate limits, IP allowlists and the client's address.
+//!
+//! Limits are GCRA buckets from `governor`, checked before the body is read
+//! (all hooks, per source, per client IP) and, where a source says so, per
+//! canonical event type after mapping. Per-IP buckets live in a bounded
+//! `moka` cache with a time-to-idle, so a flood from a million addresses
+//! costs a bounded amount of memory (an evicted address starts afresh, and
+//! the global and per-source buckets still hold).
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use ipnet::IpNet;
+use poem::http::HeaderMap;
+use serde::Deserialize;
+
+/// A rate: sustained requests per minute and the burst allowed above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSpec {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl RateSpec {
+    pub const fn new(per_minute: u32, burst: u32) -> Self {
+        Self { per_minute, burst }
+    }
+
+    /// Parses `PER_MINUTE` or `PER_MINUTE:BURST` (burst defaults to the rate).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (rate, burst) = match s.trim().split_once(':') {
+            Some((r, b)) => (r, Some(b)),
+            None => (s.trim(), None),
+        };
+        let per_minute: u32 = rate
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: expected PER_MINUTE[:BURST]"))?;
+        let burst: u32 = match burst {
+            Some(b) => b
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?}: expected PER_MINUTE[:BURST]"))?,
+            None => per_minute,
+        };
+        let spec = Self { per_minute, burst };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.per_minute == 0 || self.burst == 0 {
+            return Err("per_minute and burst must be at least 1".into());
+        }
+        if self.per_minute > 60_000_000 {
+            return Err("per_minute may be at most 60000000".into());
+        }
+        Ok(())
+    }
+
+    fn quota(&self) -> Quota {
+        let rate = NonZeroU32::new(self.per_minute).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(self.burst).unwrap_or(NonZeroU32::MIN);
+        Quota::per_minute(rate).allow_burst(burst)
+    }
+}
+
+/// The seed's defaults.
+pub const DEFAULT_GLOBAL: RateSpec = RateSpec::new(1000, 2000);
+pub const DEFAULT_SOURCE: RateSpec = RateSpec::new(500, 1000);
+pub const DEFAULT_IP: RateSpec = RateSpec::new(100, 200);
+
+/// Which bucket decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Global,
+    Source,
+    Ip,
+    EventType,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Global, Scope::Source, Scope::Ip, Scope::EventType];
+    pub fn label(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Source => "source",
+            Scope::Ip => "ip",
+            Scope::EventType => "event_type",
+        }
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// One GCRA bucket.
+#[derive(Debug)]
+pub struct Bucket {
+    limiter: Limiter,
+    spec: RateSpec,
+}
+
+/// A bucket's state after a request passed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Standing {
+    pub scope: Scope,
+    /// The sustained limit per minute.
+    pub limit: u32,
+    pub remaining: u32,
+    pub burst: u32,
+    /// Unix seconds when the bucket is full again.
+    pub reset: u64,
+}
+
+impl Standing {
+    /// How much of the burst is in use, 0 to 1.
+    pub fn utilization(&self) -> f64 {
+        1.0 - f64::from(self.remaining) / f64::from(self.burst.max(1))
+    }
+}
+
+/// A request refused by a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub scope: Scope,
+    pub limit: u32,
+    pub burst: u32,
+    /// Whole seconds until a request may pass (at least 1).
+    pub retry_after: u64,
+    pub reset: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl Bucket {
+    pub fn new(spec: RateSpec) -> Self {
+        Self {
+            limiter: RateLimiter::direct(spec.quota())
+                .with_middleware::<StateInformationMiddleware>(),
+            spec,
+        }
+    }
+
+    pub fn spec(&self) -> RateSpec {
+        self.spec
+    }
+
+    /// Takes one request's cell, or says when to come back.
+    pub fn check(&self, scope: Scope) -> Result<Standing, Refusal> {
+        let per_cell = self.spec.quota().replenish_interval();
+        match self.limiter.check() {
+            Ok(snap) => {
+                let remaining = snap.remaining_burst_capacity();
+                let missing = self.spec.burst.saturating_sub(remaining);
+                Ok(Standing {
+                    scope,
+                    limit: self.spec.per_minute,
+                    remaining,
+                    burst: self.spec.burst,
+                    reset: unix_now() + ceil_secs(per_cell * missing),
+                })
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let retry_after = ceil_secs(wait).max(1);
+                Err(Refusal {
+                    scope,
+                    limit: self.spec.per_minute,
+                    burst: self.spec.burst,
+                    retry_after,
+                    reset: unix_now() + ceil_secs(per_cell * self.spec.burst),
+                })
+            }
+        }
+    }
+}
+
+/// Most client addresses whose buckets are kept at once.
+pub const MAX_TRACKED_IPS: u64 = 100_000;
+
+/// The server-wide buckets: all hooks, and one per client address.
+pub struct ServerLimits {
+    pub global: Bucket,
+    ip_spec: RateSpec,
+    ips: moka::sync::Cache<IpAddr, Arc<Bucket>>,
+}
+
+impl ServerLimits {
+    pub fn new(global: RateSpec, per_ip: RateSpec) -> Self {
+        // An idle address's bucket is full again after burst/rate minutes;
+        // forgetting it then loses nothing.
+        let refill = Duration::from_secs_f64(
+            60.0 * f64::from(per_ip.burst) / f64::from(per_ip.per_minute.max(1)),
+        );
+        Self {
+            global: Bucket::new(global),
+            ip_spec: per_ip,
+            ips: moka::sync::Cache::builder()
+                .max_capacity(MAX_TRACKED_IPS)
+                .time_to_idle(refill.max(Duration::from_secs(1)))
+                .build(),
+        }
+    }
+
+    pub fn ip_bucket(&self, ip: IpAddr) -> Arc<Bucket> {
+        self.ips
+            .get_with(ip, || Arc::new(Bucket::new(self.ip_spec)))
+    }
+
+    /// Addresses tracked now (approximate), for tests and metrics.
+    pub fn tracked_ips(&self) -> u64 {
+        self.ips.run_pending_tasks();
+        self.ips.entry_count()
+    }
+}
+
+/// Checks buckets in order and returns the tightest standing (fewest
+/// remaining), or the first refusal.
+pub fn check_all<'a>(
+    buckets: impl IntoIterator<Item = (Scope, &'a Bucket)>,
+) -> Result<Option<Standing>, Refusal> {
+    let mut tightest: Option<Standing> = None;
+    for (scope, bucket) in buckets {
+        let s = bucket.check(scope)?;
+        if tightest.is_none_or(|t| s.remaining < t.remaining) {
+            tightest = Some(s);
+        }
+    }
+    Ok(tightest)
+}
+
+/// Proxy headers a source may take the client address from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyHeader {
+    XForwardedFor,
+    Forwarded,
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy, in
+/// which case the nearest address in the proxy header that is not itself a
+/// trusted proxy (the header's entries right to left).
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[IpNet],
+    accept: &[ProxyHeader],
+) -> IpAddr {
+    if trusted.is_empty() || !trusted.iter().any(|n| n.contains(&peer)) {
+        return peer;
+    }
+    for h in accept {
+        let chain: Vec<IpAddr> = match h {
+            ProxyHeader::XForwardedFor => headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(parse_addr)
+                .collect(),
+            ProxyHeader::Forwarded => headers
+                .get_all("forwarded")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|elem| {
+                    elem.split(';').find_map(|pair| {
+                        let (k, v) = pair.trim().split_once('=')?;
+                        k.trim()
+                            .eq_ignore_ascii_case("for")
+                            .then(|| parse_addr(v))
+                            .flatten()
+                    })
+                })
+                .collect(),
+        };
+        if chain.is_empty() {
+            continue;
+        }
+        let nearest_untrusted = chain
+            .iter()
+            .rev()
+            .find(|ip| !trusted.iter().any(|n| n.contains(*ip)));
+        return *nearest_untrusted.unwrap_or(&chain[0]);
+    }
+    peer
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:80`, optionally quoted.
+fn parse_addr(s: &str) -> Option<IpAddr> {
+    let s = s.trim().trim_matches('"');
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    s.rsplit_once(':').and_then(|(host, _)| host.parse().ok())
+}
+
+/// Whether an address is allowed by a list (an empty list allows all).
+pub fn allowed(ip: IpAddr, allow: &[IpNet]) -> bool {
+    allow.is_empty() || allow.iter().any(|n| n.contains(&ip)) || {
+        // An IPv4 client seen as an IPv4-mapped IPv6 address.
+        match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .is_some_and(|v4| allow.iter().any(|n| n.contains(&IpAddr::V4(v4)))),
+            IpAddr::V4(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(RateSpec::parse("100:200"), Ok(RateSpec::new(100, 200)));
+        assert_eq!(RateSpec::parse("60"), Ok(RateSpec::new(60, 60)));
+        assert!(RateSpec::parse("0:1").is_err());
+        assert!(RateSpec::parse("x").is_err());
+    }
+
+    #[test]
+    fn a_bucket_passes_its_burst_then_refuses_with_a_retry_time() {
+        let b = Bucket::new(RateSpec::new(60, 5));
+        for i in 0..5 {
+            let s = b.check(Scope::Ip).unwrap();
+            assert_eq!(s.remaining, 4 - i);
+        }
+        let r = b.check(Scope::Ip).unwrap_err();
+        assert_eq!(r.scope, Scope::Ip);
+        assert!((1..=1).contains(&r.retry_after), "{r:?}");
+    }
+
+    #[test]
+    fn the_tightest_standing_is_reported() {
+        let wide = Bucket::new(RateSpec::new(1000, 1000));
+        let narrow = Bucket::new(RateSpec::new(10, 3));
+        let s = check_all([(Scope::Global, &wide), (Scope::Ip, &narrow)])
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.scope, s.remaining, s.limit), (Scope::Ip, 2, 10));
+    }
+
+    #[test]
+    fn proxy_headers_count_only_from_trusted_peers() {
+        let trusted = nets(&["127.0.0.1/32", "10.0.0.0/8"]);
+        let both = [ProxyHeader::XForwardedFor, ProxyHeader::Forwarded];
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "203.0.113.9".parse().unwrap();
+        let h = hdrs(&[("x-forwarded-for", "198.51.100.7, 10.1.1.1")]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted, &both),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(stranger, &h, &trusted, &both), stranger);
+        assert_eq!(client_ip(peer, &h, &[], &both), peer);
+        let f = hdrs(&[(
+            "forwarded",
+            "for=\"[2001:db8::7]:4711\";proto=https, for=10.0.0.2",
+        )]);
+        assert_eq!(
+            client_ip(peer, &f, &trusted, &both),
+            "2001:db8::7".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(peer, &f, &trusted, &[ProxyHeader::XForwardedFor]),
+            peer
+        );
+        let junk = hdrs(&[("x-forwarded-for", "not-an-ip")]);
+        assert_eq!(client_ip(peer, &junk, &trusted, &both), peer);
+    }
+
+    #[test]
+    fn allowlists_take_v4_and_v6() {
+        let allow = nets(&["192.0.2.0/24", "2001:db8::/32"]);
+        assert!(allowed("192.0.2.9".parse().unwrap(), &allow));
+        assert!(allowed("2001:db8::1".parse().unwrap(), &allow));
+        assert!(allowed("::ffff:192.0.2.9".parse().unwrap(), &allow));
+        assert!(!allowed("127.0.0.1".parse().unwrap(), &allow));
+        assert!(allowed("127.0.0.1".parse().unwrap(), &[]));
+    }
+
+    #[test]
+    fn per_ip_state_is_bounded() {
+        let limits = ServerLimits::new(DEFAULT_GLOBAL, DEFAULT_IP);
+        for i in 0..(MAX_TRACKED_IPS as u32 + 20_000) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            let _ = limits.ip_bucket(ip).check(Scope::Ip);
+        }
+        assert!(
+            limits.tracked_ips() <= MAX_TRACKED_IPS,
+            "{}",
+            limits.tracked_ips()
+        );
+    }
+}

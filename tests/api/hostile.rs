@@ -1,0 +1,438 @@
+//! Rate limits, allowlists, replay protection, TLS and hostile input.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use rocket_rewards::pipeline::limits::RateSpec;
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn append_to_source(dir: &std::path::Path, source: &str, yaml: &str) {
+    let p = dir.join(format!("sources.d/{source}.yaml"));
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, format!("{text}\n{yaml}\n")).unwrap();
+}
+
+#[tokio::test]
+async fn with_seed_defaults_one_ip_is_limited_after_about_200_quick_requests() {
+    let app = spawn_app().await;
+    let payload = moodle_completion(1, 1);
+    let mut statuses = Vec::new();
+    let mut first_429 = None;
+    for i in 0..260 {
+        let r = app.bearer("moodle", MOODLE_TOKEN, &payload).await;
+        assert!(
+            r.headers.contains_key("x-ratelimit-limit"),
+            "every hook response has the headers"
+        );
+        assert!(r.headers.contains_key("x-ratelimit-remaining"));
+        assert!(r.headers.contains_key("x-ratelimit-reset"));
+        if r.status == 429 && first_429.is_none() {
+            first_429 = Some((i, r));
+        } else {
+            statuses.push(r.status);
+        }
+    }
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    assert!((200..=210).contains(&passed), "{passed} passed");
+    let (at, r) = first_429.expect("some requests were limited");
+    assert!((200..=210).contains(&at), "first 429 at {at}");
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "ip");
+    assert_eq!(r.headers["x-ratelimit-limit"], "100");
+    assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let reset: u64 = r.headers["x-ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(reset > chrono::Utc::now().timestamp() as u64);
+}
+
+#[tokio::test]
+async fn the_tightest_scope_is_reported_and_each_scope_limits() {
+    let app = spawn_custom(
+        |dir| {
+            append_to_source(dir, "custom", "rate_limit: { per_minute: 1, burst: 3 }");
+            append_to_source(
+                dir,
+                "moodle",
+                "event_type_rate_limits:\n  course.completed: { per_minute: 1, burst: 1 }",
+            );
+        },
+        |s| s.rate_global = RateSpec::new(1, 6),
+    )
+    .await;
+    let ev = |i: i32| json!({"event_id": format!("e{i}"), "event_type": "lesson.completed", "user_id": "u"});
+    for i in 0..3 {
+        let r = app.bearer("custom", CUSTOM_TOKEN, &ev(i)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.headers["x-ratelimit-limit"], "1",
+            "the source bucket is the tightest"
+        );
+        assert_eq!(
+            r.headers["x-ratelimit-remaining"],
+            (2 - i).to_string().as_str()
+        );
+    }
+    let r = app.bearer("custom", CUSTOM_TOKEN, &ev(3)).await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "source");
+    // Per event type: a second course completion is limited, a lesson is not.
+    assert_eq!(
+        app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 1))
+            .await
+            .status,
+        200
+    );
+    let r = app
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(2, 1))
+        .await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "event_type");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(
+        app.user_points("moodle", "1").await,
+        50,
+        "the limited event was not stored"
+    );
+    let lesson = json!({"id": 3, "eventname": "\\core\\event\\course_module_completion_updated", "userid": 1});
+    assert_eq!(
+        app.bearer("moodle", MOODLE_TOKEN, &lesson).await.status,
+        200
+    );
+    // All hooks together: six requests have taken a cell of the global bucket
+    // (3 custom, 2 moodle completions, 1 lesson); the source-refused one did not.
+    let r = app
+        .bearer("openlms", OPENLMS_TOKEN, &moodle_completion(9, 9))
+        .await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "global");
+    let m = app.send(app.client.get(app.url("/metrics"))).await;
+    for scope in ["source", "event_type", "global"] {
+        assert!(
+            m.text
+                .contains(&format!("rocket_rate_limited_total{{scope=\"{scope}\"}} 1")),
+            "{scope}: {}",
+            m.text
+        );
+    }
+}
+
+#[tokio::test]
+async fn rate_limits_can_be_turned_off() {
+    let app = spawn_custom(
+        |dir| append_to_source(dir, "custom", "rate_limit: { per_minute: 1, burst: 1 }"),
+        |s| s.rate_limits = false,
+    )
+    .await;
+    for i in 0..5 {
+        let r = app
+            .bearer(
+                "custom",
+                CUSTOM_TOKEN,
+                &json!({"event_id": format!("{i}"), "event_type": "x", "user_id": "u"}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(!r.headers.contains_key("x-ratelimit-limit"));
+    }
+}
+
+#[tokio::test]
+async fn an_allowlisted_source_refuses_others_and_trusts_only_configured_proxies() {
+    let allow = |dir: &std::path::Path| {
+        append_to_source(dir, "moodle", "allow_ips: [10.0.0.0/8, \"2001:db8::/32\"]")
+    };
+    let direct = spawn_with(allow).await;
+    let r = direct
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 1))
+        .await;
+    assert_error(&r, 403, "IP_NOT_ALLOWED");
+    // Without trusted proxies, a forwarded header is ignored.
+    let auth = format!("Bearer {MOODLE_TOKEN}");
+    let body = serde_json::to_vec(&moodle_completion(1, 1)).unwrap();
+    let spoofed = direct
+        .hook(
+            "moodle",
+            body.clone(),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+                ("x-forwarded-for", "10.1.2.3"),
+            ],
+        )
+        .await;
+    assert_error(&spoofed, 403, "IP_NOT_ALLOWED");
+
+    let proxied = spawn_custom(allow, |s| {
+        s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        s.rate_ip = RateSpec::new(1, 2);
+    })
+    .await;
+    let via = |xff: &'static str| {
+        let (auth, body) = (auth.clone(), body.clone());
+        let proxied = &proxied;
+        async move {
+            proxied
+                .hook(
+                    "moodle",
+                    body,
+                    &[
+                        ("authorization", &auth),
+                        ("content-type", "application/json"),
+                        ("x-forwarded-for", xff),
+                    ],
+                )
+                .await
+        }
+    };
+    assert_eq!(via("10.1.2.3").await.status, 200);
+    let v6 = proxied
+        .hook(
+            "moodle",
+            body.clone(),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+                ("forwarded", "for=\"[2001:db8::5]:443\""),
+            ],
+        )
+        .await;
+    assert_eq!(v6.status, 200, "{}", v6.text);
+    assert_error(&via("192.0.2.1").await, 403, "IP_NOT_ALLOWED");
+    // Per-IP limits use the same client address: 10.1.2.3 has one request left, 10.9.9.9 has its own.
+    assert_eq!(via("10.1.2.3").await.status, 200);
+    assert_error(&via("10.1.2.3").await, 429, "RATE_LIMITED");
+    assert_eq!(via("10.9.9.9").await.status, 200);
+}
+
+#[tokio::test]
+async fn standard_webhooks_signatures_are_accepted_and_replays_refused() {
+    use base64::Engine as _;
+    let key = b"standard-webhooks-test-key-32byt";
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let app = spawn_custom(
+        |dir| {
+            let text = std::fs::read_to_string(dir.join("sources.d/custom.yaml")).unwrap();
+            let text = text.replace(
+                "auth:\n  type: bearer\n  secret_env: ROCKET_CUSTOM_TOKEN",
+                "auth:\n  type: standard_webhooks\n  secret_env: ROCKET_SW_SECRET\n  tolerance_seconds: 300",
+            );
+            std::fs::write(dir.join("sources.d/sw.yaml"), text).unwrap();
+        },
+        |s| s.secrets.set("ROCKET_SW_SECRET", secret.clone()),
+    )
+    .await;
+    let body = br#"{"event_id":"sw-1","event_type":"course.completed","user_id":"u-sw"}"#;
+    let post = |id: &str, ts: i64| {
+        let content = [id.as_bytes(), b".", ts.to_string().as_bytes(), b".", body].concat();
+        let sig = hex::decode(rocket_rewards::pipeline::verify::sign_hex(key, &content)).unwrap();
+        let sig = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(sig)
+        );
+        app.send(
+            app.client
+                .post(app.url("/api/public/hook/sw/event"))
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", sig)
+                .header("content-type", "application/json")
+                .body(body.to_vec()),
+        )
+    };
+    let now = chrono::Utc::now().timestamp();
+    let r = post("msg_1", now).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["points_awarded"], 50);
+    let replay = post("msg_1", now - 3600).await;
+    assert_error(&replay, 401, "AUTHENTICATION_FAILED");
+    let future = post("msg_1", now + 3600).await;
+    assert_error(&future, 401, "AUTHENTICATION_FAILED");
+}
+
+#[tokio::test]
+async fn tls_serves_https_with_hsts() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let app = spawn_custom(
+        |_| {},
+        |s| {
+            s.tls = Some(rocket_rewards::settings::TlsFiles {
+                cert: cert_path.clone(),
+                key: key_path.clone(),
+            })
+        },
+    )
+    .await;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", app.server.addr)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/health/live", app.server.addr.port());
+    let r = client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["strict-transport-security"],
+        "max-age=31536000; includeSubDomains"
+    );
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    assert!(app
+        .client
+        .get(app.url("/health/live"))
+        .send()
+        .await
+        .is_err());
+}
+
+/// Writes raw bytes to the server and reads what it answers until it closes.
+fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = s.write_all(bytes);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn hostile_bodies_get_a_4xx_in_the_error_body() {
+    let app = spawn_custom(|_| {}, |s| s.body_timeout = Duration::from_secs(1)).await;
+    let auth = format!("Bearer {MOODLE_TOKEN}");
+    let h = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "duplicate keys",
+            br#"{"id":1,"eventname":"x","userid":1,"userid":2}"#.to_vec(),
+            "INVALID_PAYLOAD",
+        ),
+        (
+            "raw NUL byte",
+            b"{\"id\":1,\"eventname\":\"x\0\",\"userid\":1}".to_vec(),
+            "INVALID_PAYLOAD",
+        ),
+        (
+            "escaped NUL in an id",
+            br#"{"id":1,"eventname":"x","userid":"a\u0000b"}"#.to_vec(),
+            "VALIDATION_ERROR",
+        ),
+        (
+            "huge number",
+            b"{\"id\":1e400,\"eventname\":\"x\",\"userid\":1}".to_vec(),
+            "INVALID_PAYLOAD",
+        ),
+        (
+            "huge integer id",
+            b"{\"id\":123456789012345678901234567890,\"eventname\":\"x\",\"userid\":1}".to_vec(),
+            "VALIDATION_ERROR",
+        ),
+        (
+            "deep nesting",
+            format!("{{\"a\":{}}}", "[".repeat(100_000)).into_bytes(),
+            "INVALID_PAYLOAD",
+        ),
+        ("zero bytes", Vec::new(), "INVALID_PAYLOAD"),
+        (
+            "invalid UTF-8",
+            b"{\"id\":\"\xff\xfe\"}".to_vec(),
+            "INVALID_PAYLOAD",
+        ),
+    ];
+    for (name, body, code) in cases {
+        let r = app.hook("moodle", body, &h).await;
+        assert_eq!(r.body["error"], code, "{name}: {}", r.text);
+        assert_error(&r, 400, code);
+    }
+    // A body shorter than its declared length: the read times out with a 408.
+    let addr = app.server.addr;
+    let lying = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            addr,
+            format!(
+                "POST /api/public/hook/moodle/event HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MOODLE_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"id\":1}}"
+            )
+            .as_bytes(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(lying.starts_with("HTTP/1.1 408"), "{lying}");
+    assert!(lying.contains("REQUEST_TIMEOUT"), "{lying}");
+}
+
+#[tokio::test]
+async fn slow_or_oversized_headers_close_the_connection() {
+    let app = spawn_custom(
+        |_| {},
+        |s| {
+            s.conn.header_timeout = Duration::from_secs(1);
+            s.conn.max_header_bytes = 8 * 1024;
+        },
+    )
+    .await;
+    let addr = app.server.addr;
+    // Headers that never finish: the connection is closed without an answer.
+    let slow = tokio::task::spawn_blocking(move || {
+        raw_exchange(addr, b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    })
+    .await
+    .unwrap();
+    assert!(!slow.contains("200 OK"), "{slow}");
+    // A head over the limit is refused.
+    let big = format!(
+        "GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let refused = tokio::task::spawn_blocking(move || raw_exchange(addr, big.as_bytes()))
+        .await
+        .unwrap();
+    assert!(!refused.contains("200 OK"), "{refused}");
+    // An ordinary request on the same server still works.
+    let ok = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_wait_until_one_closes() {
+    let app = spawn_custom(|_| {}, |s| s.conn.max_connections = 2).await;
+    let addr = app.server.addr;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    assert!(
+        client.get(app.url("/health/live")).send().await.is_err(),
+        "a third connection is not served"
+    );
+    drop(held);
+    let r = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(r.status, 200);
+}
