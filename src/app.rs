@@ -81,6 +81,7 @@ impl AppState {
         };
         let metrics = Metrics::new();
         metrics.sources_loaded.set(config.sources.len() as i64);
+        metrics.init_series(&config);
         metrics
             .config_loads
             .with_label_values(&["startup", "success"])
@@ -140,6 +141,7 @@ impl AppState {
                 }
                 self.config.store(c.clone());
                 self.metrics.sources_loaded.set(c.sources.len() as i64);
+                self.metrics.init_series(&c);
                 self.metrics
                     .config_loads
                     .with_label_values(&[kind, "success"])

@@ -157,6 +157,41 @@ impl Metrics {
         }
     }
 
+    /// Creates the known series at zero, so that `rate()` and `increase()`
+    /// see the first event of each (a counter born at 1 is invisible to them).
+    pub fn init_series(&self, config: &crate::config::Config) {
+        const STATUSES: [&str; 11] = [
+            "200", "400", "401", "403", "404", "408", "413", "415", "429", "500", "503",
+        ];
+        const REASONS: [&str; 5] = [
+            "not_configured",
+            "missing_header",
+            "malformed",
+            "mismatch",
+            "stale_timestamp",
+        ];
+        for name in config.source_names() {
+            for status in STATUSES {
+                self.requests.with_label_values(&[name, status]);
+            }
+            for reason in REASONS {
+                self.auth_failures.with_label_values(&[name, reason]);
+            }
+            self.points.with_label_values(&[name]);
+            self.duplicates.with_label_values(&[name]);
+            self.ip_refusals.with_label_values(&[name]);
+        }
+        for status in STATUSES {
+            self.requests.with_label_values(&["unknown", status]);
+        }
+        for scope in crate::pipeline::limits::Scope::ALL {
+            self.rate_limited.with_label_values(&[scope.label()]);
+        }
+        for rule in config.rules.keys() {
+            self.rule_errors.with_label_values(&[rule]);
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

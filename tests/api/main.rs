@@ -7,4 +7,5 @@ mod helpers;
 mod hostile;
 mod ingest;
 mod logs;
+mod observability;
 mod surface;
