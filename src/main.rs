@@ -45,6 +45,34 @@ enum Cmd {
     },
     /// Print a new random secret: 32 bytes as hex.
     Token,
+    /// Sign a payload file with a source's scheme (secret from the env) and
+    /// post it, retrying with exponential backoff that honours Retry-After.
+    Send(SendArgs),
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// The source to post to.
+    #[arg(long)]
+    source: String,
+    /// The payload file, sent byte for byte.
+    #[arg(long)]
+    file: PathBuf,
+    /// The server's base URL.
+    #[arg(long, env = "ROCKET_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The folder holding sources.d/ and rules/ (to find the source's auth).
+    #[arg(long, env = "ROCKET_CONFIG_DIR", default_value = ".")]
+    config_dir: PathBuf,
+    /// Content type; default the source's first.
+    #[arg(long)]
+    content_type: Option<String>,
+    /// Which of the source's auth schemes to sign with (1-based).
+    #[arg(long, default_value_t = 1)]
+    auth_scheme: usize,
+    /// Retries after a 429, a 5xx or a connection error.
+    #[arg(long, default_value_t = 5)]
+    max_retries: u32,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +159,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Check { config_dir } => check(&config_dir),
+        Cmd::Send(args) => match tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(send(args)))
+        {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Serve(args) => match serve(args) {
             Ok(code) => code,
             Err(e) => {
@@ -142,23 +180,158 @@ fn main() -> ExitCode {
 }
 
 fn check(dir: &std::path::Path) -> ExitCode {
-    match rocket_rewards::config::load(dir, &SecretEnv::from_process(), DEFAULT_SOURCE) {
-        Ok(config) => {
-            for w in &config.warnings {
-                println!("warning: {w}");
-            }
-            println!(
-                "ok: {} sources ({}), {} rules",
-                config.sources.len(),
-                config.source_names().join(", "),
-                config.rules.len()
-            );
-            ExitCode::SUCCESS
-        }
+    use rocket_rewards::config::{self, selftest};
+    let config = match config::load(dir, &SecretEnv::from_process(), DEFAULT_SOURCE) {
+        Ok(c) => c,
         Err(errors) => {
             eprint!("{errors}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    for w in &config.warnings {
+        println!("warning: {w}");
+    }
+    println!(
+        "config ok: {} sources ({}), {} rules",
+        config.sources.len(),
+        config.source_names().join(", "),
+        config.rules.len()
+    );
+    // Run the embedded cases with a test secret in every env var.
+    let with_test_secret = match config::load(
+        dir,
+        &SecretEnv::everything(selftest::CHECK_SECRET),
+        DEFAULT_SOURCE,
+    ) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes = selftest::run(&with_test_secret);
+    let failed: Vec<_> = outcomes.iter().filter(|o| !o.failures.is_empty()).collect();
+    for o in &outcomes {
+        if o.failures.is_empty() {
+            println!("  pass  {} › {}", o.source, o.name);
+        } else {
+            for f in &o.failures {
+                println!("  FAIL  {} › {}: {f}", o.source, o.name);
+            }
+        }
+    }
+    println!(
+        "{} passed, {} failed",
+        outcomes.len() - failed.len(),
+        failed.len()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let secrets = SecretEnv::from_process();
+    let config = rocket_rewards::config::load(&args.config_dir, &secrets, DEFAULT_SOURCE)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let source = config.source(&args.source).with_context(|| {
+        format!(
+            "no source named {:?} in {}",
+            args.source,
+            args.config_dir.display()
+        )
+    })?;
+    let scheme = source
+        .auth
+        .get(args.auth_scheme.saturating_sub(1))
+        .with_context(|| {
+            format!(
+                "source {} has no auth scheme number {}",
+                source.name, args.auth_scheme
+            )
+        })?;
+    let secret = secrets
+        .list(scheme.env())
+        .into_iter()
+        .next()
+        .with_context(|| {
+            format!(
+                "{} is unset: export the source's secret first",
+                scheme.env()
+            )
+        })?;
+    let body =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let content_type = args.content_type.clone().unwrap_or_else(|| {
+        source
+            .content_types
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "application/json".into())
+    });
+    let url = format!(
+        "{}/api/public/hook/{}/event",
+        args.url.trim_end_matches('/'),
+        source.name
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let mut attempt = 0u32;
+    loop {
+        // Signed afresh each time: a timestamped scheme must not go stale.
+        let mut req = client
+            .post(&url)
+            .header("content-type", &content_type)
+            .body(body.clone());
+        for (k, v) in scheme.sign(secret.expose(), &body, chrono::Utc::now().timestamp()) {
+            req = req.header(k, v);
+        }
+        let backoff = Duration::from_millis(500u64.saturating_mul(1 << attempt.min(6)))
+            .min(Duration::from_secs(30));
+        let wait = match req.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let text = resp.text().await.unwrap_or_default();
+                println!("HTTP {}", status.as_u16());
+                println!("{text}");
+                if status.as_u16() == 429 || status.is_server_error() {
+                    // Retry-After wins over our own backoff (capped at 5 minutes).
+                    retry_after
+                        .map(|s| Duration::from_secs(s.min(300)))
+                        .unwrap_or(backoff)
+                } else {
+                    return Ok(if status.is_success() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    });
+                }
+            }
+            Err(e) => {
+                eprintln!("request failed: {e}");
+                backoff
+            }
+        };
+        if attempt >= args.max_retries {
+            eprintln!("giving up after {} attempts", attempt + 1);
+            return Ok(ExitCode::FAILURE);
+        }
+        attempt += 1;
+        eprintln!(
+            "retrying in {:.1} s (attempt {} of {})",
+            wait.as_secs_f64(),
+            attempt + 1,
+            args.max_retries + 1
+        );
+        tokio::time::sleep(wait).await;
     }
 }
 

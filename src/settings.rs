@@ -40,6 +40,8 @@ impl fmt::Debug for Secret {
 #[derive(Clone, Default)]
 pub struct SecretEnv {
     vars: HashMap<String, String>,
+    /// A value for every name not set (used by `check` to run test cases).
+    fallback: Option<String>,
 }
 
 impl fmt::Debug for SecretEnv {
@@ -56,7 +58,18 @@ impl SecretEnv {
         let vars = std::env::vars()
             .filter(|(k, _)| k.starts_with("ROCKET_"))
             .collect();
-        Self { vars }
+        Self {
+            vars,
+            fallback: None,
+        }
+    }
+
+    /// Every name resolves to `value`: the test secret of `check`.
+    pub fn everything(value: &str) -> Self {
+        Self {
+            vars: HashMap::new(),
+            fallback: Some(value.to_string()),
+        }
     }
 
     pub fn from_pairs<I, K, V>(pairs: I) -> Self
@@ -70,6 +83,7 @@ impl SecretEnv {
                 .into_iter()
                 .map(|(k, v)| (k.into(), v.into()))
                 .collect(),
+            fallback: None,
         }
     }
 
@@ -82,6 +96,7 @@ impl SecretEnv {
     pub fn list(&self, name: &str) -> Vec<Secret> {
         self.vars
             .get(name)
+            .or(self.fallback.as_ref())
             .map(|v| {
                 v.split(',')
                     .map(str::trim)

@@ -4,6 +4,7 @@
 //! file, line and key; a config with any error is refused whole.
 
 pub mod raw;
+pub mod selftest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -92,7 +93,7 @@ pub struct Source {
     pub rules: Vec<Arc<Rule>>,
     pub dry_run: bool,
     pub file: PathBuf,
-    pub tests: Vec<serde_yaml_ng::Value>,
+    pub tests: Vec<raw::TestCase>,
 }
 
 impl Source {
@@ -535,6 +536,14 @@ pub fn compile_source(
             .map(|(k, v)| (k, Arc::<str>::from(v.as_str())))
             .collect(),
         passthrough: raw.event_type.passthrough,
+        compose: {
+            let c = raw.event_type.compose.clone();
+            if c.is_empty() {
+                Vec::new()
+            } else {
+                paths(&["event_type", "compose"], c, &mut fail)
+            }
+        },
     };
 
     let field = |keys: &[&str],

@@ -78,7 +78,45 @@ pub struct RawSource {
     pub dry_run: bool,
     /// Embedded test cases, run by `rocket-rewards check`.
     #[serde(default)]
-    pub tests: Vec<serde_yaml_ng::Value>,
+    pub tests: Vec<TestCase>,
+}
+
+/// A sample delivery and what the source must make of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestCase {
+    pub name: String,
+    /// The payload as YAML/JSON (sent as JSON) ...
+    pub payload: Option<serde_json::Value>,
+    /// ... or the raw body, for form-encoded or exact bytes.
+    pub body: Option<String>,
+    /// Default: the source's first content type.
+    pub content_type: Option<String>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Authenticate with a test secret (default true) ...
+    #[serde(default = "yes")]
+    pub sign: bool,
+    /// ... using this auth scheme of the source's list (1-based, default 1).
+    pub auth_scheme: Option<usize>,
+    pub expect: Expect,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The expected outcome: canonical fields and points, or an error code.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Canonical fields that must have these values (`attributes` compares as a map subset).
+    #[serde(default)]
+    pub event: serde_json::Map<String, serde_json::Value>,
+    pub points: Option<i64>,
+    /// An error code such as `VALIDATION_ERROR` or `AUTHENTICATION_FAILED`.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -148,6 +186,10 @@ pub struct RawEventType {
     /// Use the vendor name as the canonical type when the table has no entry.
     #[serde(default)]
     pub passthrough: bool,
+    /// When no path matches: the values of these paths joined with `.`
+    /// (Thinkific's `resource` and `action` make `lesson.completed`).
+    #[serde(default)]
+    pub compose: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -190,6 +190,8 @@ pub struct EventTypeSpec {
     /// With no table entry, use the vendor name itself as the canonical type
     /// (for sources that send canonical events, like `custom`).
     pub passthrough: bool,
+    /// Paths whose values, joined with `.`, name the event when no path does.
+    pub compose: Vec<CompiledPath>,
 }
 
 impl EventTypeSpec {
@@ -275,12 +277,10 @@ pub fn map_event(
 ) -> Result<CanonicalEvent, MappingError> {
     let mut err = MappingError::default();
 
-    let vendor = mapping
-        .event_type
-        .paths
-        .iter()
-        .find_map(|p| p.first(doc))
-        .and_then(|v| id_string(v, Field::EventType.name(), &mut err));
+    let vendor = match mapping.event_type.paths.iter().find_map(|p| p.first(doc)) {
+        Some(v) => id_string(v, Field::EventType.name(), &mut err),
+        None => compose(&mapping.event_type.compose, doc),
+    };
     let event_type = vendor
         .as_deref()
         .and_then(|v| match mapping.event_type.table.get(v) {
@@ -357,6 +357,18 @@ pub fn map_event(
         occurred_at: occurred.unwrap_or(now),
         attributes,
     })
+}
+
+/// The values of every path, joined with `.`; `None` unless all are strings.
+fn compose(paths: &[CompiledPath], doc: &Value) -> Option<String> {
+    if paths.is_empty() {
+        return None;
+    }
+    let parts: Option<Vec<&str>> = paths
+        .iter()
+        .map(|p| p.first(doc).and_then(Value::as_str))
+        .collect();
+    parts.map(|p| p.join(".")).filter(|s| s.len() <= MAX_ID_LEN)
 }
 
 /// An id as a string: strings as they are (trimmed), integers as digits.
@@ -526,6 +538,10 @@ mod tests {
                 .into_iter()
                 .collect(),
                 passthrough: false,
+                compose: vec![
+                    CompiledPath::parse("$.resource").unwrap(),
+                    CompiledPath::parse("$.action").unwrap(),
+                ],
             },
             event_id: Some(field(&["$.id"], FieldType::String)),
             user_id: Some(field(&["$.relateduserid", "$.userid"], FieldType::String)),
@@ -617,6 +633,18 @@ mod tests {
             ev.vendor_event_type.as_deref(),
             Some("\\mod_forum\\event\\post_created")
         );
+    }
+
+    #[test]
+    fn a_composed_vendor_name_is_used_when_no_path_names_the_event() {
+        let doc = json!({"resource": "course", "action": "completed", "userid": 1});
+        let mut m = moodle();
+        m.event_type
+            .table
+            .insert("course.completed".into(), Arc::from("course.completed"));
+        let ev = map_event("x", &m, &doc, b"", now()).unwrap();
+        assert_eq!(ev.vendor_event_type.as_deref(), Some("course.completed"));
+        assert_eq!(ev.event_type.as_deref(), Some("course.completed"));
     }
 
     #[test]

@@ -272,6 +272,65 @@ impl AuthScheme {
     }
 }
 
+impl AuthScheme {
+    /// The headers a sender adds to authenticate `body`: `secret` is written
+    /// as in the env var (a token, an HMAC secret, or a `whsec_` key); `now`
+    /// is Unix seconds. Used by `send` and by `check`'s test cases.
+    pub fn sign(&self, secret: &str, body: &[u8], now: i64) -> Vec<(String, String)> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mac = |key: &[u8], parts: &[&[u8]]| -> Vec<u8> {
+            // A MAC accepts keys of any length, so this cannot fail.
+            let mut m = HmacSha256::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+            for p in parts {
+                m.update(p);
+            }
+            m.finalize().into_bytes().to_vec()
+        };
+        match self {
+            AuthScheme::Bearer { .. } => vec![("authorization".into(), format!("Bearer {secret}"))],
+            AuthScheme::Hmac {
+                header,
+                prefix,
+                encoding,
+                timestamp,
+                ..
+            } => {
+                let ts = now.to_string();
+                let raw = match timestamp {
+                    None => mac(secret.as_bytes(), &[body]),
+                    Some(_) => mac(secret.as_bytes(), &[ts.as_bytes(), b".", body]),
+                };
+                let sig = match encoding {
+                    SigEncoding::Hex => hex::encode(raw),
+                    SigEncoding::Base64 => b64.encode(raw),
+                };
+                let mut out = vec![(header.as_str().to_string(), format!("{prefix}{sig}"))];
+                if let Some((name, _)) = timestamp {
+                    out.push((name.as_str().to_string(), ts));
+                }
+                out
+            }
+            AuthScheme::StandardWebhooks { .. } => {
+                let key = b64
+                    .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+                    .unwrap_or_default();
+                let id = format!("msg_{}", ulid::Ulid::new());
+                let ts = now.to_string();
+                let raw = mac(&key, &[id.as_bytes(), b".", ts.as_bytes(), b".", body]);
+                vec![
+                    ("webhook-id".into(), id),
+                    ("webhook-timestamp".into(), ts),
+                    (
+                        "webhook-signature".into(),
+                        format!("v1,{}", b64.encode(raw)),
+                    ),
+                ]
+            }
+        }
+    }
+}
+
 /// Verifies against a list of schemes: the first that passes wins; otherwise
 /// the most telling failure is reported (a mismatch beats a missing header,
 /// so a sender using the wrong scheme's header still learns it was wrong).
@@ -691,6 +750,35 @@ mod tests {
             scheme.verify(&no_ts, b"body", now),
             Err(AuthError::MissingHeader)
         );
+    }
+
+    #[test]
+    fn what_sign_writes_verifies() {
+        let secret = "c2lnbi10ZXN0LXNlY3JldA==";
+        let schemes = [
+            AuthScheme::bearer("E", &[Secret::new(secret)]),
+            hmac_scheme(&[secret], SigEncoding::Hex),
+            hmac_scheme(&[secret], SigEncoding::Base64),
+            hmac_scheme(&[secret], SigEncoding::Hex)
+                .with_timestamp(HeaderName::from_static("x-ts"), 60),
+            AuthScheme::standard_webhooks("E", &[Secret::new(secret)], 60).unwrap(),
+        ];
+        for s in &schemes {
+            let signed = s.sign(secret, b"payload", 1_000);
+            let pairs: Vec<(&str, &[u8])> = signed
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_bytes()))
+                .collect();
+            assert_eq!(
+                s.verify(&headers(&pairs), b"payload", 1_010),
+                Ok(()),
+                "{s:?}"
+            );
+            assert!(
+                s.verify(&headers(&pairs), b"payloaD", 1_010).is_err(),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]

@@ -148,3 +148,104 @@ async fn sources_are_listed_without_secrets() {
         assert!(!r.text.contains(secret));
     }
 }
+
+#[test]
+fn check_fails_with_file_and_line_on_a_broken_copy_and_on_a_failing_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_config(tmp.path());
+    let p = tmp.path().join("sources.d/thinkific.yaml");
+    let good = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(
+        &p,
+        good.replace(
+            "  user_id: [$.payload.user.id, $.payload.user_id]",
+            "  user_id: [$.payload.user.id, \"$$bad\"]",
+        ),
+    )
+    .unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
+            .args(["check", "--config-dir"])
+            .arg(tmp.path())
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let line = good
+        .lines()
+        .position(|l| l.contains("  user_id: [$.payload.user.id"))
+        .unwrap()
+        + 1;
+    assert!(
+        stderr.contains(&format!("thinkific.yaml:{line}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fields.user_id"), "{stderr}");
+    // A case whose expectation is wrong fails the check too.
+    std::fs::write(&p, good.replace("      points: 10", "      points: 11")).unwrap();
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("FAIL  thinkific › the seed's lesson completion, signed in X-Signature: expected 11 points, got 10"), "{stdout}");
+    assert!(stdout.contains(", 1 failed"), "{stdout}");
+}
+
+#[tokio::test]
+async fn send_signs_posts_and_honours_retry_after() {
+    let app = spawn_with(|dir| {
+        let p = dir.join("sources.d/learnworlds.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            format!("{text}\nrate_limit: {{ per_minute: 60, burst: 1 }}\n"),
+        )
+        .unwrap();
+    })
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |file: std::path::PathBuf| {
+        let (dir, url) = (app.config_dir.clone(), app.url(""));
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
+                .args([
+                    "send",
+                    "--source",
+                    "learnworlds",
+                    "--max-retries",
+                    "3",
+                    "--file",
+                ])
+                .arg(file)
+                .arg("--url")
+                .arg(url)
+                .arg("--config-dir")
+                .arg(dir)
+                .env("ROCKET_LEARNWORLDS_SECRET", LEARNWORLDS_SECRET)
+                .output()
+                .unwrap()
+        })
+    };
+    let (a, b) = (tmp.path().join("a.json"), tmp.path().join("b.json"));
+    std::fs::write(&a, learnworlds_completion("U-a")).unwrap();
+    std::fs::write(&b, learnworlds_completion("U-b")).unwrap();
+    let first = run(a).await.unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stdout)
+    );
+    // The source's burst is spent: the next send is told to wait, waits, and gets through.
+    let second = run(b).await.unwrap();
+    let out = String::from_utf8_lossy(&second.stdout);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{out}{err}");
+    assert!(out.starts_with("HTTP 429"), "{out}");
+    assert!(out.contains("HTTP 200"), "{out}");
+    assert!(
+        err.contains("retrying in 1.0 s"),
+        "Retry-After is honoured: {err}"
+    );
+    assert_eq!(app.user_points("learnworlds", "U-b").await, 50);
+}

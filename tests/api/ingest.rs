@@ -558,3 +558,95 @@ async fn validate_maps_a_payload_or_lists_what_is_wrong() {
     assert_error(&no_source, 400, "INVALID_REQUEST");
     assert_eq!(app.user_points("moodle", "6").await, 0);
 }
+
+#[tokio::test]
+async fn native_thinkific_and_learnworlds_deliveries_are_accepted_and_tampered_ones_refused() {
+    const THINKIFIC: &str = "thinkific-secret-0123";
+    let app = spawn_custom(
+        |_| {},
+        |s| s.secrets.set("ROCKET_THINKIFIC_SECRET", THINKIFIC),
+    )
+    .await;
+    let thinkific = serde_json::to_vec(&json!({
+        "id": "20250821000001", "resource": "lesson", "action": "completed", "created_at": "2025-08-21T10:15:30.000Z",
+        "payload": {"user": {"id": 55}, "course": {"id": 9}, "lesson": {"id": 3}}
+    }))
+    .unwrap();
+    let sig = rocket_rewards::pipeline::verify::sign_hex(THINKIFIC.as_bytes(), &thinkific);
+    let ok = app
+        .hook(
+            "thinkific",
+            thinkific.clone(),
+            &[
+                ("x-thinkific-hmac-sha256", &sig),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    assert_eq!(ok.body["points_awarded"], 10);
+    let mut tampered = thinkific.clone();
+    tampered.extend_from_slice(b" ");
+    let bad = app
+        .hook(
+            "thinkific",
+            tampered,
+            &[
+                ("x-thinkific-hmac-sha256", &sig),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_error(&bad, 401, "AUTHENTICATION_FAILED");
+
+    let lw = serde_json::to_vec(&json!({
+        "version": 2, "type": "courseCompleted", "trigger": "courseCompleted", "school_id": "s-1",
+        "data": {"user": {"id": "lw-user"}, "course": {"id": "lw-course"}}
+    }))
+    .unwrap();
+    let sig = format!(
+        "v1={}",
+        rocket_rewards::pipeline::verify::sign_hex(LEARNWORLDS_SECRET.as_bytes(), &lw)
+    );
+    let ok = app
+        .hook(
+            "learnworlds",
+            lw.clone(),
+            &[
+                ("learnworlds-webhook-signature", &sig),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    assert_eq!(app.user_points("learnworlds", "lw-user").await, 50);
+    let wrong_prefix = sig.replace("v1=", "sha256=");
+    let bad = app
+        .hook(
+            "learnworlds",
+            lw,
+            &[
+                ("learnworlds-webhook-signature", &wrong_prefix),
+                ("content-type", "application/json"),
+            ],
+        )
+        .await;
+    assert_error(&bad, 401, "AUTHENTICATION_FAILED");
+}
+
+#[tokio::test]
+async fn a_tampered_form_encoded_moodle_delivery_with_a_wrong_token_is_refused() {
+    let app = spawn_app().await;
+    let body = "id=1&eventname=%5Ccore%5Cevent%5Ccourse_completed&userid=8774";
+    let r = app
+        .hook(
+            "moodle",
+            body,
+            &[
+                ("authorization", "Bearer wrong"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+        )
+        .await;
+    assert_error(&r, 401, "AUTHENTICATION_FAILED");
+}

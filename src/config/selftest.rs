@@ -1,0 +1,133 @@
+//! The embedded test cases of source files, run by `rocket-rewards check`:
+//! each sample delivery is authenticated with a test secret, decoded, mapped
+//! and scored exactly as the hook would, and compared with its expectation.
+
+use bytes::Bytes;
+use chrono::Utc;
+use poem::http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use super::raw::TestCase;
+use super::{Config, Source};
+use crate::pipeline::{self, PrepareError};
+
+/// The secret every env var resolves to while `check` runs test cases (it
+/// is valid base64, so Standard Webhooks sources take it too).
+pub const CHECK_SECRET: &str = "cm9ja2V0LWNoZWNrLXNlY3JldA==";
+
+/// One test case's result.
+#[derive(Debug, Clone)]
+pub struct CaseOutcome {
+    pub source: String,
+    pub name: String,
+    /// Empty when the case passed.
+    pub failures: Vec<String>,
+}
+
+/// Runs every source's cases (sources in name order). `config` must have
+/// been loaded with [`crate::settings::SecretEnv::everything`]`(CHECK_SECRET)`.
+pub fn run(config: &Config) -> Vec<CaseOutcome> {
+    let mut out = Vec::new();
+    for name in config.source_names() {
+        let Some(source) = config.source(name) else {
+            continue;
+        };
+        for case in &source.tests {
+            out.push(CaseOutcome {
+                source: name.to_string(),
+                name: case.name.clone(),
+                failures: run_case(config, source, case),
+            });
+        }
+    }
+    out
+}
+
+fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
+    let body: Vec<u8> = match (&case.payload, &case.body) {
+        (Some(p), None) => serde_json::to_vec(p).unwrap_or_default(),
+        (None, Some(b)) => b.clone().into_bytes(),
+        _ => return vec!["a case has exactly one of `payload` and `body`".into()],
+    };
+    let now = Utc::now();
+    let mut headers = HeaderMap::new();
+    let mut add = |k: &str, v: &str| match (
+        HeaderName::from_bytes(k.as_bytes()),
+        HeaderValue::from_str(v),
+    ) {
+        (Ok(k), Ok(v)) => {
+            headers.insert(k, v);
+            Ok(())
+        }
+        _ => Err(format!("header {k:?} is not a valid header")),
+    };
+    for (k, v) in &case.headers {
+        if let Err(e) = add(k, v) {
+            return vec![e];
+        }
+    }
+    if case.sign {
+        let index = case.auth_scheme.unwrap_or(1).saturating_sub(1);
+        let Some(scheme) = source.auth.get(index) else {
+            return vec![format!(
+                "the source has no auth scheme number {}",
+                index + 1
+            )];
+        };
+        {
+            for (k, v) in scheme.sign(CHECK_SECRET, &body, now.timestamp()) {
+                if let Err(e) = add(&k, &v) {
+                    return vec![e];
+                }
+            }
+        }
+    }
+    let outcome = pipeline::verify::verify_any(&source.auth, &headers, &body, now.timestamp())
+        .map_err(|_| "AUTHENTICATION_FAILED".to_string())
+        .and_then(|()| {
+            let ct = case.content_type.as_deref();
+            pipeline::prepare(config, source, ct, &Bytes::from(body), now).map_err(|e| match e {
+                PrepareError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE".to_string(),
+                PrepareError::Decode(_) => "INVALID_PAYLOAD".to_string(),
+                PrepareError::Mapping { .. } => "VALIDATION_ERROR".to_string(),
+            })
+        });
+    let mut failures = Vec::new();
+    match (outcome, &case.expect.error) {
+        (Err(code), Some(want)) if &code == want => {}
+        (Err(code), Some(want)) => failures.push(format!("expected error {want}, got {code}")),
+        (Err(code), None) => failures.push(format!("expected success, got {code}")),
+        (Ok(_), Some(want)) => failures.push(format!("expected error {want}, got success")),
+        (Ok(prepared), None) => {
+            if let Some(err) = prepared.iter().find_map(|p| p.outcome.as_ref().err()) {
+                failures.push(format!("a rule failed: {err}"));
+            }
+            if let Some(want) = case.expect.points {
+                let got: i64 = prepared.iter().map(|p| p.points()).sum();
+                if got != want {
+                    failures.push(format!("expected {want} points, got {got}"));
+                }
+            }
+            if let Some(first) = prepared.first() {
+                let event = serde_json::to_value(&first.event).unwrap_or_default();
+                for (field, want) in &case.expect.event {
+                    let got = event.get(field).unwrap_or(&Value::Null);
+                    if !matches(want, got) {
+                        failures.push(format!("expected {field} = {want}, got {got}"));
+                    }
+                }
+            }
+        }
+    }
+    failures
+}
+
+/// Equal, with objects compared as subsets (so `attributes` may list some).
+fn matches(want: &Value, got: &Value) -> bool {
+    match (want, got) {
+        (Value::Object(w), Value::Object(g)) => w
+            .iter()
+            .all(|(k, v)| g.get(k).is_some_and(|gv| matches(v, gv))),
+        _ => want == got,
+    }
+}
