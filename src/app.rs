@@ -271,6 +271,8 @@ pub struct App {
     pub state: Arc<AppState>,
     acceptor: poem::listener::BoxAcceptor,
     pub addr: SocketAddr,
+    /// The config files' fingerprint taken before they were loaded.
+    fingerprint: u64,
 }
 
 /// Why the server could not start.
@@ -289,6 +291,7 @@ pub enum StartError {
 impl App {
     /// Loads the config (refusing on any error), connects the store, binds.
     pub async fn build(settings: Settings) -> Result<App, StartError> {
+        let fingerprint = config::fingerprint(&settings.config_dir);
         let config = config::load(
             &settings.config_dir,
             &settings.secrets,
@@ -341,6 +344,7 @@ impl App {
             state,
             acceptor: acceptor.boxed(),
             addr,
+            fingerprint,
         })
     }
 
@@ -350,6 +354,9 @@ impl App {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        if self.state.settings.watch_config {
+            tokio::spawn(watch_config(Arc::downgrade(&self.state), self.fingerprint));
+        }
         let state = self.state.clone();
         let endpoint = crate::http::endpoint(self.state.clone());
         let signal = async move {
@@ -363,6 +370,28 @@ impl App {
             .await;
         self.state.store.close().await;
         result
+    }
+}
+
+/// Polls the config directory's fingerprint and reloads when it changes
+/// (a broken edit is refused like any reload). Stops with the server.
+async fn watch_config(state: std::sync::Weak<AppState>, mut last: u64) {
+    let dir = match state.upgrade() {
+        Some(s) => s.settings.config_dir.clone(),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(state) = state.upgrade() else { return };
+        if state.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = config::fingerprint(&dir);
+        if now != last {
+            last = now;
+            let _ = state.reload("watch");
+        }
     }
 }
 

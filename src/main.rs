@@ -122,6 +122,9 @@ struct ServeArgs {
     /// Seconds allowed to read a hook's body.
     #[arg(long, env = "ROCKET_BODY_TIMEOUT", default_value_t = 30)]
     body_timeout: u64,
+    /// Reload by itself when a file in sources.d/ or rules/ changes: on or off.
+    #[arg(long, env = "ROCKET_WATCH_CONFIG", default_value = "off", value_parser = parse_switch)]
+    watch_config: bool,
     /// Seconds an idle keep-alive connection stays open.
     #[arg(long, env = "ROCKET_IDLE_TIMEOUT", default_value_t = 120)]
     idle_timeout: u64,
@@ -209,7 +212,8 @@ fn check(dir: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcomes = selftest::run(&with_test_secret);
+    let mut outcomes = selftest::run(&with_test_secret);
+    outcomes.extend(selftest::run_rules(&with_test_secret));
     let failed: Vec<_> = outcomes.iter().filter(|o| !o.failures.is_empty()).collect();
     for o in &outcomes {
         if o.failures.is_empty() {
@@ -358,6 +362,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         body_timeout: Duration::from_secs(args.body_timeout.max(1)),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
+        watch_config: args.watch_config,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

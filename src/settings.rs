@@ -157,6 +157,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// A keep-alive connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
+    /// Reload by itself when a config file changes (polled every second).
+    pub watch_config: bool,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -180,6 +182,7 @@ impl Settings {
             conn: ConnLimits::default(),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
+            watch_config: false,
         }
     }
 

@@ -130,6 +130,8 @@ pub struct Config {
     pub engine: Arc<Engine>,
     /// Not errors, but an operator should know (an unset secret).
     pub warnings: Vec<String>,
+    /// Test cases of rules, from `rules/<rule>.tests.yaml`.
+    pub rule_tests: Vec<(Arc<Rule>, Vec<raw::RuleCase>)>,
 }
 
 impl fmt::Debug for Config {
@@ -186,6 +188,29 @@ fn files_with(dir: &Path, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// A fingerprint of the config files (names, sizes, modification times):
+/// it changes when a file in `sources.d/` or `rules/` is added, removed or
+/// written. The watcher compares it to decide when to reload.
+pub fn fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for sub in ["sources.d", "rules"] {
+        let Ok(rd) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        let mut entries: Vec<_> = rd
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((e.file_name(), m.len(), m.modified().ok()))
+            })
+            .collect();
+        entries.sort();
+        entries.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Loads and compiles the config directory.
 pub fn load(
     dir: &Path,
@@ -232,6 +257,62 @@ pub fn load(
                         }
                     },
                     Err(e) => errors.push(err(&file, None, "", &format!("cannot read: {e}"))),
+                }
+            }
+        }
+        Err(e) => errors.push(err(
+            &rules_dir,
+            None,
+            "",
+            &format!("cannot read the folder: {e}"),
+        )),
+    }
+
+    let mut rule_tests = Vec::new();
+    match files_with(&rules_dir, &["yaml", "yml"]) {
+        Ok(files) => {
+            for file in files {
+                let fname = file.file_name().and_then(|s| s.to_str()).unwrap_or("");
+                let Some(rule_name) = fname
+                    .strip_suffix(".tests.yaml")
+                    .or_else(|| fname.strip_suffix(".tests.yml"))
+                else {
+                    errors.push(err(
+                        &file,
+                        None,
+                        "",
+                        "a YAML file in rules/ must be named <rule>.tests.yaml",
+                    ));
+                    continue;
+                };
+                let Some(rule) = rules.get(rule_name).cloned() else {
+                    errors.push(err(
+                        &file,
+                        None,
+                        "",
+                        &format!("no rule named {rule_name:?} to test"),
+                    ));
+                    continue;
+                };
+                let text = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(err(&file, None, "", &format!("cannot read: {e}")));
+                        continue;
+                    }
+                };
+                match serde_yaml_ng::from_str::<Vec<raw::RuleCase>>(&text) {
+                    Ok(cases) => rule_tests.push((rule, cases)),
+                    Err(e) => {
+                        let loc = e.location();
+                        errors.push(ConfigError {
+                            file: file.clone(),
+                            line: loc.as_ref().map(|l| l.line()),
+                            column: loc.as_ref().map(|l| l.column()),
+                            key: String::new(),
+                            message: e.to_string(),
+                        });
+                    }
                 }
             }
         }
@@ -299,6 +380,7 @@ pub fn load(
             rules,
             engine: Arc::new(engine),
             warnings,
+            rule_tests,
         })
     } else {
         Err(ConfigErrors(errors))

@@ -221,3 +221,47 @@ pub struct RawFieldSpec {
     pub format: Option<TimeFormat>,
     pub default: Option<serde_json::Value>,
 }
+
+/// One case of a rule's test file, `rules/<rule>.tests.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleCase {
+    pub name: String,
+    /// The canonical event (`event_type`, `user_id`, `course_id`, `object_id`,
+    /// `occurred_at` RFC 3339, `attributes`).
+    pub event: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub history: RawHistory,
+    /// The points this rule alone awards (0: none).
+    pub points: i64,
+}
+
+/// The user's past as a rule test states it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHistory {
+    #[serde(default)]
+    pub total: i64,
+    #[serde(default = "yes")]
+    pub first: bool,
+    #[serde(default)]
+    pub recent: Vec<RawPast>,
+    /// Many earlier events at a regular interval.
+    pub recent_repeat: Option<RawRepeat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPast {
+    pub event_type: String,
+    pub seconds_ago: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRepeat {
+    pub event_type: String,
+    pub count: usize,
+    pub every_seconds: i64,
+    pub first_seconds_ago: i64,
+}

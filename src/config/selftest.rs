@@ -7,8 +7,10 @@ use chrono::Utc;
 use poem::http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
-use super::raw::TestCase;
+use super::raw::{RuleCase, TestCase};
 use super::{Config, Source};
+use crate::pipeline::mapping::CanonicalEvent;
+use crate::pipeline::rules::{History, Rule};
 use crate::pipeline::{self, PrepareError};
 
 /// The secret every env var resolves to while `check` runs test cases (it
@@ -41,6 +43,86 @@ pub fn run(config: &Config) -> Vec<CaseOutcome> {
         }
     }
     out
+}
+
+/// Runs every rule's test cases: the rule alone, on the stated event and history.
+pub fn run_rules(config: &Config) -> Vec<CaseOutcome> {
+    let mut out = Vec::new();
+    for (rule, cases) in &config.rule_tests {
+        for case in cases {
+            out.push(CaseOutcome {
+                source: format!("rule {}", rule.name),
+                name: case.name.clone(),
+                failures: run_rule_case(config, rule, case),
+            });
+        }
+    }
+    out
+}
+
+fn run_rule_case(config: &Config, rule: &std::sync::Arc<Rule>, case: &RuleCase) -> Vec<String> {
+    let text = |k: &str| {
+        case.event
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let at = match case.event.get("occurred_at").and_then(Value::as_str) {
+        Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
+            Ok(t) => t.with_timezone(&Utc),
+            Err(_) => return vec![format!("occurred_at {s:?} is not RFC 3339")],
+        },
+        None => Utc::now(),
+    };
+    let event = CanonicalEvent {
+        source: "rule-test".into(),
+        event_id: "rule-test".into(),
+        event_type: text("event_type"),
+        vendor_event_type: text("event_type"),
+        user_id: text("user_id"),
+        course_id: text("course_id"),
+        object_id: text("object_id"),
+        occurred_at: at,
+        attributes: case
+            .event
+            .get("attributes")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+    };
+    let at_ms = at.timestamp_millis();
+    let mut recent: Vec<(String, i64)> = case
+        .history
+        .recent
+        .iter()
+        .map(|p| (p.event_type.clone(), at_ms - p.seconds_ago * 1000))
+        .collect();
+    if let Some(r) = &case.history.recent_repeat {
+        for i in 0..r.count.min(10_000) {
+            recent.push((
+                r.event_type.clone(),
+                at_ms - (r.first_seconds_ago + i as i64 * r.every_seconds) * 1000,
+            ));
+        }
+    }
+    recent.sort_by_key(|r| std::cmp::Reverse(r.1));
+    let history = History {
+        total: case.history.total,
+        first: case.history.first,
+        recent,
+        at: at_ms,
+    };
+    match pipeline::rules::score(&config.engine, std::slice::from_ref(rule), &event, &history) {
+        Err(e) => vec![format!("the rule failed: {}", e.message)],
+        Ok(awards) => {
+            let got: i64 = awards.iter().map(|a| a.points).sum();
+            if got == case.points {
+                Vec::new()
+            } else {
+                vec![format!("expected {} points, got {got}", case.points)]
+            }
+        }
+    }
 }
 
 fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {

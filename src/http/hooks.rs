@@ -22,6 +22,7 @@ use super::ApiTags;
 use crate::app::AppState;
 use crate::config::{Config, Source};
 use crate::pipeline::limits::{self, Scope};
+use crate::pipeline::rules::History;
 use crate::pipeline::{self, PrepareError, Prepared};
 use crate::store::{EventStatus, Persisted};
 
@@ -213,7 +214,7 @@ impl HookApi {
             .cloned()
             .ok_or_else(|| unknown_source(name))?;
         let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
-        let prepared = prepare(&config, &src, req, &bytes)?;
+        let prepared = prepare(&state, &config, &src, req, &bytes).await?;
         Ok(Json(dry_run_result(&src, &prepared)))
     }
 
@@ -241,7 +242,7 @@ impl HookApi {
             .cloned()
             .ok_or_else(|| unknown_source(&source.0))?;
         let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
-        let prepared = prepare(&config, &src, req, &bytes)?;
+        let prepared = prepare(&state, &config, &src, req, &bytes).await?;
         Ok(Json(ValidationResult {
             status: "success".into(),
             valid: true,
@@ -301,7 +302,7 @@ async fn ingest_into(
             other => format!("invalid or missing credentials: {other}"),
         }));
     }
-    let prepared = prepare(config, src, req, &bytes)?;
+    let prepared = prepare(state, config, src, req, &bytes).await?;
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {
             if let Some(bucket) = p
@@ -466,33 +467,56 @@ pub async fn read_body(
     }
 }
 
-/// Decode, map and score, with the pipeline's errors as API errors.
-pub fn prepare(
+/// Decode, map and score, with the pipeline's errors as API errors. Rules
+/// that read `history` get the user's, from the store.
+pub async fn prepare(
+    state: &AppState,
     config: &Config,
     src: &Source,
     req: &Request,
     bytes: &Bytes,
 ) -> Result<Vec<Prepared>, ApiError> {
-    pipeline::prepare(config, src, req.content_type(), bytes, Utc::now()).map_err(|e| match e {
-        PrepareError::UnsupportedMediaType(ct) => ApiError::unsupported_media_type(
-            format!(
-                "content type {ct:?} is not accepted by source {:?}",
-                src.name
-            ),
-            &src.content_types,
-        ),
-        PrepareError::Decode(d) => ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None),
-        PrepareError::Mapping { index, error } => {
-            let mut details = json!({
-                "missing_fields": error.missing_fields,
-                "invalid_fields": error.invalid_fields,
-            });
-            if let Some(i) = index {
-                details["statement"] = json!(i);
+    let mapped =
+        pipeline::map_body(src, req.content_type(), bytes, Utc::now()).map_err(|e| match e {
+            PrepareError::UnsupportedMediaType(ct) => unsupported(src, &ct),
+            PrepareError::Decode(d) => {
+                ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None)
             }
-            ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
-        }
-    })
+            PrepareError::Mapping { index, error } => {
+                let mut details = json!({
+                    "missing_fields": error.missing_fields,
+                    "invalid_fields": error.invalid_fields,
+                });
+                if let Some(i) = index {
+                    details["statement"] = json!(i);
+                }
+                ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
+            }
+        })?;
+    let wants_history = src.rules.iter().any(|r| r.uses_history);
+    let mut out = Vec::with_capacity(mapped.len());
+    for (event, raw) in mapped {
+        let history = if wants_history && event.event_type.is_some() {
+            state
+                .store
+                .history(&src.namespace, &event)
+                .await
+                .map_err(|e| {
+                    state.metrics.store_errors.inc();
+                    tracing::error!(source = %src.name, error = %e, "history read failed");
+                    ApiError::internal(None)
+                })?
+        } else {
+            History::default()
+        };
+        let outcome = pipeline::rules::score(&config.engine, &src.rules, &event, &history);
+        out.push(Prepared {
+            event,
+            raw,
+            outcome,
+        });
+    }
+    Ok(out)
 }
 
 fn dry_run_result(src: &Source, prepared: &[Prepared]) -> DryRunResult {

@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use crate::config::{Config, Source};
 use decode::DecodeError;
 use mapping::{CanonicalEvent, MappingError};
-use rules::{Award, RuleError};
+use rules::{Award, History, RuleError};
 
 /// One event ready to store: canonical form, the raw bytes it came from,
 /// and its scoring outcome (awards, or the rule error that failed it).
@@ -58,6 +58,27 @@ pub fn prepare(
     body: &Bytes,
     now: DateTime<Utc>,
 ) -> Result<Vec<Prepared>, PrepareError> {
+    let mapped = map_body(source, content_type, body, now)?;
+    Ok(mapped
+        .into_iter()
+        .map(|(event, raw)| {
+            let outcome = rules::score(&config.engine, &source.rules, &event, &History::default());
+            Prepared {
+                event,
+                raw,
+                outcome,
+            }
+        })
+        .collect())
+}
+
+/// Decodes and maps a verified body: each event with the raw bytes it came from.
+pub fn map_body(
+    source: &Source,
+    content_type: Option<&str>,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
     if !source.accepts(content_type) {
         return Err(PrepareError::UnsupportedMediaType(
             content_type.unwrap_or("").to_string(),
@@ -84,12 +105,7 @@ pub fn prepare(
                     error,
                 }
             })?;
-        let outcome = rules::score(&config.engine, &source.rules, &event);
-        out.push(Prepared {
-            event,
-            raw,
-            outcome,
-        });
+        out.push((event, raw));
     }
     Ok(out)
 }

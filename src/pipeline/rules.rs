@@ -24,9 +24,66 @@ pub mod limits {
     pub const MAX_POINTS: i64 = 1_000_000;
 }
 
+/// What a rule may know of the user's past, as `history` in its scope:
+/// `history.total` (points so far), `history.first` (no earlier processed
+/// event of this type for this object, else course), `history.count(type,
+/// seconds)` (earlier events of `type` within `seconds` before this one) and
+/// `history.streak()` (consecutive UTC days with an event, up to this one's
+/// day, this one included). Bounded: the store reads at most
+/// [`HISTORY_DAYS`] days and [`HISTORY_EVENTS`] events, by index.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    pub total: i64,
+    pub first: bool,
+    /// Earlier events (canonical type, occurred at in ms), newest first.
+    pub recent: Vec<(String, i64)>,
+    /// This event's time (ms).
+    pub at: i64,
+}
+
+/// How far back `history` looks.
+pub const HISTORY_DAYS: i64 = 31;
+/// Most earlier events `history` holds.
+pub const HISTORY_EVENTS: i64 = 1000;
+
+impl History {
+    pub fn count(&self, kind: &str, seconds: i64) -> i64 {
+        let from = self.at.saturating_sub(seconds.saturating_mul(1000));
+        self.recent
+            .iter()
+            .filter(|(t, at)| t == kind && *at >= from && *at <= self.at)
+            .count() as i64
+    }
+
+    pub fn streak(&self) -> i64 {
+        const DAY: i64 = 86_400_000;
+        let today = self.at.div_euclid(DAY);
+        let mut days: Vec<i64> = self
+            .recent
+            .iter()
+            .map(|(_, at)| at.div_euclid(DAY))
+            .filter(|d| *d <= today)
+            .collect();
+        days.push(today);
+        days.sort_unstable_by(|a, b| b.cmp(a));
+        days.dedup();
+        days.iter()
+            .enumerate()
+            .take_while(|(i, d)| **d == today - *i as i64)
+            .count() as i64
+    }
+}
+
 /// Builds the sandboxed engine shared by every rule.
 pub fn engine() -> Engine {
     let mut e = Engine::new();
+    e.register_type_with_name::<History>("History")
+        .register_get("total", |h: &mut History| h.total)
+        .register_get("first", |h: &mut History| h.first)
+        .register_fn("count", |h: &mut History, kind: &str, seconds: i64| {
+            h.count(kind, seconds)
+        })
+        .register_fn("streak", |h: &mut History| h.streak());
     e.set_max_operations(limits::MAX_OPERATIONS);
     e.set_max_call_levels(limits::MAX_CALL_LEVELS);
     e.set_max_expr_depths(limits::MAX_EXPR_DEPTH, limits::MAX_FN_EXPR_DEPTH);
@@ -45,6 +102,8 @@ pub struct Rule {
     pub name: Arc<str>,
     pub file: std::path::PathBuf,
     pub ast: AST,
+    /// The script reads `history`: the store is asked before it runs.
+    pub uses_history: bool,
 }
 
 /// One rule's award for one event.
@@ -68,6 +127,7 @@ pub fn score(
     engine: &Engine,
     rules: &[Arc<Rule>],
     ev: &CanonicalEvent,
+    history: &History,
 ) -> Result<Vec<Award>, RuleError> {
     if rules.is_empty() || ev.event_type.is_none() {
         return Ok(Vec::new());
@@ -77,6 +137,9 @@ pub fn score(
     for rule in rules {
         let mut scope = Scope::new();
         scope.push_constant("event", event.clone());
+        if rule.uses_history {
+            scope.push_constant("history", history.clone());
+        }
         let out = engine
             .eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast)
             .map_err(|e| RuleError {
@@ -186,10 +249,17 @@ pub fn compile(
     file: &std::path::Path,
     text: &str,
 ) -> Result<Rule, rhai::ParseError> {
+    let ast = engine.compile(text)?;
+    // Whether the script names `history` (a mention in a comment only costs
+    // a store read per event).
+    let uses_history = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .any(|w| w == "history");
     Ok(Rule {
         name: Arc::from(name),
         file: file.to_path_buf(),
-        ast: engine.compile(text)?,
+        ast,
+        uses_history,
     })
 }
 
@@ -235,7 +305,7 @@ mod tests {
             rule(&e, "none", "()"),
             rule(&e, "attr", "if event.attributes.score > 0.5 { 1 }"),
         ];
-        let awards = score(&e, &rules, &ev("course.completed")).unwrap();
+        let awards = score(&e, &rules, &ev("course.completed"), &History::default()).unwrap();
         let got: Vec<_> = awards
             .iter()
             .map(|a| (a.rule.to_string(), a.points, a.reason.clone()))
@@ -248,7 +318,12 @@ mod tests {
                 ("attr".into(), 1, None)
             ]
         );
-        assert_eq!(score(&e, &rules, &ev("lesson.completed")).unwrap().len(), 2);
+        assert_eq!(
+            score(&e, &rules, &ev("lesson.completed"), &History::default())
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]
@@ -269,7 +344,13 @@ mod tests {
             let Ok(r) = compile(&e, name, std::path::Path::new("x"), text) else {
                 continue; // refused at compile time is as good
             };
-            let err = score(&e, &[Arc::new(r)], &ev("course.completed")).unwrap_err();
+            let err = score(
+                &e,
+                &[Arc::new(r)],
+                &ev("course.completed"),
+                &History::default(),
+            )
+            .unwrap_err();
             assert_eq!(&*err.rule, name);
         }
     }
@@ -278,7 +359,7 @@ mod tests {
     fn a_failing_rule_awards_nothing_at_all() {
         let e = engine();
         let rules = vec![rule(&e, "good", "10"), rule(&e, "bad", "1 / 0")];
-        assert!(score(&e, &rules, &ev("course.completed")).is_err());
+        assert!(score(&e, &rules, &ev("course.completed"), &History::default()).is_err());
     }
 
     #[test]
@@ -286,9 +367,43 @@ mod tests {
         let e = engine();
         let mut event = ev("x");
         event.event_type = None;
-        assert!(score(&e, &[rule(&e, "r", "10")], &event)
-            .unwrap()
-            .is_empty());
+        assert!(
+            score(&e, &[rule(&e, "r", "10")], &event, &History::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn rules_see_bounded_history() {
+        let e = engine();
+        let day = 86_400_000;
+        let at = 100 * day + 3_600_000;
+        let h = History {
+            total: 480,
+            first: false,
+            recent: vec![
+                ("lesson.completed".into(), at - 30_000),
+                ("lesson.completed".into(), at - 2 * 3_600_000),
+                ("course.completed".into(), at - day),
+                ("lesson.completed".into(), at - 2 * day),
+                ("lesson.completed".into(), at - 5 * day),
+            ],
+            at,
+        };
+        assert_eq!(h.count("lesson.completed", 60), 1);
+        assert_eq!(h.count("lesson.completed", 86_400), 2);
+        assert_eq!(h.count("quiz.passed", 86_400), 0);
+        assert_eq!(h.streak(), 3);
+        let r = rule(
+            &e,
+            "h",
+            r#"history.total + history.count("lesson.completed", 86400) * 1000 + history.streak() * 100 + if history.first { 7 } else { 0 }"#,
+        );
+        assert!(r.uses_history);
+        let awards = score(&e, &[r], &ev("lesson.completed"), &h).unwrap();
+        assert_eq!(awards[0].points, 480 + 2000 + 300);
+        assert!(!rule(&e, "plain", "10").uses_history);
     }
 
     #[test]

@@ -774,10 +774,13 @@ mod tests {
                 Ok(()),
                 "{s:?}"
             );
-            assert!(
-                s.verify(&headers(&pairs), b"payloaD", 1_010).is_err(),
-                "{s:?}"
-            );
+            if s.kind() != "bearer" {
+                // A bearer token does not cover the body; signatures do.
+                assert!(
+                    s.verify(&headers(&pairs), b"payloaD", 1_010).is_err(),
+                    "{s:?}"
+                );
+            }
         }
     }
 

@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use write::{EventStatus, Persisted};
 
+use crate::pipeline::mapping::CanonicalEvent;
+use crate::pipeline::rules::{History, HISTORY_DAYS, HISTORY_EVENTS};
 use crate::pipeline::Prepared;
 
 /// Store failures; all are the server's, answered as opaque 500s.
@@ -330,6 +332,52 @@ impl Store {
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()
                 .map_err(StoreError::from)
+        })
+    }
+
+    /// What a rule may know of a user's past before this event: total, whether
+    /// this (type, object or course) is new, and recent events (bounded).
+    pub async fn history(
+        &self,
+        namespace: &str,
+        ev: &CanonicalEvent,
+    ) -> Result<History, StoreError> {
+        const TOTAL: &str = "SELECT points FROM totals WHERE namespace = $1 AND user_id = $2";
+        const RECENT: &str =
+            "SELECT event_type, occurred_at FROM events WHERE namespace = $1 AND user_id = $2 \
+            AND status = 'processed' AND event_type IS NOT NULL AND occurred_at >= $3 \
+            ORDER BY occurred_at DESC LIMIT $4";
+        const SEEN_OBJECT: &str =
+            "SELECT 1 AS seen FROM events WHERE namespace = $1 AND user_id = $2 \
+            AND event_type = $3 AND status = 'processed' AND object_id = $4 LIMIT 1";
+        const SEEN_COURSE: &str =
+            "SELECT 1 AS seen FROM events WHERE namespace = $1 AND user_id = $2 \
+            AND event_type = $3 AND status = 'processed' AND course_id = $4 LIMIT 1";
+        const SEEN_TYPE: &str =
+            "SELECT 1 AS seen FROM events WHERE namespace = $1 AND user_id = $2 \
+            AND event_type = $3 AND status = 'processed' LIMIT 1";
+        let (Some(user), Some(kind)) = (&ev.user_id, &ev.event_type) else {
+            return Ok(History::default());
+        };
+        let at = ev.occurred_at.timestamp_millis();
+        let since = at - HISTORY_DAYS * 86_400_000;
+        with_pool!(&self.pool, p => {
+            let total = sqlx::query(TOTAL).bind(namespace).bind(user).fetch_optional(p).await?;
+            let total: i64 = match total {
+                Some(r) => r.try_get("points")?,
+                None => 0,
+            };
+            let seen = match (&ev.object_id, &ev.course_id) {
+                (Some(o), _) => sqlx::query(SEEN_OBJECT).bind(namespace).bind(user).bind(kind).bind(o).fetch_optional(p).await?,
+                (None, Some(c)) => sqlx::query(SEEN_COURSE).bind(namespace).bind(user).bind(kind).bind(c).fetch_optional(p).await?,
+                (None, None) => sqlx::query(SEEN_TYPE).bind(namespace).bind(user).bind(kind).fetch_optional(p).await?,
+            };
+            let rows = sqlx::query(RECENT).bind(namespace).bind(user).bind(since).bind(HISTORY_EVENTS).fetch_all(p).await?;
+            let recent = rows
+                .iter()
+                .map(|r| Ok((r.try_get::<String, _>("event_type")?, r.try_get::<i64, _>("occurred_at")?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            Ok(History { total, first: seen.is_none(), recent, at })
         })
     }
 

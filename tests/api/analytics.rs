@@ -205,3 +205,72 @@ async fn analytics_need_the_admin_token() {
         assert_error(&wrong, 401, "AUTHENTICATION_FAILED");
     }
 }
+
+#[tokio::test]
+async fn rules_with_history_give_first_completion_bonuses_cooldowns_and_streaks() {
+    let app = spawn_with(|dir| {
+        let p = dir.join("sources.d/custom.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            text.replace(
+                "rules: [course_completed, lesson_completed, quiz_passed]",
+                "rules: [course_completed, first_course_bonus, lesson_capped, streak_bonus]",
+            ),
+        )
+        .unwrap();
+    })
+    .await;
+    let app = &app;
+    let post = |id: &str, kind: &str, at: &str, course: &str| {
+        let ev = json!({"event_id": id, "event_type": kind, "user_id": "h", "course_id": course, "occurred_at": at});
+        async move {
+            let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            r.body["points_awarded"].as_i64().unwrap()
+        }
+    };
+    assert_eq!(
+        post("c1", "course.completed", "2025-03-01T09:00:00Z", "c1").await,
+        75,
+        "first completion bonus"
+    );
+    assert_eq!(
+        post("c2", "course.completed", "2025-03-02T09:00:00Z", "c1").await,
+        50,
+        "no bonus the second time"
+    );
+    assert_eq!(
+        post("c3", "course.completed", "2025-03-02T10:00:00Z", "c2").await,
+        75,
+        "another course is a first"
+    );
+    assert_eq!(
+        post("l1", "lesson.completed", "2025-03-10T09:00:00Z", "c1").await,
+        10
+    );
+    assert_eq!(
+        post("l2", "lesson.completed", "2025-03-10T09:00:30Z", "c1").await,
+        0,
+        "cooldown"
+    );
+    assert_eq!(
+        post("l3", "lesson.completed", "2025-03-11T09:00:00Z", "c1").await,
+        10 + 10,
+        "2-day streak"
+    );
+    assert_eq!(
+        post("l4", "lesson.completed", "2025-03-12T09:00:00Z", "c1").await,
+        10 + 15,
+        "3-day streak"
+    );
+    assert_eq!(
+        post("l5", "lesson.completed", "2025-03-12T11:00:00Z", "c1").await,
+        10,
+        "streak bonus once a day"
+    );
+    assert_eq!(
+        app.user_points("custom", "h").await,
+        75 + 50 + 75 + 10 + 20 + 25 + 10
+    );
+}

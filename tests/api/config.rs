@@ -249,3 +249,25 @@ async fn send_signs_posts_and_honours_retry_after() {
     );
     assert_eq!(app.user_points("learnworlds", "U-b").await, 50);
 }
+
+#[tokio::test]
+async fn with_watching_on_a_new_source_file_goes_live_by_itself() {
+    let app = spawn_custom(|_| {}, |s| s.watch_config = true).await;
+    let custom = std::fs::read_to_string(app.config_dir.join("sources.d/custom.yaml")).unwrap();
+    std::fs::write(app.config_dir.join("sources.d/watched.yaml"), custom).unwrap();
+    let mut live = false;
+    for _ in 0..100 {
+        let r = app.bearer("watched", CUSTOM_TOKEN, &serde_json::json!({"event_id": "w1", "event_type": "course.completed", "user_id": "w"})).await;
+        if r.status == 200 {
+            live = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let m = app.send(app.client.get(app.url("/metrics"))).await.text;
+    assert!(live, "the new source was loaded without a reload call: {m}");
+    assert!(
+        m.contains("rocket_config_loads_total{kind=\"watch\",outcome=\"success\"} 1"),
+        "{m}"
+    );
+}
