@@ -67,6 +67,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Shutting down: readiness answers 503.
     pub draining: AtomicBool,
+    /// Wakes the async workers when an event is queued.
+    pub queue_ready: tokio::sync::Notify,
     admin_digests: Vec<[u8; 32]>,
     test_digests: Vec<[u8; 32]>,
 }
@@ -97,6 +99,7 @@ impl AppState {
             levels: LevelCurve::default(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            queue_ready: tokio::sync::Notify::new(),
         })
     }
 
@@ -234,18 +237,16 @@ impl AppState {
     }
 
     /// Metrics and the one log line of a hook request.
-    pub fn observe<T>(
+    pub fn observe(
         &self,
         source: &str,
         ip: IpAddr,
         started: Instant,
-        result: &Result<(T, Option<String>), ApiError>,
+        status: u16,
+        outcome: &str,
+        event_id: Option<&str>,
     ) {
         let elapsed = started.elapsed();
-        let (status, outcome, event_id) = match result {
-            Ok((_, id)) => (200u16, "processed", id.as_deref()),
-            Err(e) => (e.status().as_u16(), e.code(), None),
-        };
         self.metrics
             .requests
             .with_label_values(&[source, &status.to_string()])
@@ -354,6 +355,9 @@ impl App {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        for _ in 0..self.state.settings.workers {
+            tokio::spawn(crate::worker::run(Arc::downgrade(&self.state)));
+        }
         if self.state.settings.watch_config {
             tokio::spawn(watch_config(Arc::downgrade(&self.state), self.fingerprint));
         }

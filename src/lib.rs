@@ -24,3 +24,4 @@ pub mod net;
 pub mod pipeline;
 pub mod settings;
 pub mod store;
+pub mod worker;

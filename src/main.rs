@@ -125,6 +125,9 @@ struct ServeArgs {
     /// Reload by itself when a file in sources.d/ or rules/ changes: on or off.
     #[arg(long, env = "ROCKET_WATCH_CONFIG", default_value = "off", value_parser = parse_switch)]
     watch_config: bool,
+    /// Workers processing async sources' queued events (0: none on this instance).
+    #[arg(long, env = "ROCKET_WORKERS", default_value_t = 2)]
+    workers: usize,
     /// Seconds an idle keep-alive connection stays open.
     #[arg(long, env = "ROCKET_IDLE_TIMEOUT", default_value_t = 120)]
     idle_timeout: u64,
@@ -363,6 +366,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         body_timeout: Duration::from_secs(args.body_timeout.max(1)),
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         watch_config: args.watch_config,
+        workers: args.workers,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

@@ -159,6 +159,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Reload by itself when a config file changes (polled every second).
     pub watch_config: bool,
+    /// Workers processing async sources' queued events (0: none here).
+    pub workers: usize,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -183,6 +185,7 @@ impl Settings {
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             watch_config: false,
+            workers: 2,
         }
     }
 

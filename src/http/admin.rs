@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use poem::web::Data;
 
+use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi};
 
@@ -44,6 +45,14 @@ pub struct ReloadResult {
     pub warnings: Vec<String>,
 }
 
+/// A failed event queued again.
+#[derive(Debug, Object)]
+pub struct RetryResult {
+    /// Always `queued`.
+    pub status: String,
+    pub event_id: String,
+}
+
 pub struct AdminApi;
 
 #[OpenApi(tag = "ApiTags::Admin")]
@@ -80,6 +89,42 @@ impl AdminApi {
             })
             .collect();
         Ok(Json(SourceList { sources }))
+    }
+
+    /// Queue a failed event again, for a worker to score with the current rules.
+    ///
+    /// For when an admin has fixed what made it fail (a rule, a removed source).
+    /// 404 `UNKNOWN_EVENT` when no failed event has this id.
+    #[oai(
+        path = "/api/admin/events/:event_id/retry",
+        method = "post",
+        operation_id = "retryEvent"
+    )]
+    async fn retry(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminToken,
+        event_id: Path<String>,
+    ) -> Result<Json<RetryResult>, ApiError> {
+        state.require_admin(&auth)?;
+        match state.store.retry(&event_id.0).await {
+            Ok(true) => {
+                state.queue_ready.notify_waiters();
+                Ok(Json(RetryResult {
+                    status: "queued".into(),
+                    event_id: event_id.0,
+                }))
+            }
+            Ok(false) => Err(ApiError::not_found(
+                "UNKNOWN_EVENT",
+                "no failed event with this id is stored",
+            )),
+            Err(e) => {
+                state.metrics.store_errors.inc();
+                tracing::error!(error = %e, "retry failed");
+                Err(ApiError::internal(None))
+            }
+        }
     }
 
     /// Reload the config directory, all or nothing.

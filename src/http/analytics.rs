@@ -215,7 +215,7 @@ impl AnalyticsApi {
         Ok(Json(EventView {
             event_id: rec.event_id,
             source: rec.source,
-            status: rec.status,
+            status: crate::store::status_of(&rec.status).as_str().to_string(),
             event_type: rec.event_type,
             user_id: rec.user_id,
             points: rec.points,

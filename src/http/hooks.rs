@@ -20,6 +20,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::ApiTags;
 use crate::app::AppState;
+use crate::config::raw::Processing;
 use crate::config::{Config, Source};
 use crate::pipeline::limits::{self, Scope};
 use crate::pipeline::rules::History;
@@ -99,6 +100,30 @@ pub enum HookResponse {
     /// Processed and committed.
     #[oai(status = 200)]
     Ok(Json<HookSuccess>),
+    /// Stored durably and queued (async sources); its status shows at
+    /// `GET /api/v1/events/{event_id}`.
+    #[oai(status = 202)]
+    Accepted(Json<HookAccepted>),
+}
+
+impl HookResponse {
+    pub fn status(&self) -> u16 {
+        match self {
+            HookResponse::Ok(_) => 200,
+            HookResponse::Accepted(_) => 202,
+        }
+    }
+}
+
+/// An event stored for processing by a worker.
+#[derive(Debug, Object)]
+pub struct HookAccepted {
+    /// Always `accepted`.
+    pub status: String,
+    pub event_id: String,
+    /// Present and true when the event was queued before.
+    #[oai(skip_serializing_if_is_none)]
+    pub duplicate: Option<bool>,
 }
 
 /// One event of a dry run.
@@ -184,8 +209,18 @@ impl HookApi {
             )),
             Some(s) => ingest_into(&state, &config, s, req, ip, body).await,
         };
-        state.observe(label, ip, started, &result);
-        result.map(|(success, _)| HookResponse::Ok(Json(success)))
+        match &result {
+            Ok((resp, id)) => state.observe(
+                label,
+                ip,
+                started,
+                resp.status(),
+                "processed",
+                id.as_deref(),
+            ),
+            Err(e) => state.observe(label, ip, started, e.status().as_u16(), e.code(), None),
+        }
+        result.map(|(resp, _)| resp)
     }
 
     /// Dry run: the full pipeline with nothing stored.
@@ -214,7 +249,7 @@ impl HookApi {
             .cloned()
             .ok_or_else(|| unknown_source(name))?;
         let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
-        let prepared = prepare(&state, &config, &src, req, &bytes).await?;
+        let prepared = prepare(&state, &config, &src, req, &bytes, true).await?;
         Ok(Json(dry_run_result(&src, &prepared)))
     }
 
@@ -242,7 +277,7 @@ impl HookApi {
             .cloned()
             .ok_or_else(|| unknown_source(&source.0))?;
         let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
-        let prepared = prepare(&state, &config, &src, req, &bytes).await?;
+        let prepared = prepare(&state, &config, &src, req, &bytes, true).await?;
         Ok(Json(ValidationResult {
             status: "success".into(),
             valid: true,
@@ -262,7 +297,7 @@ async fn ingest_into(
     req: &Request,
     ip: IpAddr,
     body: HookBody,
-) -> Result<(HookSuccess, Option<String>), ApiError> {
+) -> Result<(HookResponse, Option<String>), ApiError> {
     // Cheap refusals first: before the body is read or a MAC computed.
     if !limits::allowed(ip, &src.allow_ips) {
         state
@@ -302,7 +337,8 @@ async fn ingest_into(
             other => format!("invalid or missing credentials: {other}"),
         }));
     }
-    let prepared = prepare(state, config, src, req, &bytes).await?;
+    let queued = src.processing == Processing::Async;
+    let prepared = prepare(state, config, src, req, &bytes, !queued).await?;
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {
             if let Some(bucket) = p
@@ -333,7 +369,7 @@ async fn ingest_into(
     let batch = prepared.len() > 1 || src.batch;
     let stored = state
         .store
-        .ingest(&src.namespace, prepared)
+        .ingest(&src.namespace, prepared, queued)
         .await
         .map_err(|e| {
             state.metrics.store_errors.inc();
@@ -368,9 +404,21 @@ async fn ingest_into(
             "reason": "a point rule failed; the event is stored as failed and is re-scored when delivered again",
         }))));
     }
+    let first_id = stored.first().map(|p| p.event_id.clone());
+    if stored.iter().any(|p| p.status == EventStatus::Queued) {
+        state.queue_ready.notify_waiters();
+        return Ok((
+            HookResponse::Accepted(Json(HookAccepted {
+                status: "accepted".into(),
+                event_id: first_id.clone().unwrap_or_default(),
+                duplicate: stored.iter().all(|p| p.duplicate).then_some(true),
+            })),
+            first_id,
+        ));
+    }
     Ok((
-        success_body(&stored, &keys, batch),
-        stored.first().map(|p| p.event_id.clone()),
+        HookResponse::Ok(Json(success_body(&stored, &keys, batch))),
+        first_id,
     ))
 }
 
@@ -467,14 +515,15 @@ pub async fn read_body(
     }
 }
 
-/// Decode, map and score, with the pipeline's errors as API errors. Rules
-/// that read `history` get the user's, from the store.
+/// Decode, map and (when `score`) score, with the pipeline's errors as API
+/// errors. Rules that read `history` get the user's, from the store.
 pub async fn prepare(
     state: &AppState,
     config: &Config,
     src: &Source,
     req: &Request,
     bytes: &Bytes,
+    score: bool,
 ) -> Result<Vec<Prepared>, ApiError> {
     let mapped =
         pipeline::map_body(src, req.content_type(), bytes, Utc::now()).map_err(|e| match e {
@@ -496,6 +545,14 @@ pub async fn prepare(
     let wants_history = src.rules.iter().any(|r| r.uses_history);
     let mut out = Vec::with_capacity(mapped.len());
     for (event, raw) in mapped {
+        if !score {
+            out.push(Prepared {
+                event,
+                raw,
+                outcome: Ok(Vec::new()),
+            });
+            continue;
+        }
         let history = if wants_history && event.event_type.is_some() {
             state
                 .store

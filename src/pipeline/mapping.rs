@@ -220,7 +220,7 @@ pub struct Mapping {
 }
 
 /// The canonical event every source's payload is mapped to.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct CanonicalEvent {
     pub source: String,
     /// The dedupe key: the mapped id, else `sha256:<hex>` of the raw bytes.

@@ -7,6 +7,7 @@
 //! batch holding its events has committed. Exactly-once comes from the
 //! unique `(source, dedupe_key)` index, so it holds across processes too.
 
+mod queue;
 mod write;
 
 use std::str::FromStr;
@@ -20,7 +21,8 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
-pub use write::{EventStatus, Persisted};
+pub use queue::{Claimed, MAX_ATTEMPTS};
+pub use write::{status_of, EventStatus, Persisted};
 
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, HISTORY_DAYS, HISTORY_EVENTS};
@@ -189,9 +191,10 @@ impl Store {
         &self,
         namespace: &str,
         events: Vec<Prepared>,
+        queued: bool,
     ) -> Result<Vec<Persisted>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let job = write::Job::new(namespace, events, reply);
+        let job = write::Job::new(namespace, events, queued, reply);
         self.writer
             .send(job)
             .await

@@ -27,6 +27,8 @@ const RETRIES: usize = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStatus {
+    /// Stored, waiting for a worker (async sources).
+    Queued,
     Processed,
     Failed,
 }
@@ -34,6 +36,7 @@ pub enum EventStatus {
 impl EventStatus {
     pub fn as_str(self) -> &'static str {
         match self {
+            EventStatus::Queued => "queued",
             EventStatus::Processed => "processed",
             EventStatus::Failed => "failed",
         }
@@ -78,6 +81,7 @@ impl Job {
     pub fn new(
         namespace: &str,
         events: Vec<Prepared>,
+        queued: bool,
         reply: oneshot::Sender<Result<Vec<Persisted>, StoreError>>,
     ) -> Job {
         let now = chrono::Utc::now().timestamp_millis();
@@ -85,6 +89,7 @@ impl Job {
             .into_iter()
             .map(|prepared| {
                 let (status, error) = match &prepared.outcome {
+                    _ if queued => (EventStatus::Queued, None),
                     Ok(_) => (EventStatus::Processed, None),
                     Err(e) => (EventStatus::Failed, Some(e.to_string())),
                 };
@@ -105,6 +110,15 @@ impl Job {
             items,
             reply,
         }
+    }
+}
+
+/// A stored status as the API reports it (a claimed event is still queued).
+pub fn status_of(s: &str) -> EventStatus {
+    match s {
+        "processed" => EventStatus::Processed,
+        "failed" => EventStatus::Failed,
+        _ => EventStatus::Queued,
     }
 }
 
@@ -218,7 +232,7 @@ async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, St
                     .bind(&ev.object_id)
                     .bind(ev.occurred_at.timestamp_millis())
                     .bind(it.received_at)
-                    .bind(now)
+                    .bind((it.status != EventStatus::Queued).then_some(now))
                     .bind(it.status.as_str())
                     .bind(it.points)
                     .bind(&it.error)
@@ -251,7 +265,7 @@ async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, St
                     } else {
                         out.push(Persisted {
                             event_id: id,
-                            status: EventStatus::Processed,
+                            status: status_of(&status),
                             points: row.try_get("points")?,
                             duplicate: true,
                             processed_at: row.try_get::<Option<i64>, _>("processed_at")?.unwrap_or(now),
@@ -265,7 +279,7 @@ async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, St
                     let row = sqlx::query(EXISTING).bind(&ev.source).bind(&ev.event_id).fetch_one(&mut *tx).await?;
                     out.push(Persisted {
                         event_id,
-                        status: if row.try_get::<String, _>("status")? == "failed" { EventStatus::Failed } else { EventStatus::Processed },
+                        status: status_of(&row.try_get::<String, _>("status")?),
                         points: row.try_get("points")?,
                         duplicate: true,
                         processed_at: row.try_get::<Option<i64>, _>("processed_at")?.unwrap_or(now),

@@ -154,6 +154,16 @@ impl TestApp {
         self.server.url(path)
     }
 
+    /// A second server on the same store and config directory (another
+    /// instance behind the same load balancer).
+    pub async fn sibling(&self) -> Running {
+        let mut s = Settings::new(secrets());
+        s.listen = "127.0.0.1:0".into();
+        s.database_url = self.database_url.clone();
+        s.config_dir = self.config_dir.clone();
+        spawn(s).await.expect("second instance starts")
+    }
+
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
         let r = req.send().await.expect("request sent");
         let status = r.status().as_u16();

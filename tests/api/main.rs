@@ -9,4 +9,6 @@ mod hostile;
 mod ingest;
 mod logs;
 mod observability;
+mod queue;
+mod scale;
 mod surface;

@@ -1,0 +1,207 @@
+//! Async sources: stored first, answered 202, processed by workers.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn make_async(dir: &std::path::Path, rules: &str) {
+    let text = std::fs::read_to_string(dir.join("sources.d/custom.yaml")).unwrap();
+    let text = text.replace(
+        "rules: [course_completed, lesson_completed, quiz_passed]",
+        rules,
+    );
+    std::fs::write(
+        dir.join("sources.d/queued.yaml"),
+        format!("processing: async\n{text}"),
+    )
+    .unwrap();
+}
+
+/// Polls an event until its status is not `queued` (bounded).
+async fn settled(app: &TestApp, id: &str) -> serde_json::Value {
+    for _ in 0..200 {
+        let r = app.admin_get(&format!("/api/v1/events/{id}")).await;
+        if r.body["status"] != "queued" {
+            return r.body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("event {id} stayed queued");
+}
+
+#[tokio::test]
+async fn an_async_event_is_accepted_then_processed_once() {
+    let app = spawn_with(|d| make_async(d, "rules: [course_completed]")).await;
+    let ev = json!({"event_id": "q1", "event_type": "course.completed", "user_id": "qa"});
+    let r = app.bearer("queued", CUSTOM_TOKEN, &ev).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.body["status"], "accepted");
+    let id = r.body["event_id"].as_str().unwrap().to_string();
+    let done = settled(&app, &id).await;
+    assert_eq!(done["status"], "processed");
+    assert_eq!(done["points"], 50);
+    assert_eq!(app.user_points("queued", "qa").await, 50);
+    let again = app.bearer("queued", CUSTOM_TOKEN, &ev).await;
+    assert_eq!(
+        again.status, 200,
+        "a redelivery of a processed event is a duplicate: {}",
+        again.text
+    );
+    assert_eq!(again.body["duplicate"], true);
+    assert_eq!(again.body["event_id"], id.as_str());
+    let bad = app
+        .bearer("queued", CUSTOM_TOKEN, &json!({"event_id": "q2"}))
+        .await;
+    assert_error(&bad, 400, "VALIDATION_ERROR");
+}
+
+#[tokio::test]
+async fn a_failing_async_event_is_retried_then_failed_and_an_admin_can_retry_it() {
+    let app = spawn_with(|d| {
+        std::fs::write(
+            d.join("rules/boom.rhai"),
+            "if event.event_type == \"badge.earned\" { throw \"boom\" }",
+        )
+        .unwrap();
+        make_async(d, "rules: [boom]");
+    })
+    .await;
+    let ev = json!({"event_id": "f1", "event_type": "badge.earned", "user_id": "qf"});
+    let r = app.bearer("queued", CUSTOM_TOKEN, &ev).await;
+    assert_eq!(r.status, 202);
+    let id = r.body["event_id"].as_str().unwrap().to_string();
+    // Tries back off 1, 2, 4 s before the event rests as failed.
+    let mut failed = None;
+    for _ in 0..400 {
+        let e = app.admin_get(&format!("/api/v1/events/{id}")).await;
+        if e.body["status"] == "failed" {
+            failed = Some(e.body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = failed.expect("the event failed after its attempts");
+    assert!(failed["error"].as_str().unwrap().contains("boom"));
+    assert_eq!(
+        failed["attempts"], 5,
+        "the delivery and four worker tries: five attempts in all"
+    );
+    // The admin fixes the rule, reloads, and retries the event.
+    std::fs::write(
+        app.config_dir.join("rules/boom.rhai"),
+        "if event.event_type == \"badge.earned\" { 3 }",
+    )
+    .unwrap();
+    assert_eq!(
+        app.send(
+            app.client
+                .post(app.url("/api/admin/reload"))
+                .bearer_auth(ADMIN_TOKEN)
+        )
+        .await
+        .status,
+        200
+    );
+    let retry = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/admin/events/{id}/retry")))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(retry.status, 200, "{}", retry.text);
+    let done = settled(&app, &id).await;
+    assert_eq!(done["status"], "processed");
+    assert_eq!(app.user_points("queued", "qf").await, 3);
+    let nothing = app
+        .send(
+            app.client
+                .post(app.url(&format!("/api/admin/events/{id}/retry")))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await;
+    assert_error(&nothing, 404, "UNKNOWN_EVENT");
+}
+
+#[tokio::test]
+async fn a_queued_event_survives_a_kill_9_before_processing() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_config(tmp.path());
+    make_async(tmp.path(), "rules: [course_completed]");
+    let db = fresh_database(tmp.path()).await;
+    let dir = tmp.path().to_path_buf();
+    let launch = move |workers: &'static str| {
+        let (dir, db) = (dir.clone(), db.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
+                .arg("serve")
+                .env("ROCKET_LISTEN", "127.0.0.1:0")
+                .env("ROCKET_CONFIG_DIR", &dir)
+                .env("ROCKET_DATABASE_URL", &db)
+                .env("ROCKET_CUSTOM_TOKEN", CUSTOM_TOKEN)
+                .env("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN)
+                .env("ROCKET_WORKERS", workers)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+            loop {
+                let line = lines.next().expect("server log").unwrap();
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["message"] == "listening" {
+                    std::thread::spawn(move || lines.for_each(drop));
+                    return (v["addr"].as_str().unwrap().to_string(), child);
+                }
+            }
+        })
+    };
+    // No workers on the first instance: the event stays queued.
+    let (addr, mut first) = launch("0").await.unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://{addr}/api/public/hook/queued/event"))
+        .bearer_auth(CUSTOM_TOKEN)
+        .json(&json!({"event_id": "k1", "event_type": "course.completed", "user_id": "k9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["event_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+
+    let (addr, mut second) = launch("2").await.unwrap();
+    let mut status = String::new();
+    for _ in 0..200 {
+        let e: serde_json::Value = client
+            .get(format!("http://{addr}/api/v1/events/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status = e["status"].as_str().unwrap_or("").to_string();
+        if status == "processed" {
+            assert_eq!(e["points"], 50);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert_eq!(
+        status, "processed",
+        "the restarted instance picked the queued event up"
+    );
+}

@@ -1,0 +1,76 @@
+//! Several instances on one store behave as one.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn copies_of_one_event_raced_to_two_instances_award_once() {
+    let app = spawn_app().await;
+    let other = app.sibling().await;
+    let payload = serde_json::to_vec(&moodle_completion(9001, 90)).unwrap();
+    let post = |url: String| {
+        app.client
+            .post(url)
+            .bearer_auth(MOODLE_TOKEN)
+            .header("content-type", "application/json")
+            .body(payload.clone())
+            .send()
+    };
+    let mut sends = Vec::new();
+    for i in 0..30 {
+        let base = if i % 2 == 0 {
+            app.url("")
+        } else {
+            other.url("")
+        };
+        sends.push(post(format!("{base}/api/public/hook/moodle/event")));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut fresh = 0;
+    for r in futures_util::future::join_all(sends).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["points_awarded"], 50);
+        ids.insert(body["event_id"].as_str().unwrap().to_string());
+        if body.get("duplicate").is_none() {
+            fresh += 1;
+        }
+    }
+    assert_eq!(ids.len(), 1, "every copy names one event");
+    assert_eq!(
+        fresh, 1,
+        "one instance stored it, the other saw a duplicate"
+    );
+    assert_eq!(app.user_points("moodle", "90").await, 50);
+    // Both instances read the same totals and leaderboard.
+    let other_view = app
+        .send(
+            app.client
+                .get(other.url("/api/v1/users/moodle/90"))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(other_view.body["total_points"], 50);
+    let ev = json!({"event_id": "x1", "event_type": "lesson.completed", "user_id": "90"});
+    let r = app
+        .send(
+            app.client
+                .post(other.url("/api/public/hook/custom/event"))
+                .bearer_auth(CUSTOM_TOKEN)
+                .json(&ev),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let board = app.admin_get("/api/v1/leaderboard").await;
+    let board_other = app
+        .send(
+            app.client
+                .get(other.url("/api/v1/leaderboard"))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(board.body, board_other.body);
+    other.stop().await;
+}
