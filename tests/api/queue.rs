@@ -127,6 +127,8 @@ async fn a_failing_async_event_is_retried_then_failed_and_an_admin_can_retry_it(
 }
 
 #[tokio::test]
+// The children are killed and waited for at the end; a panic before that ends the test anyway.
+#[allow(clippy::zombie_processes)]
 async fn a_queued_event_survives_a_kill_9_before_processing() {
     let tmp = tempfile::tempdir().unwrap();
     copy_config(tmp.path());
