@@ -45,9 +45,29 @@ enum Cmd {
     },
     /// Print a new random secret: 32 bytes as hex.
     Token,
+    /// Replay stored events through the current rules and rewrite the ledger
+    /// and totals where the points changed; safe while the server serves.
+    Rescore(RescoreArgs),
     /// Sign a payload file with a source's scheme (secret from the env) and
     /// post it, retrying with exponential backoff that honours Retry-After.
     Send(SendArgs),
+}
+
+#[derive(clap::Args)]
+struct RescoreArgs {
+    /// Only events that occurred at or after this time (RFC 3339 or Unix seconds).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only this source's events.
+    #[arg(long)]
+    source: Option<String>,
+    /// Print what would change; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long, env = "ROCKET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    database_url: String,
+    #[arg(long, env = "ROCKET_CONFIG_DIR", default_value = ".")]
+    config_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -165,6 +185,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Check { config_dir } => check(&config_dir),
+        Cmd::Rescore(args) => match tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(rescore(args)))
+        {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Send(args) => match tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(send(args)))
@@ -237,6 +267,125 @@ fn check(dir: &std::path::Path) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
+    use rocket_rewards::pipeline::mapping::CanonicalEvent;
+    use rocket_rewards::pipeline::rules;
+    use rocket_rewards::store::rescore::Scope;
+    let config =
+        rocket_rewards::config::load(&args.config_dir, &SecretEnv::from_process(), DEFAULT_SOURCE)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = rocket_rewards::store::Store::connect(&args.database_url).await?;
+    let since_ms = match &args.since {
+        None => None,
+        Some(s) => Some(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.timestamp_millis())
+                .or_else(|_| s.parse::<i64>().map(|v| v * 1000))
+                .map_err(|_| anyhow::anyhow!("--since takes an RFC 3339 time or Unix seconds"))?,
+        ),
+    };
+    let scope = Scope {
+        source: args.source.clone(),
+        since_ms,
+    };
+    let (mut checked, mut changed, mut skipped, mut delta) = (0u64, 0u64, 0u64, 0i64);
+    let mut after = (i64::MIN, String::new());
+    loop {
+        let page = store.rescore_page(&scope, (after.0, &after.1), 500).await?;
+        let Some(last) = page.last() else { break };
+        after = (last.occurred_at, last.id.clone());
+        for ev in page {
+            checked += 1;
+            let Some(src) = config.source(&ev.source) else {
+                println!(
+                    "{} {}: source no longer configured; left as is",
+                    ev.id, ev.source
+                );
+                skipped += 1;
+                continue;
+            };
+            let canonical: CanonicalEvent = match serde_json::from_str(&ev.canonical) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!(
+                        "{} {}: canonical form unreadable ({e}); left as is",
+                        ev.id, ev.source
+                    );
+                    skipped += 1;
+                    continue;
+                }
+            };
+            let history = if src.rules.iter().any(|r| r.uses_history) {
+                store.history(&src.namespace, &canonical).await?
+            } else {
+                rules::History::default()
+            };
+            let awards = match rules::score(&config.engine, &src.rules, &canonical, &history) {
+                Ok(a) => a,
+                Err(e) => {
+                    println!("{} {}: {e}; left as is", ev.id, ev.source);
+                    skipped += 1;
+                    continue;
+                }
+            };
+            let new_points: i64 = awards.iter().map(|a| a.points).sum();
+            let old: Vec<(String, i64)> = store.awards_of(&ev.id).await?;
+            let new: Vec<(String, i64)> = awards
+                .iter()
+                .map(|a| (a.rule.to_string(), a.points))
+                .collect();
+            if old == new && ev.status == "processed" {
+                continue;
+            }
+            let user = ev.user_id.as_deref().unwrap_or("-");
+            println!(
+                "{} {} {}/{}: {} {} -> {} ({})",
+                ev.id,
+                ev.source,
+                ev.namespace,
+                user,
+                ev.status,
+                ev.points,
+                new_points,
+                new.iter()
+                    .map(|(r, p)| format!("{r} {p}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if args.dry_run {
+                changed += 1;
+                delta += new_points
+                    - if ev.status == "processed" {
+                        ev.points
+                    } else {
+                        0
+                    };
+            } else if store.rewrite_awards(&ev, &awards).await? {
+                changed += 1;
+                delta += new_points
+                    - if ev.status == "processed" {
+                        ev.points
+                    } else {
+                        0
+                    };
+            } else {
+                println!("{}: changed while rescoring; left to the server", ev.id);
+                skipped += 1;
+            }
+        }
+    }
+    println!(
+        "{checked} events checked, {changed} {}, {skipped} skipped, points {delta:+}",
+        if args.dry_run {
+            "would change"
+        } else {
+            "changed"
+        }
+    );
+    store.close().await;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {

@@ -8,6 +8,7 @@
 //! unique `(source, dedupe_key)` index, so it holds across processes too.
 
 mod queue;
+pub mod rescore;
 mod write;
 
 use std::str::FromStr;

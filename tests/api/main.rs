@@ -10,5 +10,6 @@ mod ingest;
 mod logs;
 mod observability;
 mod queue;
+mod rescore;
 mod scale;
 mod surface;

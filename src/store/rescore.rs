@@ -1,0 +1,135 @@
+//! Replaying stored events through the current rules (an admin changed a
+//! rule): each changed event's ledger entries, points and its user's total
+//! are rewritten in one transaction of its own, guarded by the values read,
+//! so it is safe while the server serves (a concurrent change wins; the
+//! event is reported as skipped).
+
+use sqlx::Row;
+
+use super::{with_pool, Store, StoreError};
+use crate::pipeline::rules::Award;
+
+/// A stored event as rescoring reads it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: String,
+    pub source: String,
+    pub namespace: String,
+    pub user_id: Option<String>,
+    pub course_id: Option<String>,
+    pub occurred_at: i64,
+    pub status: String,
+    pub points: i64,
+    pub canonical: String,
+}
+
+/// Filters for a rescore.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub source: Option<String>,
+    pub since_ms: Option<i64>,
+}
+
+const PAGE: &str = "SELECT id, source, namespace, user_id, course_id, occurred_at, status, points, canonical \
+    FROM events WHERE status IN ('processed', 'failed') AND (occurred_at > $1 OR (occurred_at = $1 AND id > $2)) \
+    AND occurred_at >= $3 AND ($4 = '' OR source = $4) ORDER BY occurred_at, id LIMIT $5";
+const GUARD: &str = "UPDATE events SET status = 'processed', points = $1, error = NULL WHERE id = $2 AND status = $3 AND points = $4";
+const DELETE_LEDGER: &str = "DELETE FROM ledger WHERE event_id = $1";
+const INSERT_LEDGER: &str =
+    "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, \
+    occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+const ADJUST_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, $4, $5) \
+    ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
+    events = totals.events + excluded.events, updated_at = excluded.updated_at";
+const AWARDS: &str = "SELECT rule, points FROM ledger WHERE event_id = $1 ORDER BY id";
+
+impl Store {
+    /// The next page of events after `(after_ms, after_id)`, oldest first.
+    pub async fn rescore_page(
+        &self,
+        scope: &Scope,
+        after: (i64, &str),
+        limit: i64,
+    ) -> Result<Vec<Stored>, StoreError> {
+        with_pool!(&self.pool, p => {
+            let rows = sqlx::query(PAGE)
+                .bind(after.0)
+                .bind(after.1)
+                .bind(scope.since_ms.unwrap_or(i64::MIN))
+                .bind(scope.source.as_deref().unwrap_or(""))
+                .bind(limit)
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Stored {
+                        id: r.try_get("id")?,
+                        source: r.try_get("source")?,
+                        namespace: r.try_get("namespace")?,
+                        user_id: r.try_get("user_id")?,
+                        course_id: r.try_get("course_id")?,
+                        occurred_at: r.try_get("occurred_at")?,
+                        status: r.try_get("status")?,
+                        points: r.try_get("points")?,
+                        canonical: r.try_get("canonical")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// An event's ledger entries as (rule, points).
+    pub async fn awards_of(&self, id: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        with_pool!(&self.pool, p => {
+            let rows = sqlx::query(AWARDS).bind(id).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("rule")?, r.try_get("points")?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// Replaces an event's awards. False when the event changed since it was
+    /// read (nothing written).
+    pub async fn rewrite_awards(&self, ev: &Stored, awards: &[Award]) -> Result<bool, StoreError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let points: i64 = awards.iter().map(|a| a.points).sum();
+        with_pool!(&self.pool, p => {
+            let mut tx = p.begin().await?;
+            let guarded = sqlx::query(GUARD).bind(points).bind(&ev.id).bind(&ev.status).bind(ev.points).execute(&mut *tx).await?;
+            if guarded.rows_affected() != 1 {
+                return Ok(false);
+            }
+            sqlx::query(DELETE_LEDGER).bind(&ev.id).execute(&mut *tx).await?;
+            if let Some(user) = &ev.user_id {
+                for a in awards {
+                    sqlx::query(INSERT_LEDGER)
+                        .bind(&ev.id)
+                        .bind(&ev.namespace)
+                        .bind(user)
+                        .bind(&ev.course_id)
+                        .bind(a.rule.as_ref())
+                        .bind(a.points)
+                        .bind(&a.reason)
+                        .bind(ev.occurred_at)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                // A failed event's points were never in the total, nor was it counted.
+                let (old, counted) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
+                sqlx::query(ADJUST_TOTAL)
+                    .bind(&ev.namespace)
+                    .bind(user)
+                    .bind(points - old)
+                    .bind(counted)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+}

@@ -1,0 +1,124 @@
+//! `rocket-rewards rescore` after a rule change gives the ledger that fresh
+//! ingestion of the same events under the new rule gives.
+
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+async fn ingest_all(app: &TestApp) {
+    for (i, user) in [8774, 8775, 8774].iter().enumerate() {
+        let r = app
+            .bearer(
+                "moodle",
+                MOODLE_TOKEN,
+                &moodle_completion(100 + i as i64, *user),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    for (id, kind, user) in [
+        ("a", "lesson.completed", "u1"),
+        ("b", "quiz.passed", "u1"),
+        ("c", "lesson.completed", "u2"),
+        ("d", "badge.earned", "u2"),
+    ] {
+        let ev = json!({"event_id": id, "event_type": kind, "user_id": user, "course_id": "c9"});
+        assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev).await.status, 200);
+    }
+}
+
+fn change_rules(dir: &std::path::Path) {
+    let p = dir.join("rules/course_completed.rhai");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("points: 50", "points: 60")).unwrap();
+    std::fs::write(
+        dir.join("rules/lesson_completed.rhai"),
+        "if event.event_type == \"lesson.completed\" { 12 }",
+    )
+    .unwrap();
+}
+
+async fn standings(app: &TestApp) -> serde_json::Value {
+    let board = app.admin_get("/api/v1/leaderboard?limit=100").await.body;
+    let mut users = Vec::new();
+    for (ns, u) in [
+        ("moodle", "8774"),
+        ("moodle", "8775"),
+        ("custom", "u1"),
+        ("custom", "u2"),
+    ] {
+        let r = app.admin_get(&format!("/api/v1/users/{ns}/{u}")).await.body;
+        let mut recent: Vec<(String, i64)> = r["recent"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["rule"].as_str().unwrap().to_string(),
+                    e["points"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        recent.sort();
+        users.push(json!([ns, u, r["total_points"], r["event_count"], recent]));
+    }
+    json!({"board": board, "users": users})
+}
+
+#[tokio::test]
+async fn rescore_after_a_rule_change_equals_fresh_ingestion() {
+    let app = spawn_app().await;
+    ingest_all(&app).await;
+    let before = standings(&app).await;
+    change_rules(&app.config_dir);
+    let run = |dry: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"));
+        cmd.arg("rescore")
+            .arg("--config-dir")
+            .arg(&app.config_dir)
+            .arg("--database-url")
+            .arg(&app.database_url);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        cmd
+    };
+    let mut dry = run(true);
+    let out = tokio::task::spawn_blocking(move || dry.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("7 events checked, 5 would change"), "{text}");
+    assert_eq!(standings(&app).await, before, "a dry run writes nothing");
+
+    // While the server serves.
+    let mut real = run(false);
+    let out = tokio::task::spawn_blocking(move || real.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("5 changed, 0 skipped, points +34"), "{text}");
+    assert!(text.contains("50 -> 60 (course_completed 60)"), "{text}");
+
+    let fresh = spawn_with(change_rules).await;
+    ingest_all(&fresh).await;
+    assert_eq!(standings(&app).await, standings(&fresh).await);
+    // Nothing left to change.
+    let mut again = run(false);
+    let out = tokio::task::spawn_blocking(move || again.output().unwrap())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 changed"));
+}
