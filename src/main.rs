@@ -354,15 +354,7 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            if args.dry_run {
-                changed += 1;
-                delta += new_points
-                    - if ev.status == "processed" {
-                        ev.points
-                    } else {
-                        0
-                    };
-            } else if store.rewrite_awards(&ev, &awards).await? {
+            if args.dry_run || store.rewrite_awards(&ev, &awards).await? {
                 changed += 1;
                 delta += new_points
                     - if ev.status == "processed" {
