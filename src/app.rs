@@ -81,6 +81,7 @@ impl AppState {
                 .map(|t| token_digest(t.expose().as_bytes()))
                 .collect()
         };
+        let levels = LevelCurve::new(settings.level_base, settings.level_coefficient);
         let metrics = Metrics::new();
         metrics.sources_loaded.set(config.sources.len() as i64);
         metrics.init_series(&config);
@@ -96,7 +97,7 @@ impl AppState {
             config: ArcSwap::from_pointee(config),
             store,
             metrics,
-            levels: LevelCurve::default(),
+            levels,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             queue_ready: tokio::sync::Notify::new(),

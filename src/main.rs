@@ -148,6 +148,12 @@ struct ServeArgs {
     /// Workers processing async sources' queued events (0: none on this instance).
     #[arg(long, env = "ROCKET_WORKERS", default_value_t = 2)]
     workers: usize,
+    /// Level curve: points of the first level step (Level Up XP's default 120).
+    #[arg(long, env = "ROCKET_LEVEL_BASE", default_value_t = 120.0)]
+    level_base: f64,
+    /// Level curve: each step is the previous one times this (default 1.3).
+    #[arg(long, env = "ROCKET_LEVEL_COEFFICIENT", default_value_t = 1.3)]
+    level_coefficient: f64,
     /// Seconds an idle keep-alive connection stays open.
     #[arg(long, env = "ROCKET_IDLE_TIMEOUT", default_value_t = 120)]
     idle_timeout: u64,
@@ -508,6 +514,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         watch_config: args.watch_config,
         workers: args.workers,
+        level_base: args.level_base,
+        level_coefficient: args.level_coefficient,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

@@ -161,6 +161,9 @@ pub struct Settings {
     pub watch_config: bool,
     /// Workers processing async sources' queued events (0: none here).
     pub workers: usize,
+    /// The level curve: the points of the first step and the factor of each next one.
+    pub level_base: f64,
+    pub level_coefficient: f64,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -186,6 +189,8 @@ impl Settings {
             idle_timeout: Duration::from_secs(120),
             watch_config: false,
             workers: 2,
+            level_base: 120.0,
+            level_coefficient: 1.3,
         }
     }
 

@@ -274,3 +274,25 @@ async fn rules_with_history_give_first_completion_bonuses_cooldowns_and_streaks(
         75 + 50 + 75 + 10 + 20 + 25 + 10
     );
 }
+
+#[tokio::test]
+async fn the_level_curve_is_configurable() {
+    let app = spawn_custom(
+        |_| {},
+        |s| {
+            s.level_base = 10.0;
+            s.level_coefficient = 2.0;
+        },
+    )
+    .await;
+    app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 3))
+        .await;
+    let r = app.admin_get("/api/v1/users/moodle/3").await;
+    // Steps 10, 20, 40: thresholds 0, 10, 30, 70.
+    assert_eq!(
+        (r.body["level"].as_i64(), r.body["next_level_at"].as_i64()),
+        (Some(3), Some(70)),
+        "{}",
+        r.text
+    );
+}
