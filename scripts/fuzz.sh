@@ -77,9 +77,9 @@ for t in "${TARGETS[@]}"; do
     -print_final_stats=1 >"$log" 2>&1
   rc=$?
   set -e
-  runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -n1 || true)
-  [ -n "$runs" ] || runs=$(grep -oE '^Done [0-9]+ runs' "$log" | grep -oE '[0-9]+' | tail -n1 || true)
-  status=$(grep -E '^#[0-9]+' "$log" | tail -n1)
+  runs=$(grep -aoE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -aoE '[0-9]+$' | tail -n1 || true)
+  [ -n "$runs" ] || runs=$(grep -aoE '^Done [0-9]+ runs' "$log" | grep -aoE '[0-9]+' | tail -n1 || true)
+  status=$(grep -aE '^#[0-9]+' "$log" | tail -n1 || true)
   echo "   executions: ${runs:-?}"
   echo "   last status: ${status:-?}"
   echo "   corpus: $(find "$corpus" -type f | wc -l) files"
@@ -87,7 +87,7 @@ for t in "${TARGETS[@]}"; do
   if [ "$rc" -ne 0 ] || [ "$after" -gt "$before" ]; then
     failed+=("$t")
     echo "   FAIL (exit $rc)"
-    grep -E "panicked at|^thread '|ERROR: libFuzzer|SUMMARY|deadly signal|timeout after" "$log" | head -n 20 | sed 's/^/   | /'
+    grep -aE "panicked at|^thread '|ERROR: libFuzzer|SUMMARY|deadly signal|timeout after" "$log" | head -n 20 | sed 's/^/   | /' || true
     newest=$(ls -t "$artifacts"/* 2>/dev/null | head -n1 || true)
     if [ -n "$newest" ]; then
       echo "   artifact: ${newest#"$ROOT"/}"
@@ -103,7 +103,7 @@ for t in "${TARGETS[@]}"; do
         set +e
         nice cargo fuzz run "$t" -s "$SAN" -a "$min" >"$LOGS/$t-repro.log" 2>&1
         set -e
-        grep -E "panicked at" -A 2 "$LOGS/$t-repro.log" | head -n 6 | sed 's/^/   | /'
+        grep -aE "panicked at" -A 2 "$LOGS/$t-repro.log" | head -n 6 | sed 's/^/   | /' || true
       fi
     fi
   else

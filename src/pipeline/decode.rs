@@ -35,14 +35,19 @@ pub const MAX_BATCH: usize = 1000;
 /// Picks the decoder for a `Content-Type` value (parameters ignored), or
 /// `None` when the type is neither JSON nor a form.
 pub fn format_of(content_type: &str) -> Option<BodyFormat> {
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/json")
-        || (essence.len() > 5
-            && essence[..essence.len() - 5].contains('/')
-            && essence[essence.len() - 5..].eq_ignore_ascii_case("+json"))
-    {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .as_bytes();
+    // Bytes, not chars: a slice of a str could land inside a multi-byte character.
+    let structured_json = essence.len() > 5
+        && essence[..essence.len() - 5].contains(&b'/')
+        && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json");
+    if essence.eq_ignore_ascii_case(b"application/json") || structured_json {
         Some(BodyFormat::Json)
-    } else if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+    } else if essence.eq_ignore_ascii_case(b"application/x-www-form-urlencoded") {
         Some(BodyFormat::Form)
     } else {
         None
@@ -186,6 +191,9 @@ mod tests {
         assert_eq!(format_of("text/plain"), None);
         assert_eq!(format_of("+json"), None);
         assert_eq!(format_of(""), None);
+        // Found by the fuzzer: multi-byte characters near the end.
+        assert_eq!(format_of("\u{fffd}\u{fffd}"), None);
+        assert_eq!(format_of("a/\u{e9}json"), None);
     }
 
     #[test]

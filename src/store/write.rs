@@ -6,6 +6,7 @@
 //! If a grouped transaction fails, each request is retried in a transaction
 //! of its own, so one bad request never fails its neighbours.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -195,64 +196,88 @@ fn is_transient(e: &StoreError) -> bool {
     }
 }
 
-const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, \
-    user_id, course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-    ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id";
+/// Rows per multi-row statement: well under SQLite's 32766 bound parameters.
+const EVENT_ROWS: usize = 500;
+const LEDGER_ROWS: usize = 1000;
+
 const EXISTING: &str = "SELECT id, status, points, processed_at, error FROM events WHERE source = $1 AND dedupe_key = $2";
 const RESCORE: &str =
     "UPDATE events SET status = $1, points = $2, error = $3, processed_at = $4, canonical = $5, \
-    attempts = attempts + 1 WHERE id = $6 AND status = 'failed'";
-const INSERT_LEDGER: &str =
-    "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, \
-    occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-const UPSERT_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, 1, $4) \
-    ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
-    events = totals.events + 1, updated_at = excluded.updated_at";
+    attempts = attempts + 1, next_attempt_at = 0 WHERE id = $6 AND status = 'failed'";
 
-/// Writes the jobs in one transaction; results in job order.
+/// An award to write, with the event it belongs to.
+struct LedgerRow<'a> {
+    event_id: String,
+    namespace: &'a str,
+    user: &'a str,
+    course: &'a Option<String>,
+    award: &'a crate::pipeline::rules::Award,
+    occurred_at: i64,
+}
+
+/// Writes the jobs in one transaction with a handful of multi-row
+/// statements (events, then ledger, then totals); results in job order.
+/// Redeliveries (rows the insert skipped) are resolved one by one: they are
+/// rare, and a failed event among them is re-scored.
 async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
+    let items: Vec<(&str, &Item)> = jobs
+        .iter()
+        .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
+        .collect();
     with_pool!(pool, p => {
         let mut tx = p.begin().await?;
+        let mut inserted: HashSet<String> = HashSet::with_capacity(items.len());
+        for chunk in items.chunks(EVENT_ROWS) {
+            let mut qb = sqlx::QueryBuilder::new(
+                "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
+                 course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw) ",
+            );
+            qb.push_values(chunk, |mut b, (ns, it)| {
+                let ev = &it.prepared.event;
+                b.push_bind(&it.id)
+                    .push_bind(&ev.source)
+                    .push_bind(&ev.event_id)
+                    .push_bind(*ns)
+                    .push_bind(&ev.event_type)
+                    .push_bind(&ev.vendor_event_type)
+                    .push_bind(&ev.user_id)
+                    .push_bind(&ev.course_id)
+                    .push_bind(&ev.object_id)
+                    .push_bind(ev.occurred_at.timestamp_millis())
+                    .push_bind(it.received_at)
+                    .push_bind((it.status != EventStatus::Queued).then_some(now))
+                    .push_bind(it.status.as_str())
+                    .push_bind(it.points)
+                    .push_bind(&it.error)
+                    .push_bind(&it.canonical)
+                    .push_bind(it.prepared.raw.as_ref());
+            });
+            qb.push(" ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id");
+            for row in qb.build().fetch_all(&mut *tx).await? {
+                inserted.insert(row.try_get("id")?);
+            }
+        }
+
+        let mut ledger: Vec<LedgerRow> = Vec::new();
+        let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
         let mut results = Vec::with_capacity(jobs.len());
+        let mut next = items.iter();
         for job in jobs {
             let mut out = Vec::with_capacity(job.items.len());
-            for it in &job.items {
+            for _ in &job.items {
+                let Some((ns, it)) = next.next() else { break };
                 let ev = &it.prepared.event;
-                let inserted = sqlx::query(INSERT_EVENT)
-                    .bind(&it.id)
-                    .bind(&ev.source)
-                    .bind(&ev.event_id)
-                    .bind(&job.namespace)
-                    .bind(&ev.event_type)
-                    .bind(&ev.vendor_event_type)
-                    .bind(&ev.user_id)
-                    .bind(&ev.course_id)
-                    .bind(&ev.object_id)
-                    .bind(ev.occurred_at.timestamp_millis())
-                    .bind(it.received_at)
-                    .bind((it.status != EventStatus::Queued).then_some(now))
-                    .bind(it.status.as_str())
-                    .bind(it.points)
-                    .bind(&it.error)
-                    .bind(&it.canonical)
-                    .bind(it.prepared.raw.as_ref())
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let (event_id, fresh) = if inserted.is_some() {
-                    (it.id.clone(), true)
+                let event_id = if inserted.contains(&it.id) {
+                    it.id.clone()
                 } else {
-                    let row = sqlx::query(EXISTING)
-                        .bind(&ev.source)
-                        .bind(&ev.event_id)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                    let row = sqlx::query(EXISTING).bind(&ev.source).bind(&ev.event_id).fetch_one(&mut *tx).await?;
                     let id: String = row.try_get("id")?;
                     let status: String = row.try_get("status")?;
-                    if status == "failed" {
-                        // A failed event is re-scored when delivered again.
-                        let updated = sqlx::query(RESCORE)
+                    // A failed event is re-scored when delivered again; anything
+                    // else (or one another instance re-scored first) is a duplicate.
+                    let rescored = status == "failed"
+                        && sqlx::query(RESCORE)
                             .bind(it.status.as_str())
                             .bind(it.points)
                             .bind(&it.error)
@@ -260,57 +285,41 @@ async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, St
                             .bind(&it.canonical)
                             .bind(&id)
                             .execute(&mut *tx)
-                            .await?;
-                        (id, updated.rows_affected() == 1)
-                    } else {
+                            .await?
+                            .rows_affected()
+                            == 1;
+                    if !rescored {
+                        let row = if status == "failed" {
+                            sqlx::query(EXISTING).bind(&ev.source).bind(&ev.event_id).fetch_one(&mut *tx).await?
+                        } else {
+                            row
+                        };
                         out.push(Persisted {
                             event_id: id,
-                            status: status_of(&status),
+                            status: status_of(&row.try_get::<String, _>("status")?),
                             points: row.try_get("points")?,
                             duplicate: true,
                             processed_at: row.try_get::<Option<i64>, _>("processed_at")?.unwrap_or(now),
-                            error: None,
+                            error: row.try_get("error")?,
                         });
                         continue;
                     }
+                    id
                 };
-                if !fresh {
-                    // Another instance re-scored it between our read and update.
-                    let row = sqlx::query(EXISTING).bind(&ev.source).bind(&ev.event_id).fetch_one(&mut *tx).await?;
-                    out.push(Persisted {
-                        event_id,
-                        status: status_of(&row.try_get::<String, _>("status")?),
-                        points: row.try_get("points")?,
-                        duplicate: true,
-                        processed_at: row.try_get::<Option<i64>, _>("processed_at")?.unwrap_or(now),
-                        error: row.try_get("error")?,
-                    });
-                    continue;
-                }
-                if let (Ok(awards), Some(user)) = (&it.prepared.outcome, &ev.user_id) {
-                    for a in awards {
-                        sqlx::query(INSERT_LEDGER)
-                            .bind(&event_id)
-                            .bind(&job.namespace)
-                            .bind(user)
-                            .bind(&ev.course_id)
-                            .bind(a.rule.as_ref())
-                            .bind(a.points)
-                            .bind(&a.reason)
-                            .bind(ev.occurred_at.timestamp_millis())
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
+                if let (Ok(awards), Some(user), EventStatus::Processed) = (&it.prepared.outcome, &ev.user_id, it.status) {
+                    for award in awards {
+                        ledger.push(LedgerRow {
+                            event_id: event_id.clone(),
+                            namespace: ns,
+                            user,
+                            course: &ev.course_id,
+                            award,
+                            occurred_at: ev.occurred_at.timestamp_millis(),
+                        });
                     }
-                    if it.status == EventStatus::Processed {
-                        sqlx::query(UPSERT_TOTAL)
-                            .bind(&job.namespace)
-                            .bind(user)
-                            .bind(it.points)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                    let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
+                    t.0 += it.points;
+                    t.1 += 1;
                 }
                 out.push(Persisted {
                     event_id,
@@ -322,6 +331,37 @@ async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, St
                 });
             }
             results.push(out);
+        }
+
+        for chunk in ledger.chunks(LEDGER_ROWS) {
+            let mut qb = sqlx::QueryBuilder::new(
+                "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at) ",
+            );
+            qb.push_values(chunk, |mut b, r| {
+                b.push_bind(&r.event_id)
+                    .push_bind(r.namespace)
+                    .push_bind(r.user)
+                    .push_bind(r.course)
+                    .push_bind(r.award.rule.as_ref())
+                    .push_bind(r.award.points)
+                    .push_bind(&r.award.reason)
+                    .push_bind(r.occurred_at)
+                    .push_bind(now);
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        // Keys in sorted order: instances on PostgreSQL lock totals rows alike.
+        let totals: Vec<_> = totals.into_iter().collect();
+        for chunk in totals.chunks(LEDGER_ROWS) {
+            let mut qb = sqlx::QueryBuilder::new("INSERT INTO totals (namespace, user_id, points, events, updated_at) ");
+            qb.push_values(chunk, |mut b, ((ns, user), (points, events))| {
+                b.push_bind(*ns).push_bind(*user).push_bind(*points).push_bind(*events).push_bind(now);
+            });
+            qb.push(
+                " ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
+                 events = totals.events + excluded.events, updated_at = excluded.updated_at",
+            );
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(results)
