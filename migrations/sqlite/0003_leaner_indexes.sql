@@ -4,3 +4,6 @@
 DROP INDEX events_received;
 DROP INDEX events_queue;
 CREATE INDEX events_queue ON events (next_attempt_at) WHERE status IN ('queued', 'processing');
+-- The overall leaderboard orders by points, then namespace and user.
+DROP INDEX totals_rank;
+CREATE INDEX totals_rank ON totals (points DESC, namespace, user_id);

@@ -3,6 +3,7 @@
 
 mod analytics;
 mod config;
+mod crash;
 mod guide;
 mod helpers;
 mod hostile;
