@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::helpers::*;
 
+// The caller kills and waits for the child.
+#[allow(clippy::zombie_processes)]
 fn start(dir: &std::path::Path, db: &str) -> (String, Child) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
         .arg("serve")
