@@ -418,10 +418,11 @@ pub fn compile_source(
     })?;
     let mut errors = Vec::new();
     let mut fail = |keys: &[&str], message: String| {
+        let at = locate_at(text, keys);
         errors.push(ConfigError {
             file: file.to_path_buf(),
-            line: locate(text, keys),
-            column: None,
+            line: at.map(|(l, _)| l),
+            column: at.map(|(_, c)| c),
             key: keys.join("."),
             message,
         });
@@ -540,16 +541,9 @@ pub fn compile_source(
     }
     let mut allow_ips = Vec::new();
     for cidr in &raw.allow_ips {
-        // A bare address is a single-host network.
-        let parsed = cidr
-            .parse::<IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
-        match parsed {
+        match crate::settings::parse_network(cidr) {
             Ok(n) => allow_ips.push(n),
-            Err(_) => fail(
-                &["allow_ips"],
-                format!("{cidr:?} is not a CIDR network or address"),
-            ),
+            Err(e) => fail(&["allow_ips"], e),
         }
     }
     let proxy_headers = raw
@@ -746,6 +740,11 @@ pub fn compile_source(
 /// searched below the previous one, at a deeper indentation. Good enough for
 /// block-style YAML, which is what config files are; `None` if not found.
 pub fn locate(text: &str, keys: &[&str]) -> Option<usize> {
+    locate_at(text, keys).map(|(line, _)| line)
+}
+
+/// Like [`locate`], with the 1-based column where the key starts.
+pub fn locate_at(text: &str, keys: &[&str]) -> Option<(usize, usize)> {
     let lines: Vec<&str> = text.lines().collect();
     let mut start = 0;
     let mut min_indent = 0usize;
@@ -778,7 +777,9 @@ pub fn locate(text: &str, keys: &[&str]) -> Option<usize> {
         }
         match hit {
             Some((i, next_indent)) => {
-                found = Some(i + 1);
+                let line = lines[i];
+                let col = line.len() - line.trim_start().trim_start_matches("- ").len() + 1;
+                found = Some((i + 1, col));
                 start = i + 1;
                 min_indent = next_indent;
             }

@@ -132,6 +132,11 @@ pub struct Stats {
     pub points_per_day: Vec<(String, i64)>,
 }
 
+/// One ledger row (the group-commit writer builds its own multi-row form).
+pub(crate) const INSERT_LEDGER: &str =
+    "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, \
+    reason, occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
 /// How many writer tasks drain the queue: one for SQLite (a single writer is
 /// what SQLite wants), a few for PostgreSQL.
 const SQLITE_WRITERS: usize = 1;

@@ -7,7 +7,7 @@
 
 use sqlx::Row;
 
-use super::{with_pool, Pool, Store, StoreError};
+use super::{with_pool, Pool, Store, StoreError, INSERT_LEDGER};
 use crate::pipeline::rules::Award;
 
 /// Attempts (the delivery counts as the first) before a failing event rests as `failed`.
@@ -38,9 +38,6 @@ const DONE: &str =
     "UPDATE events SET status = 'processed', points = $1, error = NULL, processed_at = $2, \
     claim = NULL WHERE id = $3 AND claim = $4 AND status = 'processing'";
 const USER_OF: &str = "SELECT user_id, course_id, occurred_at FROM events WHERE id = $1";
-const INSERT_LEDGER: &str =
-    "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, \
-    occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 const UPSERT_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, 1, $4) \
     ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
     events = totals.events + 1, updated_at = excluded.updated_at";

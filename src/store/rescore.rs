@@ -6,7 +6,7 @@
 
 use sqlx::Row;
 
-use super::{with_pool, Store, StoreError};
+use super::{with_pool, Store, StoreError, INSERT_LEDGER};
 use crate::pipeline::rules::Award;
 
 /// A stored event as rescoring reads it.
@@ -35,9 +35,6 @@ const PAGE: &str = "SELECT id, source, namespace, user_id, course_id, occurred_a
     AND occurred_at >= $3 AND ($4 = '' OR source = $4) ORDER BY occurred_at, id LIMIT $5";
 const GUARD: &str = "UPDATE events SET status = 'processed', points = $1, error = NULL WHERE id = $2 AND status = $3 AND points = $4";
 const DELETE_LEDGER: &str = "DELETE FROM ledger WHERE event_id = $1";
-const INSERT_LEDGER: &str =
-    "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, \
-    occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 const ADJUST_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, $4, $5) \
     ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
     events = totals.events + excluded.events, updated_at = excluded.updated_at";
