@@ -54,7 +54,7 @@ fn serve_refuses_a_broken_config_listing_every_error_with_file_and_line() {
         .unwrap()
         + 1;
     assert!(
-        stderr.contains(&format!("custom.yaml:{custom_line}: fields.user_id")),
+        stderr.contains(&format!("custom.yaml:{custom_line}:3: fields.user_id")),
         "{stderr}"
     );
     assert!(!tmp.path().join("x.db").exists(), "nothing was created");
