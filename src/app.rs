@@ -237,6 +237,14 @@ impl AppState {
         }
     }
 
+    /// A store failure as the client sees it: counted, logged with its
+    /// cause, answered as an opaque 500.
+    pub fn store_failed(&self, e: &crate::store::StoreError, what: &str) -> ApiError {
+        self.metrics.store_errors.inc();
+        tracing::error!(error = %e, "{what} failed");
+        ApiError::internal(None)
+    }
+
     /// Metrics and the one log line of a hook request.
     pub fn observe(
         &self,

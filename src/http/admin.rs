@@ -119,11 +119,7 @@ impl AdminApi {
                 "UNKNOWN_EVENT",
                 "no failed event with this id is stored",
             )),
-            Err(e) => {
-                state.metrics.store_errors.inc();
-                tracing::error!(error = %e, "retry failed");
-                Err(ApiError::internal(None))
-            }
+            Err(e) => Err(state.store_failed(&e, "retry")),
         }
     }
 

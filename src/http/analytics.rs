@@ -144,12 +144,6 @@ fn parse_time(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
     }
 }
 
-fn store_error(e: crate::store::StoreError, state: &AppState) -> ApiError {
-    state.metrics.store_errors.inc();
-    tracing::error!(error = %e, "store read failed");
-    ApiError::internal(None)
-}
-
 // The leaderboard takes one documented query parameter each.
 #[allow(clippy::too_many_arguments)]
 #[OpenApi(tag = "ApiTags::Analytics")]
@@ -178,7 +172,7 @@ impl AnalyticsApi {
             .store
             .user(&source.0, &user_id.0, limit)
             .await
-            .map_err(|e| store_error(e, &state))?;
+            .map_err(|e| state.store_failed(&e, "store read"))?;
         let curve = &state.levels;
         Ok(Json(UserView {
             source: source.0,
@@ -208,7 +202,7 @@ impl AnalyticsApi {
             .store
             .event(&event_id.0)
             .await
-            .map_err(|e| store_error(e, &state))?
+            .map_err(|e| state.store_failed(&e, "store read"))?
             .ok_or_else(|| {
                 ApiError::not_found("UNKNOWN_EVENT", "no event with this id is stored")
             })?;
@@ -262,7 +256,7 @@ impl AnalyticsApi {
             .store
             .leaderboard(&q)
             .await
-            .map_err(|e| store_error(e, &state))?;
+            .map_err(|e| state.store_failed(&e, "store read"))?;
         let mut entries = Vec::with_capacity(rows.len());
         let mut rank = 0;
         let mut prev = None;
@@ -297,7 +291,7 @@ impl AnalyticsApi {
             .store
             .stats(since)
             .await
-            .map_err(|e| store_error(e, &state))?;
+            .map_err(|e| state.store_failed(&e, "store read"))?;
         Ok(Json(StatsView {
             events: s
                 .events

@@ -371,11 +371,7 @@ async fn ingest_into(
         .store
         .ingest(&src.namespace, prepared, queued)
         .await
-        .map_err(|e| {
-            state.metrics.store_errors.inc();
-            tracing::error!(source = %src.name, error = %e, "store write failed");
-            ApiError::internal(None)
-        })?;
+        .map_err(|e| state.store_failed(&e, "store write"))?;
     for (p, label) in stored.iter().zip(&labels) {
         if p.duplicate {
             state
@@ -558,11 +554,7 @@ pub async fn prepare(
                 .store
                 .history(&src.namespace, &event)
                 .await
-                .map_err(|e| {
-                    state.metrics.store_errors.inc();
-                    tracing::error!(source = %src.name, error = %e, "history read failed");
-                    ApiError::internal(None)
-                })?
+                .map_err(|e| state.store_failed(&e, "history read"))?
         } else {
             History::default()
         };
