@@ -1,39 +1,22 @@
 //! Crash safety: the real binary under load from several clients, killed
 //! with SIGKILL mid-load and restarted, has every acknowledged event.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::helpers::*;
 
-// The caller kills and waits for the child.
-#[allow(clippy::zombie_processes)]
-fn start(dir: &std::path::Path, db: &str) -> (String, Child) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
-        .arg("serve")
-        .env("ROCKET_LISTEN", "127.0.0.1:0")
-        .env("ROCKET_CONFIG_DIR", dir)
-        .env("ROCKET_DATABASE_URL", db)
-        .env("ROCKET_MOODLE_TOKEN", MOODLE_TOKEN)
-        .env("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("ROCKET_RATE_LIMITS", "off")
-        .env("ROCKET_LOG", "warn,rocket_rewards::app=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("server log").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            std::thread::spawn(move || lines.for_each(drop));
-            return (v["addr"].as_str().unwrap().to_string(), child);
-        }
-    }
+fn start(dir: &std::path::Path, db: &str) -> (String, std::process::Child) {
+    start_binary(
+        dir,
+        db,
+        &[
+            ("ROCKET_MOODLE_TOKEN", MOODLE_TOKEN),
+            ("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("ROCKET_RATE_LIMITS", "off"),
+            ("ROCKET_LOG", "warn,rocket_rewards::app=info"),
+        ],
+    )
 }
 
 #[tokio::test]

@@ -270,3 +270,33 @@ pub fn assert_error(r: &Resp, status: u16, code: &str) {
         r.text
     );
 }
+
+/// Starts the real binary with `serve` on port 0, the given config dir,
+/// store and environment (secrets included); returns its address (read from
+/// its "listening" log line) and the child, which the caller kills and
+/// waits for. Blocking: call it from `spawn_blocking` in async tests.
+#[allow(clippy::zombie_processes)]
+pub fn start_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> (String, std::process::Child) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
+        .arg("serve")
+        .env("ROCKET_LISTEN", "127.0.0.1:0")
+        .env("ROCKET_CONFIG_DIR", dir)
+        .env("ROCKET_DATABASE_URL", db)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("server log").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "listening" {
+            std::thread::spawn(move || lines.for_each(drop));
+            return (v["addr"].as_str().unwrap().to_string(), child);
+        }
+    }
+}

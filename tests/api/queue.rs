@@ -1,6 +1,5 @@
 //! Async sources: stored first, answered 202, processed by workers.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
@@ -138,29 +137,15 @@ async fn a_queued_event_survives_a_kill_9_before_processing() {
     let launch = move |workers: &'static str| {
         let (dir, db) = (dir.clone(), db.clone());
         tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
-                .arg("serve")
-                .env("ROCKET_LISTEN", "127.0.0.1:0")
-                .env("ROCKET_CONFIG_DIR", &dir)
-                .env("ROCKET_DATABASE_URL", &db)
-                .env("ROCKET_CUSTOM_TOKEN", CUSTOM_TOKEN)
-                .env("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN)
-                .env("ROCKET_WORKERS", workers)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-            loop {
-                let line = lines.next().expect("server log").unwrap();
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["message"] == "listening" {
-                    std::thread::spawn(move || lines.for_each(drop));
-                    return (v["addr"].as_str().unwrap().to_string(), child);
-                }
-            }
+            start_binary(
+                &dir,
+                &db,
+                &[
+                    ("ROCKET_CUSTOM_TOKEN", CUSTOM_TOKEN),
+                    ("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN),
+                    ("ROCKET_WORKERS", workers),
+                ],
+            )
         })
     };
     // No workers on the first instance: the event stays queued.
