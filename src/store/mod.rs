@@ -9,6 +9,7 @@
 
 mod queue;
 pub mod rescore;
+mod sqlite_writer;
 mod write;
 
 use std::str::FromStr;
@@ -40,6 +41,10 @@ pub enum StoreError {
     BadUrl(String),
     #[error("cannot create the database folder {0}: {1}")]
     Folder(String, std::io::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot start the store writer: {0}")]
+    Thread(std::io::Error),
     #[error("the store writer has stopped")]
     WriterGone,
 }
@@ -137,18 +142,15 @@ pub(crate) const INSERT_LEDGER: &str =
     "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, \
     reason, occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
-/// How many writer tasks drain the queue: one for SQLite (a single writer is
-/// what SQLite wants), a few for PostgreSQL.
-const SQLITE_WRITERS: usize = 1;
+/// How many writer tasks drain the queue on PostgreSQL (SQLite has one
+/// writer thread: see `sqlite_writer`).
 const POSTGRES_WRITERS: usize = 4;
-/// The SQLite writer's page cache, in KiB (negative: a size, not pages).
-const WRITER_CACHE_KIB: &str = "-32768";
 
 impl Store {
     /// Connects, creating the SQLite file and folder if needed, and runs the
     /// backend's migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        let (pool, write_pool, writers, backend) = if url.starts_with("sqlite:") {
+        let (pool, writer, backend) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -169,22 +171,8 @@ impl Store {
                 .connect_with(opts.clone())
                 .await?;
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-            // The single writer gets its own connection with a larger page
-            // cache: random-key index inserts into a large ledger otherwise
-            // read their pages back from the OS on every batch (with the
-            // default 2 MiB cache, a 1M-event ledger took 824 hook requests/s
-            // against ~7,000 on an empty one). Readers keep the default.
-            let writer = SqlitePoolOptions::new()
-                .max_connections(1)
-                .min_connections(1)
-                .connect_with(opts.pragma("cache_size", WRITER_CACHE_KIB))
-                .await?;
-            (
-                Pool::Sqlite(pool),
-                Pool::Sqlite(writer),
-                SQLITE_WRITERS,
-                "sqlite",
-            )
+            let writer = sqlite_writer::spawn(opts.get_filename())?;
+            (Pool::Sqlite(pool), writer, "sqlite")
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -192,16 +180,11 @@ impl Store {
                 .connect(url)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
-            (
-                Pool::Postgres(pool.clone()),
-                Pool::Postgres(pool),
-                POSTGRES_WRITERS,
-                "postgres",
-            )
+            let writer = write::spawn_writers(Pool::Postgres(pool.clone()), POSTGRES_WRITERS);
+            (Pool::Postgres(pool), writer, "postgres")
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
-        let writer = write::spawn_writers(write_pool, writers);
         Ok(Store {
             pool,
             writer,

@@ -17,12 +17,12 @@ use super::{with_pool, Pool, StoreError};
 use crate::pipeline::Prepared;
 
 /// Most requests grouped into one transaction.
-const MAX_GROUP: usize = 256;
+pub(super) const MAX_GROUP: usize = 256;
 /// Queue depth before senders wait (back-pressure).
-const QUEUE: usize = 4096;
+pub(super) const QUEUE: usize = 4096;
 /// Retries of a single request's transaction on a transient error
 /// (PostgreSQL deadlock or serialization failure between instances).
-const RETRIES: usize = 3;
+pub(super) const RETRIES: usize = 3;
 
 /// A stored event's processing status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,20 +62,20 @@ pub struct Persisted {
 
 /// One request's events, waiting for the writer.
 pub struct Job {
-    namespace: String,
-    items: Vec<Item>,
-    reply: oneshot::Sender<Result<Vec<Persisted>, StoreError>>,
+    pub(super) namespace: String,
+    pub(super) items: Vec<Item>,
+    pub(super) reply: oneshot::Sender<Result<Vec<Persisted>, StoreError>>,
 }
 
 /// One event, flattened to what the SQL binds.
-struct Item {
-    id: String,
-    prepared: Prepared,
-    canonical: String,
-    status: EventStatus,
-    points: i64,
-    error: Option<String>,
-    received_at: i64,
+pub(super) struct Item {
+    pub(super) id: String,
+    pub(super) prepared: Prepared,
+    pub(super) canonical: String,
+    pub(super) status: EventStatus,
+    pub(super) points: i64,
+    pub(super) error: Option<String>,
+    pub(super) received_at: i64,
 }
 
 impl Job {
