@@ -132,11 +132,14 @@ pub fn score(
     if rules.is_empty() || ev.event_type.is_none() {
         return Ok(Vec::new());
     }
-    let event = Dynamic::from_map(event_map(ev));
+    // One scope for all the rules: the event map is built once, and each
+    // rule's own variables are dropped (rewind) before the next rule runs.
+    let mut scope = Scope::new();
+    scope.push_constant("event", Dynamic::from_map(event_map(ev)));
+    let base = scope.len();
     let mut awards = Vec::new();
     for rule in rules {
-        let mut scope = Scope::new();
-        scope.push_constant("event", event.clone());
+        scope.rewind(base);
         if rule.uses_history {
             scope.push_constant("history", history.clone());
         }
@@ -360,6 +363,33 @@ mod tests {
         let e = engine();
         let rules = vec![rule(&e, "good", "10"), rule(&e, "bad", "1 / 0")];
         assert!(score(&e, &rules, &ev("course.completed"), &History::default()).is_err());
+    }
+
+    #[test]
+    fn a_rule_sees_nothing_of_the_rules_before_it() {
+        let e = engine();
+        let rules = vec![
+            rule(&e, "first", "let bonus = 7; let event = 1; bonus"),
+            rule(
+                &e,
+                "second",
+                r#"if event.event_type == "course.completed" { 3 }"#,
+            ),
+            rule(&e, "third", "bonus"),
+        ];
+        let err = score(&e, &rules, &ev("course.completed"), &History::default()).unwrap_err();
+        assert_eq!(&*err.rule, "third");
+        let awards = score(
+            &e,
+            &rules[..2],
+            &ev("course.completed"),
+            &History::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            awards.iter().map(|a| a.points).collect::<Vec<_>>(),
+            vec![7, 3]
+        );
     }
 
     #[test]

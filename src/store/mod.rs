@@ -43,6 +43,8 @@ pub enum StoreError {
     Folder(String, std::io::Error),
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("syncing the write-ahead log failed: {0}")]
+    Sync(String),
     #[error("cannot start the store writer: {0}")]
     Thread(std::io::Error),
     #[error("the store writer has stopped")]
