@@ -657,6 +657,22 @@ async fn get_status(addr: &str, path: &str) -> std::io::Result<u16> {
     Ok(c.roundtrip(req.as_bytes()).await?.status)
 }
 
+/// `rocket_store_group_commit_requests` (sum, count) from `/metrics`.
+async fn group_commit(addr: &str) -> Option<(f64, f64)> {
+    let mut c = Conn::open(addr).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let resp = c.roundtrip(req.as_bytes()).await.ok()?;
+    let text = String::from_utf8_lossy(&c.buf[resp.body]).into_owned();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    Some((
+        value("rocket_store_group_commit_requests_sum ")?,
+        value("rocket_store_group_commit_requests_count ")?,
+    ))
+}
+
 /// A config dir with the shipped sources and rules plus generated copies of
 /// learnworlds.yaml, `total` sources in all.
 fn make_config_dir(repo: &Path, dir: &Path, total: usize) -> Result<usize, String> {
@@ -1045,8 +1061,18 @@ fn run(args: Args) -> Result<bool, String> {
                 ok = false;
                 break;
             }
+            let before = group_commit(&addr).await;
             let h = measure_route(&ctx, &hook, conns).await;
             print_row(&format!("POST {HOOK_PATH}"), &h);
+            if let (Some((s0, n0)), Some((s1, n1))) = (before, group_commit(&addr).await) {
+                if n1 > n0 {
+                    println!(
+                        "group commit: {:.1} requests per transaction ({:.0} transactions)",
+                        (s1 - s0) / (n1 - n0),
+                        n1 - n0
+                    );
+                }
+            }
             if server_gone(&mut server, "the hook route") {
                 ok = false;
                 break;

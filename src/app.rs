@@ -83,6 +83,10 @@ impl AppState {
         };
         let levels = LevelCurve::new(settings.level_base, settings.level_coefficient);
         let metrics = Metrics::new();
+        metrics
+            .registry
+            .register(Box::new(store.group_sizes().clone()))
+            .unwrap_or_else(|e| panic!("histogram: {e}"));
         metrics.sources_loaded.set(config.sources.len() as i64);
         metrics.init_series(&config);
         metrics

@@ -75,6 +75,19 @@ pub struct Store {
     pool: Pool,
     writer: mpsc::Sender<write::Job>,
     backend: &'static str,
+    group_sizes: prometheus::Histogram,
+}
+
+/// Requests written per store transaction: how well group commit groups.
+fn group_size_histogram() -> prometheus::Histogram {
+    prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(
+            "rocket_store_group_commit_requests",
+            "Requests written per store transaction (group commit).",
+        )
+        .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+    )
+    .unwrap_or_else(|e| panic!("histogram: {e}"))
 }
 
 /// A stored event as the API shows it.
@@ -152,6 +165,7 @@ impl Store {
     /// Connects, creating the SQLite file and folder if needed, and runs the
     /// backend's migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let group_sizes = group_size_histogram();
         let (pool, writer, backend) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -173,7 +187,7 @@ impl Store {
                 .connect_with(opts.clone())
                 .await?;
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-            let writer = sqlite_writer::spawn(opts.get_filename())?;
+            let writer = sqlite_writer::spawn(opts.get_filename(), group_sizes.clone())?;
             (Pool::Sqlite(pool), writer, "sqlite")
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
@@ -182,7 +196,11 @@ impl Store {
                 .connect(url)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
-            let writer = write::spawn_writers(Pool::Postgres(pool.clone()), POSTGRES_WRITERS);
+            let writer = write::spawn_writers(
+                Pool::Postgres(pool.clone()),
+                POSTGRES_WRITERS,
+                group_sizes.clone(),
+            );
             (Pool::Postgres(pool), writer, "postgres")
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
@@ -191,11 +209,17 @@ impl Store {
             pool,
             writer,
             backend,
+            group_sizes,
         })
     }
 
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// The histogram of requests per write transaction, for `/metrics`.
+    pub fn group_sizes(&self) -> &prometheus::Histogram {
+        &self.group_sizes
     }
 
     /// Stores one request's events in one transaction (grouped with other

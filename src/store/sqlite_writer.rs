@@ -67,7 +67,10 @@ type Reply = (
 /// Opens the writer's and the sync thread's connections (the file exists
 /// and is migrated by now) and starts both threads. Returns the queue the
 /// requests send to.
-pub(super) fn spawn(path: &Path) -> Result<mpsc::Sender<Job>, StoreError> {
+pub(super) fn spawn(
+    path: &Path,
+    group_sizes: prometheus::Histogram,
+) -> Result<mpsc::Sender<Job>, StoreError> {
     let conn = open(path)?;
     // The writer's commits do not sync; the sync thread does, before any
     // answer. The writer never checkpoints (that would sync and stall it).
@@ -83,7 +86,7 @@ pub(super) fn spawn(path: &Path) -> Result<mpsc::Sender<Job>, StoreError> {
         .map_err(StoreError::Thread)?;
     std::thread::Builder::new()
         .name("rocket-sqlite-writer".into())
-        .spawn(move || run(conn, rx, done_tx))
+        .spawn(move || run(conn, rx, done_tx, group_sizes))
         .map_err(StoreError::Thread)?;
     Ok(tx)
 }
@@ -106,17 +109,27 @@ fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, done: std_mpsc::Sender<Vec<Reply>>) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    done: std_mpsc::Sender<Vec<Reply>>,
+    group_sizes: prometheus::Histogram,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
-        while jobs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
+        drain(&mut rx, &mut jobs);
+        group_sizes.observe(jobs.len() as f64);
         if done.send(run_group(&mut conn, jobs)).is_err() {
             return;
+        }
+    }
+}
+
+fn drain(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
+    while jobs.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
         }
     }
 }

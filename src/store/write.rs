@@ -128,12 +128,17 @@ pub fn new_event_id() -> String {
     format!("evt_{}", ulid::Ulid::new())
 }
 
-pub(super) fn spawn_writers(pool: Pool, writers: usize) -> mpsc::Sender<Job> {
+pub(super) fn spawn_writers(
+    pool: Pool,
+    writers: usize,
+    group_sizes: prometheus::Histogram,
+) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
     let rx = Arc::new(Mutex::new(rx));
     for _ in 0..writers.max(1) {
         let pool = pool.clone();
         let rx = rx.clone();
+        let group_sizes = group_sizes.clone();
         tokio::spawn(async move {
             loop {
                 let jobs = {
@@ -148,6 +153,7 @@ pub(super) fn spawn_writers(pool: Pool, writers: usize) -> mpsc::Sender<Job> {
                     }
                     jobs
                 };
+                group_sizes.observe(jobs.len() as f64);
                 run_group(&pool, jobs).await;
             }
         });

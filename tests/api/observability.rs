@@ -117,6 +117,8 @@ async fn metrics_count_exactly_what_happened() {
         ("rocket_rate_limit_utilization{scope=\"source\"}", 1.0),
         ("rocket_rule_errors_total{rule=\"course_completed\"}", 0.0),
         ("rocket_store_errors_total", 0.0),
+        // Every request answered 200 went through the group-commit writer.
+        ("rocket_store_group_commit_requests_sum", 7.0),
     ];
     // (The text format sorts labels by name.)
     for (series, want) in expect {
