@@ -1,4 +1,5 @@
-//! The SQLite group-commit writer: two OS threads and two connections.
+//! The SQLite group-commit writer: a writer thread with its own connection,
+//! and a sync thread.
 //!
 //! SQLite takes one writer at a time, so the writer needs no async runtime:
 //! a plain thread blocks on the job queue, takes everything waiting (up to
@@ -9,14 +10,20 @@
 //! statements are compiled once for the life of the connection.
 //!
 //! Durability is pipelined. The writer's connection runs with
-//! `synchronous = NORMAL` and no automatic checkpoint, so its commit writes
-//! the WAL frames but does not wait for the disk. It hands the committed
+//! `synchronous = NORMAL`, so its commit writes the WAL frames but does not
+//! wait for the disk. It hands the committed
 //! batch to the sync thread, which `fdatasync`s the WAL file (one sync for
 //! every batch committed since the last one) and only then answers the
 //! requests. Nothing is acknowledged before its commit is on disk, exactly
 //! as with `synchronous = FULL`, but the writer prepares the next batch
-//! while the disk works. The sync thread also checkpoints the WAL into the
-//! database, on its own connection, so the writer never stalls on it.
+//! while the disk works.
+//!
+//! The writer checkpoints the WAL into the database itself (SQLite's
+//! automatic checkpoint, every [`CHECKPOINT_PAGES`] pages): between two of
+//! its own transactions a checkpoint can always finish, and only a finished
+//! one lets the next transaction start the WAL over. (Checkpoints run from
+//! the sync thread never caught up with a busy writer: the WAL grew to
+//! gigabytes.)
 //!
 //! Reads, migrations and the queue workers stay on sqlx; SQLite's busy
 //! timeout serialises them with this connection.
@@ -24,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -37,10 +44,8 @@ use super::StoreError;
 /// OS on every batch (with SQLite's default 2 MiB, a 1M-event ledger ran 824
 /// hook requests/s against ~7,000 on an empty one).
 const CACHE_KIB: i64 = 32 * 1024;
-/// The sync thread checkpoints the WAL into the database at most this often
-/// while writes flow (and after they stop), keeping the WAL small without
-/// taking the writer's time.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL pages after which a commit checkpoints (SQLite's default).
+const CHECKPOINT_PAGES: i64 = 1000;
 
 const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, \
     vendor_event_type, user_id, course_id, object_id, occurred_at, received_at, processed_at, \
@@ -72,17 +77,18 @@ pub(super) fn spawn(
     group_sizes: prometheus::Histogram,
 ) -> Result<mpsc::Sender<Job>, StoreError> {
     let conn = open(path)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    conn.set_prepared_statement_cache_capacity(16);
     // The writer's commits do not sync; the sync thread does, before any
-    // answer. The writer never checkpoints (that would sync and stall it).
+    // answer. (A checkpoint still syncs the WAL and the database.)
     conn.pragma_update(None, "synchronous", "normal")?;
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    let syncer = open(path)?;
+    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
     let wal = wal_path(path);
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
     let (done_tx, done_rx) = std_mpsc::channel::<Vec<Reply>>();
     std::thread::Builder::new()
         .name("rocket-sqlite-sync".into())
-        .spawn(move || sync_loop(syncer, &wal, done_rx))
+        .spawn(move || sync_loop(&wal, done_rx))
         .map_err(StoreError::Thread)?;
     std::thread::Builder::new()
         .name("rocket-sqlite-writer".into())
@@ -98,8 +104,6 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.pragma_update(None, "synchronous", "full")?;
     conn.pragma_update(None, "foreign_keys", "on")?;
-    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
-    conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
 
@@ -135,24 +139,15 @@ fn drain(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
 }
 
 /// Makes every batch committed so far durable (one `fdatasync` of the WAL
-/// for all of them), then answers their requests; checkpoints now and then.
-fn sync_loop(conn: Connection, wal: &Path, done: std_mpsc::Receiver<Vec<Reply>>) {
-    let mut last_checkpoint = Instant::now();
-    loop {
-        let first = match done.recv_timeout(CHECKPOINT_EVERY) {
-            Ok(batch) => batch,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                checkpoint(&conn, &mut last_checkpoint);
-                continue;
-            }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                checkpoint(&conn, &mut last_checkpoint);
-                return;
-            }
-        };
+/// for all of them), then answers their requests.
+fn sync_loop(wal: &Path, done: std_mpsc::Receiver<Vec<Reply>>) {
+    while let Ok(first) = done.recv() {
         let mut batches = vec![first];
         batches.extend(done.try_iter());
         let synced = sync_file(wal);
+        if let Err(e) = &synced {
+            tracing::error!(error = %e, wal = %wal.display(), "syncing the WAL failed; the batch was not acknowledged");
+        }
         for (reply, result) in batches.into_iter().flatten() {
             let result = match (&synced, result) {
                 (Ok(()), r) => r,
@@ -162,12 +157,6 @@ fn sync_loop(conn: Connection, wal: &Path, done: std_mpsc::Receiver<Vec<Reply>>)
                 (Err(_), Err(e)) => Err(e),
             };
             let _ = reply.send(result);
-        }
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, wal = %wal.display(), "syncing the WAL failed; the batch was not acknowledged");
-        }
-        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
-            checkpoint(&conn, &mut last_checkpoint);
         }
     }
 }
@@ -181,15 +170,6 @@ fn sync_file(wal: &Path) -> std::io::Result<()> {
         // No WAL file: nothing was written since the last checkpoint reset.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
-    }
-}
-
-/// A passive checkpoint: copies what no reader still needs from the WAL into
-/// the database (syncing both), without blocking the writer.
-fn checkpoint(conn: &Connection, last: &mut Instant) {
-    *last = Instant::now();
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
     }
 }
 
