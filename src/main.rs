@@ -337,7 +337,7 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             let new_points: i64 = awards.iter().map(|a| a.points).sum();
-            let old: Vec<(String, i64)> = store.awards_of(&ev.id).await?;
+            let old: Vec<(String, i64)> = store.awards_of(&ev).await?;
             let new: Vec<(String, i64)> = awards
                 .iter()
                 .map(|a| (a.rule.to_string(), a.points))

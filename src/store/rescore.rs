@@ -34,11 +34,14 @@ const PAGE: &str = "SELECT id, source, namespace, user_id, course_id, occurred_a
     FROM events WHERE status IN ('processed', 'failed') AND (occurred_at > $1 OR (occurred_at = $1 AND id > $2)) \
     AND occurred_at >= $3 AND ($4 = '' OR source = $4) ORDER BY occurred_at, id LIMIT $5";
 const GUARD: &str = "UPDATE events SET status = 'processed', points = $1, error = NULL WHERE id = $2 AND status = $3 AND points = $4";
-const DELETE_LEDGER: &str = "DELETE FROM ledger WHERE event_id = $1";
+const DELETE_LEDGER: &str =
+    "DELETE FROM ledger WHERE namespace = $1 AND user_id = $2 AND event_id = $3";
 const ADJUST_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, $4, $5) \
     ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
     events = totals.events + excluded.events, updated_at = excluded.updated_at";
-const AWARDS: &str = "SELECT rule, points FROM ledger WHERE event_id = $1 ORDER BY id";
+// An event's ledger rows are found through its user's index.
+const AWARDS: &str = "SELECT rule, points FROM ledger WHERE namespace = $1 AND user_id = $2 \
+    AND event_id = $3 ORDER BY id";
 
 impl Store {
     /// The next page of events after `(after_ms, after_id)`, oldest first.
@@ -77,9 +80,12 @@ impl Store {
     }
 
     /// An event's ledger entries as (rule, points).
-    pub async fn awards_of(&self, id: &str) -> Result<Vec<(String, i64)>, StoreError> {
+    pub async fn awards_of(&self, ev: &Stored) -> Result<Vec<(String, i64)>, StoreError> {
+        let Some(user) = &ev.user_id else {
+            return Ok(Vec::new());
+        };
         with_pool!(&self.pool, p => {
-            let rows = sqlx::query(AWARDS).bind(id).fetch_all(p).await?;
+            let rows = sqlx::query(AWARDS).bind(&ev.namespace).bind(user).bind(&ev.id).fetch_all(p).await?;
             rows.iter()
                 .map(|r| Ok((r.try_get("rule")?, r.try_get("points")?)))
                 .collect::<Result<Vec<_>, sqlx::Error>>()
@@ -98,8 +104,8 @@ impl Store {
             if guarded.rows_affected() != 1 {
                 return Ok(false);
             }
-            sqlx::query(DELETE_LEDGER).bind(&ev.id).execute(&mut *tx).await?;
             if let Some(user) = &ev.user_id {
+                sqlx::query(DELETE_LEDGER).bind(&ev.namespace).bind(user).bind(&ev.id).execute(&mut *tx).await?;
                 for a in awards {
                     sqlx::query(INSERT_LEDGER)
                         .bind(&ev.id)
