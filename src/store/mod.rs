@@ -13,6 +13,8 @@ mod sqlite_writer;
 mod write;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -76,6 +78,8 @@ pub struct Store {
     writer: mpsc::Sender<write::Job>,
     backend: &'static str,
     group_sizes: prometheus::Histogram,
+    /// Set for good when syncing the SQLite WAL failed (see `sqlite_writer`).
+    sync_failed: Arc<AtomicBool>,
 }
 
 /// Requests written per store transaction: how well group commit groups.
@@ -166,6 +170,7 @@ impl Store {
     /// backend's migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         let group_sizes = group_size_histogram();
+        let sync_failed = Arc::new(AtomicBool::new(false));
         let (pool, writer, backend) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -187,7 +192,11 @@ impl Store {
                 .connect_with(opts.clone())
                 .await?;
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-            let writer = sqlite_writer::spawn(opts.get_filename(), group_sizes.clone())?;
+            let writer = sqlite_writer::spawn(
+                opts.get_filename(),
+                group_sizes.clone(),
+                sync_failed.clone(),
+            )?;
             (Pool::Sqlite(pool), writer, "sqlite")
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
@@ -210,6 +219,7 @@ impl Store {
             writer,
             backend,
             group_sizes,
+            sync_failed,
         })
     }
 
@@ -239,8 +249,13 @@ impl Store {
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// Whether the store answers.
+    /// Whether the store answers (and can still make writes durable).
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if self.sync_failed.load(Ordering::Relaxed) {
+            return Err(StoreError::Sync(
+                "an earlier WAL sync failed; restart the server".into(),
+            ));
+        }
         with_pool!(&self.pool, p => {
             sqlx::query("SELECT 1").execute(p).await?;
         });

@@ -30,7 +30,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -69,26 +71,21 @@ type Reply = (
     Result<Vec<Persisted>, StoreError>,
 );
 
-/// Opens the writer's and the sync thread's connections (the file exists
-/// and is migrated by now) and starts both threads. Returns the queue the
-/// requests send to.
+/// Opens the writer's connection (the file exists and is migrated by now)
+/// and starts the writer and sync threads. Returns the queue the requests
+/// send to. `failed` is set for good if a sync fails.
 pub(super) fn spawn(
     path: &Path,
     group_sizes: prometheus::Histogram,
+    failed: Arc<AtomicBool>,
 ) -> Result<mpsc::Sender<Job>, StoreError> {
     let conn = open(path)?;
-    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
-    conn.set_prepared_statement_cache_capacity(16);
-    // The writer's commits do not sync; the sync thread does, before any
-    // answer. (A checkpoint still syncs the WAL and the database.)
-    conn.pragma_update(None, "synchronous", "normal")?;
-    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
     let wal = wal_path(path);
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
     let (done_tx, done_rx) = std_mpsc::channel::<Vec<Reply>>();
     std::thread::Builder::new()
         .name("rocket-sqlite-sync".into())
-        .spawn(move || sync_loop(&wal, done_rx))
+        .spawn(move || sync_loop(&wal, done_rx, &failed))
         .map_err(StoreError::Thread)?;
     std::thread::Builder::new()
         .name("rocket-sqlite-writer".into())
@@ -102,8 +99,13 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(Duration::from_secs(10))?;
     // WAL is a property of the file (set when sqlx created it).
     conn.pragma_update(None, "journal_mode", "wal")?;
-    conn.pragma_update(None, "synchronous", "full")?;
+    // Commits do not sync; the sync thread does, before any answer. (A
+    // checkpoint still syncs the WAL, then the database.)
+    conn.pragma_update(None, "synchronous", "normal")?;
+    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES)?;
     conn.pragma_update(None, "foreign_keys", "on")?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
 
@@ -140,20 +142,32 @@ fn drain(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
 
 /// Makes every batch committed so far durable (one `fdatasync` of the WAL
 /// for all of them), then answers their requests.
-fn sync_loop(wal: &Path, done: std_mpsc::Receiver<Vec<Reply>>) {
+///
+/// A failed sync is final: the kernel may have dropped the pages it could
+/// not write and report the next sync as a success, while SQLite's recovery
+/// stops at the first missing frame, taking later commits with it. So after
+/// one failure nothing is acknowledged again (every write answers 500, and
+/// readiness turns 503) until the server restarts and SQLite recovers the
+/// WAL from what is really on disk.
+fn sync_loop(wal: &Path, done: std_mpsc::Receiver<Vec<Reply>>, failed: &AtomicBool) {
     while let Ok(first) = done.recv() {
         let mut batches = vec![first];
         batches.extend(done.try_iter());
-        let synced = sync_file(wal);
-        if let Err(e) = &synced {
-            tracing::error!(error = %e, wal = %wal.display(), "syncing the WAL failed; the batch was not acknowledged");
-        }
+        let synced = if failed.load(Ordering::Relaxed) {
+            Err("an earlier WAL sync failed; restart the server".to_string())
+        } else {
+            sync_file(wal).map_err(|e| {
+                failed.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, wal = %wal.display(), "syncing the WAL failed: nothing is acknowledged from now on; restart the server");
+                e.to_string()
+            })
+        };
         for (reply, result) in batches.into_iter().flatten() {
             let result = match (&synced, result) {
                 (Ok(()), r) => r,
                 // The commit may or may not be on disk: not acknowledged, so
                 // the sender retries and the dedupe key makes that safe.
-                (Err(e), Ok(_)) => Err(StoreError::Sync(e.to_string())),
+                (Err(e), Ok(_)) => Err(StoreError::Sync(e.clone())),
                 (Err(_), Err(e)) => Err(e),
             };
             let _ = reply.send(result);
@@ -349,4 +363,34 @@ fn redelivered(
         return Ok(Err(read(tx)?.unwrap_or(stored)));
     }
     Ok(Err(stored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a failed sync nothing is acknowledged again, not even batches
+    /// whose own sync might now appear to succeed.
+    #[test]
+    fn a_failed_sync_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        // Opening "<file>/db-wal" fails with ENOTDIR: a sync error.
+        let wal = file.join("db-wal");
+        let failed = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std_mpsc::channel::<Vec<Reply>>();
+        let flag = failed.clone();
+        let syncer = std::thread::spawn(move || sync_loop(&wal, rx, &flag));
+        let send = |tx: &std_mpsc::Sender<Vec<Reply>>| {
+            let (reply, answer) = oneshot::channel();
+            tx.send(vec![(reply, Ok(Vec::new()))]).unwrap();
+            answer.blocking_recv().unwrap()
+        };
+        assert!(matches!(send(&tx), Err(StoreError::Sync(_))));
+        assert!(failed.load(Ordering::Relaxed));
+        assert!(matches!(send(&tx), Err(StoreError::Sync(_))));
+        drop(tx);
+        syncer.join().unwrap();
+    }
 }
