@@ -5,6 +5,10 @@
 //!
 //! If a grouped transaction fails, each request is retried in a transaction
 //! of its own, so one bad request never fails its neighbours.
+//!
+//! This module holds the jobs and results both stores share, and the
+//! PostgreSQL writer (async tasks on sqlx, multi-row statements). SQLite has
+//! a writer thread of its own: see `sqlite_writer`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
