@@ -256,6 +256,9 @@ impl Store {
                 "an earlier WAL sync failed; restart the server".into(),
             ));
         }
+        if self.writer.is_closed() {
+            return Err(StoreError::WriterGone);
+        }
         with_pool!(&self.pool, p => {
             sqlx::query("SELECT 1").execute(p).await?;
         });
