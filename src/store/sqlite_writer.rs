@@ -299,14 +299,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                     t.0 += it.points;
                     t.1 += 1;
                 }
-                out.push(Persisted {
-                    event_id,
-                    status: it.status,
-                    points: it.points,
-                    duplicate: false,
-                    processed_at: now,
-                    error: it.error.clone(),
-                });
+                out.push(it.stored_as(event_id, now));
             }
             results.push(out);
         }

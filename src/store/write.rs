@@ -118,6 +118,20 @@ impl Job {
     }
 }
 
+impl Item {
+    /// The answer for this item, written now under `event_id`.
+    pub(super) fn stored_as(&self, event_id: String, now: i64) -> Persisted {
+        Persisted {
+            event_id,
+            status: self.status,
+            points: self.points,
+            duplicate: false,
+            processed_at: now,
+            error: self.error.clone(),
+        }
+    }
+}
+
 /// A stored status as the API reports it (a claimed event is still queued).
 pub fn status_of(s: &str) -> EventStatus {
     match s {
@@ -331,14 +345,7 @@ async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, St
                     t.0 += it.points;
                     t.1 += 1;
                 }
-                out.push(Persisted {
-                    event_id,
-                    status: it.status,
-                    points: it.points,
-                    duplicate: false,
-                    processed_at: now,
-                    error: it.error.clone(),
-                });
+                out.push(it.stored_as(event_id, now));
             }
             results.push(out);
         }
