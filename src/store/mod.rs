@@ -205,11 +205,7 @@ impl Store {
                 .connect(url)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
-            let writer = write::spawn_writers(
-                Pool::Postgres(pool.clone()),
-                POSTGRES_WRITERS,
-                group_sizes.clone(),
-            );
+            let writer = write::spawn_writers(pool.clone(), POSTGRES_WRITERS, group_sizes.clone());
             (Pool::Postgres(pool), writer, "postgres")
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
@@ -563,16 +559,38 @@ mod tests {
             .collect()
     }
 
+    /// A migrated SQLite store in a temp dir (kept alive by the `TempDir`).
+    async fn sqlite_store() -> (tempfile::TempDir, Store, SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("plan.db").display());
+        let store = Store::connect(&url).await.unwrap();
+        let Pool::Sqlite(pool) = store.pool.clone() else {
+            unreachable!()
+        };
+        (dir, store, pool)
+    }
+
+    /// An idle worker polls the claim twice a second: it must walk the
+    /// partial queue index, never the whole events table.
+    #[tokio::test]
+    async fn claim_walks_the_queue_index() {
+        let (_dir, _store, pool) = sqlite_store().await;
+        let details = plan(&pool, queue::CLAIM_SQLITE, 4).await;
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("USING INDEX events_queue")),
+            "{details:?}"
+        );
+        assert!(!details.iter().any(|d| d == "SCAN events"), "{details:?}");
+    }
+
     /// The reads that lost an index of their own (to make writes cheaper)
     /// still find their rows through an index, never a scan of the table.
     #[tokio::test]
     async fn reads_without_their_own_index_still_use_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("plan.db").display());
-        let store = Store::connect(&url).await.unwrap();
-        let Pool::Sqlite(pool) = &store.pool else {
-            unreachable!()
-        };
+        let (_dir, _store, pool) = sqlite_store().await;
+        let pool = &pool;
         let cases = [
             (
                 "SELECT rule, points FROM ledger WHERE namespace = $1 AND user_id = $2 \

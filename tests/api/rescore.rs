@@ -67,48 +67,42 @@ async fn standings(app: &TestApp) -> serde_json::Value {
     json!({"board": board, "users": users})
 }
 
+/// Runs `rocket-rewards rescore` on the app's config and store; its output,
+/// once it has exited successfully.
+async fn rescore_cli(app: &TestApp, dry: bool) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"));
+    cmd.arg("rescore")
+        .arg("--config-dir")
+        .arg(&app.config_dir)
+        .arg("--database-url")
+        .arg(&app.database_url);
+    if dry {
+        cmd.arg("--dry-run");
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 #[tokio::test]
 async fn rescore_after_a_rule_change_equals_fresh_ingestion() {
     let app = spawn_app().await;
     ingest_all(&app).await;
     let before = standings(&app).await;
     change_rules(&app.config_dir);
-    let run = |dry: bool| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"));
-        cmd.arg("rescore")
-            .arg("--config-dir")
-            .arg(&app.config_dir)
-            .arg("--database-url")
-            .arg(&app.database_url);
-        if dry {
-            cmd.arg("--dry-run");
-        }
-        cmd
-    };
-    let mut dry = run(true);
-    let out = tokio::task::spawn_blocking(move || dry.output().unwrap())
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = rescore_cli(&app, true).await;
     assert!(text.contains("7 events checked, 5 would change"), "{text}");
     assert_eq!(standings(&app).await, before, "a dry run writes nothing");
 
     // While the server serves.
-    let mut real = run(false);
-    let out = tokio::task::spawn_blocking(move || real.output().unwrap())
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = rescore_cli(&app, false).await;
     assert!(text.contains("5 changed, 0 skipped, points +34"), "{text}");
     assert!(text.contains("50 -> 60 (course_completed 60)"), "{text}");
 
@@ -116,9 +110,6 @@ async fn rescore_after_a_rule_change_equals_fresh_ingestion() {
     ingest_all(&fresh).await;
     assert_eq!(standings(&app).await, standings(&fresh).await);
     // Nothing left to change.
-    let mut again = run(false);
-    let out = tokio::task::spawn_blocking(move || again.output().unwrap())
-        .await
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 changed"));
+    let text = rescore_cli(&app, false).await;
+    assert!(text.contains("0 changed"), "{text}");
 }
