@@ -365,8 +365,13 @@ async fn ingest_into(
         .iter()
         .map(|p| type_label(src, p).to_string())
         .collect();
-    let keys: Vec<String> = prepared.iter().map(|p| p.event.event_id.clone()).collect();
     let batch = prepared.len() > 1 || src.batch;
+    // Dedupe keys are only echoed per statement, for batches.
+    let keys: Vec<String> = if batch {
+        prepared.iter().map(|p| p.event.event_id.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let stored = state
         .store
         .ingest(&src.namespace, prepared, queued)

@@ -17,7 +17,9 @@ use serde::Serialize;
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use super::{with_pool, Pool, StoreError};
+use sqlx::PgPool;
+
+use super::StoreError;
 use crate::pipeline::Prepared;
 
 /// Most requests grouped into one transaction.
@@ -25,7 +27,8 @@ pub(super) const MAX_GROUP: usize = 256;
 /// Queue depth before senders wait (back-pressure).
 pub(super) const QUEUE: usize = 4096;
 /// Retries of a single request's transaction on a transient error
-/// (PostgreSQL deadlock or serialization failure between instances).
+/// (PostgreSQL deadlock or serialization failure between instances; SQLite
+/// busy).
 pub(super) const RETRIES: usize = 3;
 
 /// A stored event's processing status.
@@ -147,7 +150,7 @@ pub fn new_event_id() -> String {
 }
 
 pub(super) fn spawn_writers(
-    pool: Pool,
+    pool: PgPool,
     writers: usize,
     group_sizes: prometheus::Histogram,
 ) -> mpsc::Sender<Job> {
@@ -179,7 +182,7 @@ pub(super) fn spawn_writers(
     tx
 }
 
-async fn run_group(pool: &Pool, jobs: Vec<Job>) {
+async fn run_group(pool: &PgPool, jobs: Vec<Job>) {
     if jobs.len() > 1 {
         match write_jobs(pool, &jobs).await {
             Ok(results) => {
@@ -210,17 +213,15 @@ async fn run_group(pool: &Pool, jobs: Vec<Job>) {
 fn is_transient(e: &StoreError) -> bool {
     match e {
         StoreError::Db(sqlx::Error::Database(db)) => {
-            matches!(
-                db.code().as_deref(),
-                Some("40P01" | "40001" | "5" | "6" | "517")
-            )
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
         }
         StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
         _ => false,
     }
 }
 
-/// Rows per multi-row statement: well under SQLite's 32766 bound parameters.
+/// Rows per multi-row statement: well under the 65535 bound parameters a
+/// PostgreSQL statement takes.
 const EVENT_ROWS: usize = 500;
 const LEDGER_ROWS: usize = 1000;
 
@@ -243,144 +244,160 @@ struct LedgerRow<'a> {
 /// statements (events, then ledger, then totals); results in job order.
 /// Redeliveries (rows the insert skipped) are resolved one by one: they are
 /// rare, and a failed event among them is re-scored.
-async fn write_jobs(pool: &Pool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
+async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
     let items: Vec<(&str, &Item)> = jobs
         .iter()
         .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
         .collect();
-    with_pool!(pool, p => {
-        let mut tx = p.begin().await?;
-        let mut inserted: HashSet<String> = HashSet::with_capacity(items.len());
-        for chunk in items.chunks(EVENT_ROWS) {
-            let mut qb = sqlx::QueryBuilder::new(
-                "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
-                 course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw) ",
-            );
-            qb.push_values(chunk, |mut b, (ns, it)| {
-                let ev = &it.prepared.event;
-                b.push_bind(&it.id)
-                    .push_bind(&ev.source)
-                    .push_bind(&ev.event_id)
-                    .push_bind(*ns)
-                    .push_bind(&ev.event_type)
-                    .push_bind(&ev.vendor_event_type)
-                    .push_bind(&ev.user_id)
-                    .push_bind(&ev.course_id)
-                    .push_bind(&ev.object_id)
-                    .push_bind(ev.occurred_at.timestamp_millis())
-                    .push_bind(it.received_at)
-                    .push_bind((it.status != EventStatus::Queued).then_some(now))
-                    .push_bind(it.status.as_str())
-                    .push_bind(it.points)
-                    .push_bind(&it.error)
-                    .push_bind(&it.canonical)
-                    .push_bind(it.prepared.raw.as_ref());
-            });
-            qb.push(" ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id");
-            for row in qb.build().fetch_all(&mut *tx).await? {
-                inserted.insert(row.try_get("id")?);
-            }
+    let mut tx = pool.begin().await?;
+    let mut inserted: HashSet<String> = HashSet::with_capacity(items.len());
+    for chunk in items.chunks(EVENT_ROWS) {
+        let mut qb = sqlx::QueryBuilder::new(
+            "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
+             course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw) ",
+        );
+        qb.push_values(chunk, |mut b, (ns, it)| {
+            let ev = &it.prepared.event;
+            b.push_bind(&it.id)
+                .push_bind(&ev.source)
+                .push_bind(&ev.event_id)
+                .push_bind(*ns)
+                .push_bind(&ev.event_type)
+                .push_bind(&ev.vendor_event_type)
+                .push_bind(&ev.user_id)
+                .push_bind(&ev.course_id)
+                .push_bind(&ev.object_id)
+                .push_bind(ev.occurred_at.timestamp_millis())
+                .push_bind(it.received_at)
+                .push_bind((it.status != EventStatus::Queued).then_some(now))
+                .push_bind(it.status.as_str())
+                .push_bind(it.points)
+                .push_bind(&it.error)
+                .push_bind(&it.canonical)
+                .push_bind(it.prepared.raw.as_ref());
+        });
+        qb.push(" ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id");
+        for row in qb.build().fetch_all(&mut *tx).await? {
+            inserted.insert(row.try_get("id")?);
         }
+    }
 
-        let mut ledger: Vec<LedgerRow> = Vec::new();
-        let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
-        let mut results = Vec::with_capacity(jobs.len());
-        let mut next = items.iter();
-        for job in jobs {
-            let mut out = Vec::with_capacity(job.items.len());
-            for _ in &job.items {
-                let Some((ns, it)) = next.next() else { break };
-                let ev = &it.prepared.event;
-                let event_id = if inserted.contains(&it.id) {
-                    it.id.clone()
-                } else {
-                    let row = sqlx::query(EXISTING).bind(&ev.source).bind(&ev.event_id).fetch_one(&mut *tx).await?;
-                    let id: String = row.try_get("id")?;
-                    let status: String = row.try_get("status")?;
-                    // A failed event is re-scored when delivered again; anything
-                    // else (or one another instance re-scored first) is a duplicate.
-                    let rescored = status == "failed"
-                        && sqlx::query(RESCORE)
-                            .bind(it.status.as_str())
-                            .bind(it.points)
-                            .bind(&it.error)
-                            .bind(now)
-                            .bind(&it.canonical)
-                            .bind(&id)
-                            .execute(&mut *tx)
+    let mut ledger: Vec<LedgerRow> = Vec::new();
+    let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut next = items.iter();
+    for job in jobs {
+        let mut out = Vec::with_capacity(job.items.len());
+        for _ in &job.items {
+            let Some((ns, it)) = next.next() else { break };
+            let ev = &it.prepared.event;
+            let event_id = if inserted.contains(&it.id) {
+                it.id.clone()
+            } else {
+                let row = sqlx::query(EXISTING)
+                    .bind(&ev.source)
+                    .bind(&ev.event_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let id: String = row.try_get("id")?;
+                let status: String = row.try_get("status")?;
+                // A failed event is re-scored when delivered again; anything
+                // else (or one another instance re-scored first) is a duplicate.
+                let rescored = status == "failed"
+                    && sqlx::query(RESCORE)
+                        .bind(it.status.as_str())
+                        .bind(it.points)
+                        .bind(&it.error)
+                        .bind(now)
+                        .bind(&it.canonical)
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1;
+                if !rescored {
+                    let row = if status == "failed" {
+                        sqlx::query(EXISTING)
+                            .bind(&ev.source)
+                            .bind(&ev.event_id)
+                            .fetch_one(&mut *tx)
                             .await?
-                            .rows_affected()
-                            == 1;
-                    if !rescored {
-                        let row = if status == "failed" {
-                            sqlx::query(EXISTING).bind(&ev.source).bind(&ev.event_id).fetch_one(&mut *tx).await?
-                        } else {
-                            row
-                        };
-                        out.push(Persisted {
-                            event_id: id,
-                            status: status_of(&row.try_get::<String, _>("status")?),
-                            points: row.try_get("points")?,
-                            duplicate: true,
-                            processed_at: row.try_get::<Option<i64>, _>("processed_at")?.unwrap_or(now),
-                            error: row.try_get("error")?,
-                        });
-                        continue;
-                    }
-                    id
-                };
-                if let (Ok(awards), Some(user), EventStatus::Processed) = (&it.prepared.outcome, &ev.user_id, it.status) {
-                    for award in awards {
-                        ledger.push(LedgerRow {
-                            event_id: event_id.clone(),
-                            namespace: ns,
-                            user,
-                            course: &ev.course_id,
-                            award,
-                            occurred_at: ev.occurred_at.timestamp_millis(),
-                        });
-                    }
-                    let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
-                    t.0 += it.points;
-                    t.1 += 1;
+                    } else {
+                        row
+                    };
+                    out.push(Persisted {
+                        event_id: id,
+                        status: status_of(&row.try_get::<String, _>("status")?),
+                        points: row.try_get("points")?,
+                        duplicate: true,
+                        processed_at: row
+                            .try_get::<Option<i64>, _>("processed_at")?
+                            .unwrap_or(now),
+                        error: row.try_get("error")?,
+                    });
+                    continue;
                 }
-                out.push(it.stored_as(event_id, now));
+                id
+            };
+            if let (Ok(awards), Some(user), EventStatus::Processed) =
+                (&it.prepared.outcome, &ev.user_id, it.status)
+            {
+                for award in awards {
+                    ledger.push(LedgerRow {
+                        event_id: event_id.clone(),
+                        namespace: ns,
+                        user,
+                        course: &ev.course_id,
+                        award,
+                        occurred_at: ev.occurred_at.timestamp_millis(),
+                    });
+                }
+                let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
+                t.0 += it.points;
+                t.1 += 1;
             }
-            results.push(out);
+            out.push(it.stored_as(event_id, now));
         }
+        results.push(out);
+    }
 
-        for chunk in ledger.chunks(LEDGER_ROWS) {
-            let mut qb = sqlx::QueryBuilder::new(
-                "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at) ",
-            );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.event_id)
-                    .push_bind(r.namespace)
-                    .push_bind(r.user)
-                    .push_bind(r.course)
-                    .push_bind(r.award.rule.as_ref())
-                    .push_bind(r.award.points)
-                    .push_bind(&r.award.reason)
-                    .push_bind(r.occurred_at)
-                    .push_bind(now);
-            });
-            qb.build().execute(&mut *tx).await?;
-        }
-        // Keys in sorted order: instances on PostgreSQL lock totals rows alike.
-        let totals: Vec<_> = totals.into_iter().collect();
-        for chunk in totals.chunks(LEDGER_ROWS) {
-            let mut qb = sqlx::QueryBuilder::new("INSERT INTO totals (namespace, user_id, points, events, updated_at) ");
-            qb.push_values(chunk, |mut b, ((ns, user), (points, events))| {
-                b.push_bind(*ns).push_bind(*user).push_bind(*points).push_bind(*events).push_bind(now);
-            });
-            qb.push(
-                " ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
-                 events = totals.events + excluded.events, updated_at = excluded.updated_at",
-            );
-            qb.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(results)
-    })
+    for chunk in ledger.chunks(LEDGER_ROWS) {
+        let mut qb = sqlx::QueryBuilder::new(
+            "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at) ",
+        );
+        qb.push_values(chunk, |mut b, r| {
+            b.push_bind(&r.event_id)
+                .push_bind(r.namespace)
+                .push_bind(r.user)
+                .push_bind(r.course)
+                .push_bind(r.award.rule.as_ref())
+                .push_bind(r.award.points)
+                .push_bind(&r.award.reason)
+                .push_bind(r.occurred_at)
+                .push_bind(now);
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    // Keys in sorted order: instances on PostgreSQL lock totals rows alike.
+    let totals: Vec<_> = totals.into_iter().collect();
+    for chunk in totals.chunks(LEDGER_ROWS) {
+        let mut qb = sqlx::QueryBuilder::new(
+            "INSERT INTO totals (namespace, user_id, points, events, updated_at) ",
+        );
+        qb.push_values(chunk, |mut b, ((ns, user), (points, events))| {
+            b.push_bind(*ns)
+                .push_bind(*user)
+                .push_bind(*points)
+                .push_bind(*events)
+                .push_bind(now);
+        });
+        qb.push(
+            " ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
+             events = totals.events + excluded.events, updated_at = excluded.updated_at",
+        );
+        qb.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(results)
 }
