@@ -55,8 +55,12 @@ use super::StoreError;
 /// of writer CPU per event against 53.
 const CACHE_KIB: i64 = 8 * 1024;
 /// How often, at most, the checkpoint thread copies the WAL into the
-/// database while commits arrive.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+/// database while commits arrive. Each checkpoint ends with an fsync of the
+/// database, and the WAL syncs that answer requests queue behind it on the
+/// disk: rarer, larger checkpoints cost less CPU but lengthen the tail. On
+/// a 1M-event ledger the hook's p99 was 24–28 ms at 10–20 ms, 39 ms at
+/// 50 ms and 65 ms at 200 ms.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 /// WAL frames (pages of about 4 KiB) after which the writer finishes a
 /// checkpoint itself so the WAL starts over: the WAL stays under ~10 MiB.
 const WAL_LIMIT_FRAMES: i64 = 2000;
