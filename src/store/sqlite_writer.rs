@@ -134,6 +134,28 @@ struct Checkpoints {
     full: AtomicBool,
     /// The writer has stopped: the checkpoint thread ends too.
     stopped: AtomicBool,
+    /// The last checkpoint failed (logged once, not at every retry).
+    failing: AtomicBool,
+}
+
+impl Checkpoints {
+    /// Logs a checkpoint's failure once, and the recovery after it.
+    fn outcome<T>(&self, result: rusqlite::Result<T>) -> Option<T> {
+        match result {
+            Ok(v) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("WAL checkpoints succeed again");
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying, and the WAL grows until one succeeds");
+                }
+                None
+            }
+        }
+    }
 }
 
 /// The checkpoint thread: after commits, waits [`CHECKPOINT_EVERY`] for
@@ -149,12 +171,10 @@ fn checkpoint_loop(conn: &Connection, ckpt: &Checkpoints) {
         }
         std::thread::sleep(CHECKPOINT_EVERY);
         ckpt.pending.store(false, Ordering::Release);
-        match passive_checkpoint(conn) {
-            Ok(Some(frames)) if frames >= WAL_LIMIT_FRAMES => {
-                ckpt.full.store(true, Ordering::Release)
+        if let Some(Some(frames)) = ckpt.outcome(passive_checkpoint(conn)) {
+            if frames >= WAL_LIMIT_FRAMES {
+                ckpt.full.store(true, Ordering::Release);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one retries"),
         }
     }
 }
@@ -163,7 +183,9 @@ fn checkpoint_loop(conn: &Connection, ckpt: &Checkpoints) {
 /// another connection was checkpointing.
 fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        Ok((r.get::<_, i64>(0)? == 0).then_some(r.get(1)?).flatten())
+        let busy: i64 = r.get(0)?;
+        let frames: i64 = r.get(1)?;
+        Ok((busy == 0).then_some(frames))
     })
 }
 
@@ -202,12 +224,11 @@ impl Writer {
 
     /// Copies what the checkpoint thread has not, so that the next
     /// transaction starts the WAL over. Busy (the checkpoint thread is
-    /// copying right now): the next group tries again.
+    /// copying right now): the next group tries again. Failed: the
+    /// checkpoint thread asks again after its next pass.
     fn finish_checkpoint(&mut self) {
-        match passive_checkpoint(&self.conn) {
-            Ok(Some(_)) => self.ckpt.full.store(false, Ordering::Release),
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next group retries"),
+        if self.ckpt.outcome(passive_checkpoint(&self.conn)) != Some(None) {
+            self.ckpt.full.store(false, Ordering::Release);
         }
     }
 }
