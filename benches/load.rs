@@ -12,7 +12,8 @@
 //! for each connection count drives `GET /health/live` (the bare route) and
 //! `POST /api/public/hook/learnworlds/event` (unique ids, correct HMAC) for a
 //! fixed time after a warm-up. Reports req/s, p50/p99, non-2xx and errors,
-//! the server's CPU µs per request (utime+stime from /proc), its peak RSS
+//! the server's CPU µs per request (utime+stime from /proc; in all and by
+//! thread: tokio workers, SQLite writer, sync and checkpoint), its peak RSS
 //! (VmHWM) and the hook/bare throughput ratio. Any non-2xx answer or error
 //! on the hook route makes the run exit non-zero.
 //!
@@ -564,6 +565,29 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// utime + stime of each of a process's threads, in clock ticks, summed by
+/// thread name (the kernel keeps 15 bytes of it: `rocket-sqlite-w`).
+fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        *by_name.entry(name).or_insert(0) += ticks;
+    }
+    by_name
+}
+
 /// A `/proc/<pid>/status` field in kB (VmHWM, VmRSS).
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -726,6 +750,8 @@ struct RouteReport {
     errors: u64,
     duplicates: u64,
     cpu_us_per_req: Option<f64>,
+    /// Server CPU µs per request by thread name, largest first.
+    threads: Vec<(String, f64)>,
     statuses: BTreeMap<u16, u64>,
     samples: Vec<String>,
 }
@@ -760,6 +786,7 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         .await;
     }
     let before = cpu_ticks(ctx.pid);
+    let threads_before = thread_ticks(ctx.pid);
     let expect = (ctx.measure.as_secs_f64() * 20_000.0) as usize;
     let r = run_phase(
         &ctx.addr,
@@ -770,6 +797,7 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
     )
     .await;
     let after = cpu_ticks(ctx.pid);
+    let threads_after = thread_ticks(ctx.pid);
     let mut st = r.stats;
     st.latencies.sort_unstable();
     let cpu_us_per_req = match (before, after) {
@@ -778,6 +806,15 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         }
         _ => None,
     };
+    let mut threads: Vec<(String, f64)> = threads_after
+        .into_iter()
+        .filter_map(|(name, a)| {
+            let used = a.saturating_sub(threads_before.get(&name).copied().unwrap_or(0));
+            let us = used as f64 / ctx.ticks * 1e6 / st.responses.max(1) as f64;
+            (us >= 0.05).then_some((name, us))
+        })
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     RouteReport {
         rps: st.responses as f64 / r.elapsed.as_secs_f64(),
         p50_ms: percentile(&st.latencies, 50.0),
@@ -787,6 +824,7 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         errors: st.errors,
         duplicates: st.duplicates,
         cpu_us_per_req,
+        threads,
         statuses: st.statuses,
         samples: st.samples,
     }
@@ -813,6 +851,14 @@ fn print_row(name: &str, r: &RouteReport) {
             .map(|v| format!("{v:.1}"))
             .unwrap_or_else(|| "n/a".into())
     );
+    if !r.threads.is_empty() {
+        let t: Vec<String> = r
+            .threads
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.1}"))
+            .collect();
+        println!("    server cpu µs/req by thread: {}", t.join(", "));
+    }
     if !r.statuses.is_empty() {
         let s: Vec<String> = r.statuses.iter().map(|(k, v)| format!("{k}×{v}")).collect();
         println!("    statuses: {}", s.join(", "));
