@@ -83,10 +83,12 @@ impl AppState {
         };
         let levels = LevelCurve::new(settings.level_base, settings.level_coefficient);
         let metrics = Metrics::new();
-        metrics
-            .registry
-            .register(Box::new(store.group_sizes().clone()))
-            .unwrap_or_else(|e| panic!("histogram: {e}"));
+        for collector in store.collectors() {
+            metrics
+                .registry
+                .register(collector)
+                .unwrap_or_else(|e| panic!("store metric: {e}"));
+        }
         metrics.sources_loaded.set(config.sources.len() as i64);
         metrics.init_series(&config);
         metrics

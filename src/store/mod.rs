@@ -78,8 +78,37 @@ pub struct Store {
     writer: mpsc::Sender<write::Job>,
     backend: &'static str,
     group_sizes: prometheus::Histogram,
+    /// SQLite only: the WAL's size and checkpoint failures (see
+    /// `sqlite_writer`).
+    wal: Option<WalMetrics>,
     /// Set for good when syncing the SQLite WAL failed (see `sqlite_writer`).
     sync_failed: Arc<AtomicBool>,
+}
+
+/// How the SQLite WAL keeps up: frames in it at the last checkpoint, and
+/// failed checkpoints. A WAL that keeps growing means checkpoints fail, or a
+/// long read holds an old snapshot that the WAL cannot start over without.
+#[derive(Clone, Debug)]
+pub struct WalMetrics {
+    pub frames: prometheus::IntGauge,
+    pub checkpoint_failures: prometheus::IntCounter,
+}
+
+impl WalMetrics {
+    fn new() -> WalMetrics {
+        WalMetrics {
+            frames: prometheus::IntGauge::new(
+                "rocket_store_wal_frames",
+                "Frames (pages) in the SQLite WAL at the last checkpoint; it starts over at about 2,000.",
+            )
+            .unwrap_or_else(|e| panic!("gauge: {e}")),
+            checkpoint_failures: prometheus::IntCounter::new(
+                "rocket_store_checkpoint_failures_total",
+                "Failed SQLite WAL checkpoints (the WAL grows until one succeeds).",
+            )
+            .unwrap_or_else(|e| panic!("counter: {e}")),
+        }
+    }
 }
 
 /// Requests written per store transaction: how well group commit groups.
@@ -171,7 +200,7 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         let group_sizes = group_size_histogram();
         let sync_failed = Arc::new(AtomicBool::new(false));
-        let (pool, writer, backend) = if url.starts_with("sqlite:") {
+        let (pool, writer, backend, wal) = if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
@@ -192,12 +221,14 @@ impl Store {
                 .connect_with(opts.clone())
                 .await?;
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            let wal = WalMetrics::new();
             let writer = sqlite_writer::spawn(
                 opts.get_filename(),
                 group_sizes.clone(),
+                wal.clone(),
                 sync_failed.clone(),
             )?;
-            (Pool::Sqlite(pool), writer, "sqlite")
+            (Pool::Sqlite(pool), writer, "sqlite", Some(wal))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -206,7 +237,7 @@ impl Store {
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
             let writer = write::spawn_writers(pool.clone(), POSTGRES_WRITERS, group_sizes.clone());
-            (Pool::Postgres(pool), writer, "postgres")
+            (Pool::Postgres(pool), writer, "postgres", None)
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
@@ -215,6 +246,7 @@ impl Store {
             writer,
             backend,
             group_sizes,
+            wal,
             sync_failed,
         })
     }
@@ -223,9 +255,16 @@ impl Store {
         self.backend
     }
 
-    /// The histogram of requests per write transaction, for `/metrics`.
-    pub fn group_sizes(&self) -> &prometheus::Histogram {
-        &self.group_sizes
+    /// The store's own metrics, for `/metrics`: requests per write
+    /// transaction, and on SQLite the WAL's.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        let mut all: Vec<Box<dyn prometheus::core::Collector>> =
+            vec![Box::new(self.group_sizes.clone())];
+        if let Some(wal) = &self.wal {
+            all.push(Box::new(wal.frames.clone()));
+            all.push(Box::new(wal.checkpoint_failures.clone()));
+        }
+        all
     }
 
     /// Stores one request's events in one transaction (grouped with other

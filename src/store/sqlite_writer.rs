@@ -44,7 +44,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::write::{status_of, EventStatus, Item, Job, Persisted, MAX_GROUP, QUEUE, RETRIES};
-use super::StoreError;
+use super::{StoreError, WalMetrics};
 
 /// The writer's page cache, in KiB. Larger than SQLite's default 2 MiB, so
 /// random-key index inserts into a large ledger find their pages cached; but
@@ -93,6 +93,7 @@ type Reply = (
 pub(super) fn spawn(
     path: &Path,
     group_sizes: prometheus::Histogram,
+    metrics: WalMetrics,
     failed: Arc<AtomicBool>,
 ) -> Result<mpsc::Sender<Job>, StoreError> {
     let conn = open(path)?;
@@ -100,7 +101,7 @@ pub(super) fn spawn(
     let wal = wal_path(path);
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
     let (done_tx, done_rx) = std_mpsc::channel::<Vec<Reply>>();
-    let ckpt = Arc::new(Checkpoints::default());
+    let ckpt = Arc::new(Checkpoints::new(metrics));
     std::thread::Builder::new()
         .name("rocket-sqlite-sync".into())
         .spawn(move || sync_loop(&wal, done_rx, &failed))
@@ -125,7 +126,6 @@ pub(super) fn spawn(
 }
 
 /// What the writer and the checkpoint thread share.
-#[derive(Default)]
 struct Checkpoints {
     /// Commits happened since the checkpoint thread last looked.
     pending: AtomicBool,
@@ -136,10 +136,21 @@ struct Checkpoints {
     stopped: AtomicBool,
     /// The last checkpoint failed (logged once, not at every retry).
     failing: AtomicBool,
+    metrics: WalMetrics,
 }
 
 impl Checkpoints {
-    /// Logs a checkpoint's failure once, and the recovery after it.
+    fn new(metrics: WalMetrics) -> Checkpoints {
+        Checkpoints {
+            pending: AtomicBool::new(false),
+            full: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// Counts a checkpoint's failure, logs it once, and the recovery after.
     fn outcome<T>(&self, result: rusqlite::Result<T>) -> Option<T> {
         match result {
             Ok(v) => {
@@ -149,6 +160,7 @@ impl Checkpoints {
                 Some(v)
             }
             Err(e) => {
+                self.metrics.checkpoint_failures.inc();
                 if !self.failing.swap(true, Ordering::AcqRel) {
                     tracing::warn!(error = %e, "WAL checkpoint failed; retrying, and the WAL grows until one succeeds");
                 }
@@ -172,6 +184,7 @@ fn checkpoint_loop(conn: &Connection, ckpt: &Checkpoints) {
         std::thread::sleep(CHECKPOINT_EVERY);
         ckpt.pending.store(false, Ordering::Release);
         if let Some(Some(frames)) = ckpt.outcome(passive_checkpoint(conn)) {
+            ckpt.metrics.frames.set(frames);
             if frames >= WAL_LIMIT_FRAMES {
                 ckpt.full.store(true, Ordering::Release);
             }

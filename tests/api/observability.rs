@@ -150,6 +150,42 @@ async fn metrics_count_exactly_what_happened() {
     );
 }
 
+/// On SQLite the checkpoint thread reports the WAL it copied (frames at its
+/// last pass) and counts failed checkpoints; PostgreSQL has neither series.
+#[tokio::test]
+async fn the_sqlite_wal_is_reported_by_the_checkpoint_thread() {
+    let app = spawn_app().await;
+    let sqlite = app.database_url.starts_with("sqlite:");
+    app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 1))
+        .await;
+    // The checkpoint runs on its own thread shortly after the commit: wait
+    // for it (bounded), then check what it reported.
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = app.send(app.client.get(app.url("/metrics"))).await.text;
+        if !sqlite || sample(&text, "rocket_store_wal_frames") > 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if sqlite {
+        assert!(
+            sample(&text, "rocket_store_wal_frames") > 0.0,
+            "no checkpoint reported the WAL\n{text}"
+        );
+        assert!(
+            text.contains("rocket_store_checkpoint_failures_total 0"),
+            "{text}"
+        );
+    } else {
+        assert!(!text.contains("rocket_store_wal_frames"), "{text}");
+        assert!(
+            !text.contains("rocket_store_checkpoint_failures_total"),
+            "{text}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight() {
     let app = spawn_app().await;
