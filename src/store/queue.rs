@@ -7,7 +7,7 @@
 
 use sqlx::Row;
 
-use super::{with_pool, Pool, Store, StoreError, INSERT_LEDGER};
+use super::{with_pool, Pool, Store, StoreError, INSERT_LEDGER, UPSERT_TOTAL};
 use crate::pipeline::rules::Award;
 
 /// Attempts (the delivery counts as the first) before a failing event rests as `failed`.
@@ -43,9 +43,6 @@ const DONE: &str =
     "UPDATE events SET status = 'processed', points = $1, error = NULL, processed_at = $2, \
     claim = NULL WHERE id = $3 AND claim = $4 AND status = 'processing'";
 const USER_OF: &str = "SELECT user_id, course_id, occurred_at FROM events WHERE id = $1";
-const UPSERT_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, 1, $4) \
-    ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
-    events = totals.events + 1, updated_at = excluded.updated_at";
 const RETRY_LATER: &str =
     "UPDATE events SET status = $1, error = $2, attempts = attempts + 1, next_attempt_at = $3, \
     claim = NULL WHERE id = $4 AND claim = $5 AND status = 'processing'";
@@ -117,7 +114,7 @@ impl Store {
                                 .execute(&mut *tx)
                                 .await?;
                         }
-                        sqlx::query(UPSERT_TOTAL).bind(&c.namespace).bind(&user).bind(points).bind(now).execute(&mut *tx).await?;
+                        sqlx::query(UPSERT_TOTAL).bind(&c.namespace).bind(&user).bind(points).bind(1_i64).bind(now).execute(&mut *tx).await?;
                     }
                     true
                 }

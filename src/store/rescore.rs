@@ -6,7 +6,7 @@
 
 use sqlx::Row;
 
-use super::{with_pool, Store, StoreError, INSERT_LEDGER};
+use super::{with_pool, Store, StoreError, INSERT_LEDGER, UPSERT_TOTAL};
 use crate::pipeline::rules::Award;
 
 /// A stored event as rescoring reads it.
@@ -36,11 +36,9 @@ const PAGE: &str = "SELECT id, source, namespace, user_id, course_id, occurred_a
 const GUARD: &str = "UPDATE events SET status = 'processed', points = $1, error = NULL WHERE id = $2 AND status = $3 AND points = $4";
 const DELETE_LEDGER: &str =
     "DELETE FROM ledger WHERE namespace = $1 AND user_id = $2 AND event_id = $3";
-const ADJUST_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) VALUES ($1, $2, $3, $4, $5) \
-    ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
-    events = totals.events + excluded.events, updated_at = excluded.updated_at";
 // An event's ledger rows are found through its user's index.
-const AWARDS: &str = "SELECT rule, points FROM ledger WHERE namespace = $1 AND user_id = $2 \
+pub(super) const AWARDS: &str =
+    "SELECT rule, points FROM ledger WHERE namespace = $1 AND user_id = $2 \
     AND event_id = $3 ORDER BY id";
 
 impl Store {
@@ -122,7 +120,7 @@ impl Store {
                 }
                 // A failed event's points were never in the total, nor was it counted.
                 let (old, counted) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
-                sqlx::query(ADJUST_TOTAL)
+                sqlx::query(UPSERT_TOTAL)
                     .bind(&ev.namespace)
                     .bind(user)
                     .bind(points - old)

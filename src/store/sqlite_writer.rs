@@ -1,5 +1,5 @@
 //! The SQLite group-commit writer: a writer thread with its own connection,
-//! and a sync thread.
+//! a sync thread, and a checkpoint thread with a connection of its own.
 //!
 //! SQLite takes one writer at a time, so the writer needs no async runtime:
 //! a plain thread blocks on the job queue, takes everything waiting (up to
@@ -43,8 +43,10 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::write::{status_of, EventStatus, Item, Job, Persisted, MAX_GROUP, QUEUE, RETRIES};
-use super::{StoreError, WalMetrics};
+use super::write::{
+    status_of, EventStatus, Item, Job, Persisted, EXISTING, MAX_GROUP, QUEUE, RESCORE, RETRIES,
+};
+use super::{StoreError, WalMetrics, INSERT_LEDGER, UPSERT_TOTAL};
 
 /// The writer's page cache, in KiB. Larger than SQLite's default 2 MiB, so
 /// random-key index inserts into a large ledger find their pages cached; but
@@ -70,16 +72,6 @@ const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespac
     status, points, error, canonical, raw) \
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
     ON CONFLICT (source, dedupe_key) DO NOTHING";
-const EXISTING: &str = "SELECT id, status, points, processed_at, error FROM events \
-    WHERE source = ?1 AND dedupe_key = ?2";
-const RESCORE: &str = "UPDATE events SET status = ?1, points = ?2, error = ?3, processed_at = ?4, \
-    canonical = ?5, attempts = attempts + 1, next_attempt_at = 0 WHERE id = ?6 AND status = 'failed'";
-const INSERT_LEDGER: &str = "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, \
-    points, reason, occurred_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
-const UPSERT_TOTAL: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) \
-    VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (namespace, user_id) DO UPDATE SET \
-    points = totals.points + excluded.points, events = totals.events + excluded.events, \
-    updated_at = excluded.updated_at";
 
 /// A request's answer, held until its batch is on disk.
 type Reply = (
@@ -87,8 +79,9 @@ type Reply = (
     Result<Vec<Persisted>, StoreError>,
 );
 
-/// Opens the writer's connection (the file exists and is migrated by now)
-/// and starts the writer and sync threads. Returns the queue the requests
+/// Opens the writer's and the checkpointer's connections (the file exists
+/// and is migrated by now) and starts the writer, sync and checkpoint
+/// threads. Returns the queue the requests
 /// send to. `failed` is set for good if a sync fails.
 pub(super) fn spawn(
     path: &Path,

@@ -225,8 +225,8 @@ fn is_transient(e: &StoreError) -> bool {
 const EVENT_ROWS: usize = 500;
 const LEDGER_ROWS: usize = 1000;
 
-const EXISTING: &str = "SELECT id, status, points, processed_at, error FROM events WHERE source = $1 AND dedupe_key = $2";
-const RESCORE: &str =
+pub(super) const EXISTING: &str = "SELECT id, status, points, processed_at, error FROM events WHERE source = $1 AND dedupe_key = $2";
+pub(super) const RESCORE: &str =
     "UPDATE events SET status = $1, points = $2, error = $3, processed_at = $4, canonical = $5, \
     attempts = attempts + 1, next_attempt_at = 0 WHERE id = $6 AND status = 'failed'";
 
