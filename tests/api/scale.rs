@@ -75,10 +75,11 @@ async fn copies_of_one_event_raced_to_two_instances_award_once() {
     other.stop().await;
 }
 
-/// Sustained writes keep the SQLite WAL bounded: the writer checkpoints it
-/// into the database, so the WAL starts over instead of growing with the
-/// ledger. 1,500 events in small transactions write well over 20 MB of WAL
-/// frames; the file stays near SQLite's 1,000-page checkpoint threshold.
+/// Sustained writes keep the SQLite WAL bounded: checkpoints copy it into
+/// the database and the writer finishes them once it is full, so the WAL
+/// starts over instead of growing with the ledger. 1,500 events in small
+/// transactions write well over 20 MB of WAL frames; the file stays near the
+/// writer's 2,000-frame limit.
 #[tokio::test]
 async fn the_sqlite_wal_stays_bounded_under_sustained_writes() {
     let app = spawn_custom(|_| {}, |s| s.rate_limits = false).await;
