@@ -588,6 +588,23 @@ fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
     by_name
 }
 
+/// Busy and total clock ticks of all CPUs (the first line of `/proc/stat`):
+/// busy is everything but idle and iowait.
+fn box_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is in user).
+    let all: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4).copied().unwrap_or(0);
+    Some((all - idle, all))
+}
+
 /// A `/proc/<pid>/status` field in kB (VmHWM, VmRSS).
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -752,6 +769,10 @@ struct RouteReport {
     cpu_us_per_req: Option<f64>,
     /// Server CPU µs per request by thread name, largest first.
     threads: Vec<(String, f64)>,
+    /// The load generator's own CPU µs per request.
+    client_us_per_req: Option<f64>,
+    /// Share of all CPUs' time busy during the measurement, in percent.
+    box_busy: Option<f64>,
     statuses: BTreeMap<u16, u64>,
     samples: Vec<String>,
 }
@@ -787,6 +808,8 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
     }
     let before = cpu_ticks(ctx.pid);
     let threads_before = thread_ticks(ctx.pid);
+    let client_before = cpu_ticks(std::process::id());
+    let box_before = box_ticks();
     let expect = (ctx.measure.as_secs_f64() * 20_000.0) as usize;
     let r = run_phase(
         &ctx.addr,
@@ -798,6 +821,8 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
     .await;
     let after = cpu_ticks(ctx.pid);
     let threads_after = thread_ticks(ctx.pid);
+    let client_after = cpu_ticks(std::process::id());
+    let box_after = box_ticks();
     let mut st = r.stats;
     st.latencies.sort_unstable();
     let cpu_us_per_req = match (before, after) {
@@ -815,6 +840,18 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         })
         .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let client_us_per_req = match (client_before, client_after) {
+        (Some(b), Some(a)) if st.responses > 0 => {
+            Some((a - b) as f64 / ctx.ticks * 1e6 / st.responses as f64)
+        }
+        _ => None,
+    };
+    let box_busy = match (box_before, box_after) {
+        (Some((b_busy, b_all)), Some((a_busy, a_all))) if a_all > b_all => {
+            Some(100.0 * (a_busy - b_busy) as f64 / (a_all - b_all) as f64)
+        }
+        _ => None,
+    };
     RouteReport {
         rps: st.responses as f64 / r.elapsed.as_secs_f64(),
         p50_ms: percentile(&st.latencies, 50.0),
@@ -825,6 +862,8 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         duplicates: st.duplicates,
         cpu_us_per_req,
         threads,
+        client_us_per_req,
+        box_busy,
         statuses: st.statuses,
         samples: st.samples,
     }
@@ -858,6 +897,11 @@ fn print_row(name: &str, r: &RouteReport) {
             .map(|(name, us)| format!("{name} {us:.1}"))
             .collect();
         println!("    server cpu µs/req by thread: {}", t.join(", "));
+    }
+    if let (Some(client), Some(busy)) = (r.client_us_per_req, r.box_busy) {
+        println!(
+            "    load generator cpu µs/req: {client:.1}; all CPUs busy: {busy:.0}% (the rest idle or waiting on the disk)"
+        );
     }
     if !r.statuses.is_empty() {
         let s: Vec<String> = r.statuses.iter().map(|(k, v)| format!("{k}×{v}")).collect();
