@@ -197,7 +197,7 @@ fn main() -> ExitCode {
         {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", causes(&e));
                 ExitCode::FAILURE
             }
         },
@@ -207,14 +207,14 @@ fn main() -> ExitCode {
         {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", causes(&e));
                 ExitCode::FAILURE
             }
         },
         Cmd::Serve(args) => match serve(args) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", causes(&e));
                 ExitCode::FAILURE
             }
         },
@@ -557,4 +557,22 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
     }
+}
+
+/// An error and its causes, `: `-separated, without repeating a cause that
+/// the message before it already quotes (our errors' messages name their
+/// source, and anyhow's `{:#}` would print it twice).
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -26,7 +26,7 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
 pub use queue::{Claimed, MAX_ATTEMPTS};
-pub use write::{status_of, EventStatus, Persisted};
+pub use write::{new_event_id, status_of, EventStatus, Persisted};
 
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, HISTORY_DAYS, HISTORY_EVENTS};
@@ -39,8 +39,10 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
+    #[error("unsupported database URL {0:?}: use sqlite://PATH, a file path, or postgres://…")]
     BadUrl(String),
+    #[error("an in-memory SQLite database cannot be used (the ledger must survive a restart): use sqlite://PATH")]
+    InMemory,
     #[error("cannot create the database folder {0}: {1}")]
     Folder(String, std::io::Error),
     #[error("database error: {0}")]
@@ -227,6 +229,14 @@ impl Store {
     /// Connects, creating the SQLite file and folder if needed, and runs the
     /// backend's migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        // A plain path (no scheme) is an SQLite file.
+        let owned;
+        let url = if !url.contains(':') || (!url.contains("://") && url.starts_with(['/', '.'])) {
+            owned = format!("sqlite://{url}");
+            owned.as_str()
+        } else {
+            url
+        };
         let group_sizes = group_size_histogram();
         let sync_failed = Arc::new(AtomicBool::new(false));
         let (pool, writer, backend, wal) = if url.starts_with("sqlite:") {
@@ -238,6 +248,11 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
+            // The writer thread opens the file again: an in-memory database
+            // would be a different, empty one there.
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                return Err(StoreError::InMemory);
+            }
             if let Some(parent) = opts.get_filename().parent() {
                 if !parent.as_os_str().is_empty() {
                     std::fs::create_dir_all(parent)
@@ -548,22 +563,23 @@ impl Store {
         })
     }
 
-    /// Event counts by source, type and status; points per day since `since_ms`.
+    /// Event counts by source, type and status; points awarded per UTC day
+    /// (the day of the award, not of the event: a replayed backlog of old
+    /// events shows on the day it was scored), whole days from the one
+    /// `since_ms` falls in.
+    ///
+    /// SQLite reads both from counters its triggers keep (migration 0005),
+    /// so the answer costs the same at any ledger size; PostgreSQL, whose
+    /// parallel writers such counters would serialise, aggregates.
     pub async fn stats(&self, since_ms: i64) -> Result<Stats, StoreError> {
-        const COUNTS: &str = "SELECT source, COALESCE(event_type, 'unmapped') AS event_type, status, COUNT(*) AS n \
-            FROM events GROUP BY source, COALESCE(event_type, 'unmapped'), status ORDER BY source, event_type, status";
-        let day = match self.pool {
-            Pool::Sqlite(_) => "strftime('%Y-%m-%d', occurred_at / 1000, 'unixepoch')",
-            Pool::Postgres(_) => {
-                "to_char(to_timestamp(occurred_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
-            }
+        let first_day_ms = since_ms.div_euclid(DAY_MS) * DAY_MS;
+        let (counts_sql, days_sql) = match self.pool {
+            Pool::Sqlite(_) => (STATS_COUNTS_SQLITE, STATS_DAYS_SQLITE),
+            Pool::Postgres(_) => (STATS_COUNTS_POSTGRES, STATS_DAYS_POSTGRES),
         };
-        let per_day = format!(
-            "SELECT {day} AS day, CAST(SUM(points) AS BIGINT) AS points FROM ledger WHERE occurred_at >= $1 GROUP BY 1 ORDER BY 1"
-        );
         with_pool!(&self.pool, p => {
-            let counts = sqlx::query(COUNTS).fetch_all(p).await?;
-            let days = sqlx::query(&per_day).bind(since_ms).fetch_all(p).await?;
+            let counts = sqlx::query(counts_sql).fetch_all(p).await?;
+            let days = sqlx::query(days_sql).bind(first_day_ms).fetch_all(p).await?;
             Ok(Stats {
                 events: counts
                     .iter()
@@ -577,6 +593,18 @@ impl Store {
         })
     }
 }
+
+const DAY_MS: i64 = 86_400_000;
+pub(super) const STATS_COUNTS_SQLITE: &str =
+    "SELECT source, event_type, status, n FROM event_counts \
+    WHERE n > 0 ORDER BY source, event_type, status";
+pub(super) const STATS_DAYS_SQLITE: &str = "SELECT day, points FROM ledger_days \
+    WHERE entries > 0 AND day >= strftime('%Y-%m-%d', $1 / 1000, 'unixepoch') ORDER BY day";
+const STATS_COUNTS_POSTGRES: &str = "SELECT source, COALESCE(event_type, 'unmapped') AS event_type, status, COUNT(*) AS n \
+    FROM events GROUP BY source, COALESCE(event_type, 'unmapped'), status ORDER BY source, event_type, status";
+const STATS_DAYS_POSTGRES: &str =
+    "SELECT to_char(to_timestamp(created_at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, \
+    CAST(SUM(points) AS BIGINT) AS points FROM ledger WHERE created_at >= $1 GROUP BY 1 ORDER BY 1";
 
 fn ledger_entry<R: Row>(r: &R) -> Result<LedgerEntry, sqlx::Error>
 where
@@ -622,6 +650,23 @@ mod tests {
             unreachable!()
         };
         (dir, store, pool)
+    }
+
+    /// `/api/v1/stats` reads the trigger-kept counters, never the events
+    /// or the ledger (a full scan took seconds at 1M events).
+    #[tokio::test]
+    async fn stats_read_counters_not_events() {
+        let (_dir, _store, pool) = sqlite_store().await;
+        for (sql, binds) in [(STATS_COUNTS_SQLITE, 0), (STATS_DAYS_SQLITE, 1)] {
+            let details = plan(&pool, sql, binds).await;
+            assert!(
+                !details
+                    .iter()
+                    .any(|d| d.split_whitespace().any(|w| w == "events" || w == "ledger")),
+                "{details:?}"
+            );
+            assert!(!details.is_empty());
+        }
     }
 
     /// An idle worker polls the claim twice a second: it must walk the

@@ -64,7 +64,9 @@ async fn standings(app: &TestApp) -> serde_json::Value {
         recent.sort();
         users.push(json!([ns, u, r["total_points"], r["event_count"], recent]));
     }
-    json!({"board": board, "users": users})
+    // Counts and points per day (kept by triggers on SQLite) agree too.
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    json!({"board": board, "users": users, "stats": stats})
 }
 
 /// Runs `rocket-rewards rescore` on the app's config and store; its output,
