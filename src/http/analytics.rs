@@ -151,7 +151,8 @@ impl AnalyticsApi {
     /// A user's total, level, event count and recent ledger entries.
     ///
     /// `source` is the user's namespace (a source's name unless its YAML sets
-    /// another). An unknown user has 0 points.
+    /// another). An unknown user has 0 points; a namespace that no loaded
+    /// source has and that holds nothing for the user is a 404.
     #[oai(
         path = "/api/v1/users/:source/:user_id",
         method = "get",
@@ -173,6 +174,22 @@ impl AnalyticsApi {
             .user(&source.0, &user_id.0, limit)
             .await
             .map_err(|e| state.store_failed(&e, "store read"))?;
+        // An unknown user of a known namespace has 0 points; a namespace no
+        // loaded source has, and that holds nothing for the user, is a typo.
+        // (A removed source's users stay readable.)
+        let known = state
+            .config
+            .load()
+            .sources
+            .values()
+            .any(|s| s.namespace == source.0);
+        if !known && rec.events == 0 && rec.total_points == 0 && rec.recent.is_empty() {
+            let shown: String = source.0.chars().take(64).collect();
+            return Err(ApiError::not_found(
+                "UNKNOWN_SOURCE",
+                format!("no loaded source has the namespace {shown:?}"),
+            ));
+        }
         let curve = &state.levels;
         Ok(Json(UserView {
             source: source.0,
@@ -281,7 +298,8 @@ impl AnalyticsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
-        /// Days of points history (1–366, default 30).
+        /// Days of points history (1–366, default 30): points awarded per
+        /// UTC day, from the day `days` days ago through today.
         days: Query<Option<i64>>,
     ) -> Result<Json<StatsView>, ApiError> {
         state.require_admin(&auth)?;

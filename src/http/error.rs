@@ -20,10 +20,9 @@ pub struct ErrorBody {
     pub error_code: String,
     /// A human-readable explanation; never a secret, a signature or a body.
     pub message: String,
-    /// Structured detail, e.g. `missing_fields` and `invalid_fields`.
-    #[oai(skip_serializing_if_is_none)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<Value>,
+    /// Structured detail, e.g. `missing_fields` and `invalid_fields`; an
+    /// empty object when there is none.
+    pub details: Value,
 }
 
 impl ErrorBody {
@@ -33,7 +32,7 @@ impl ErrorBody {
             error: code.into(),
             error_code: code.into(),
             message: message.into(),
-            details,
+            details: details.unwrap_or_else(|| Value::Object(Default::default())),
         }
     }
 }

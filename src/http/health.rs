@@ -6,7 +6,7 @@ use poem::web::Data;
 use std::sync::atomic::Ordering;
 
 use poem_openapi::payload::{Json, PlainText};
-use poem_openapi::{Object, OpenApi};
+use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::error::ApiError;
 use super::ApiTags;
@@ -50,7 +50,18 @@ impl HealthApi {
 
     /// Prometheus metrics (text exposition format).
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
-    async fn metrics(&self, state: Data<&Arc<AppState>>) -> PlainText<String> {
-        PlainText(state.metrics.render())
+    async fn metrics(&self, state: Data<&Arc<AppState>>) -> MetricsText {
+        MetricsText::Ok(PlainText(state.metrics.render()))
     }
+}
+
+/// The exposition format's own content type (what Prometheus asks for).
+#[derive(ApiResponse)]
+enum MetricsText {
+    /// The metrics.
+    #[oai(
+        status = 200,
+        content_type = "text/plain; version=0.0.4; charset=utf-8"
+    )]
+    Ok(PlainText<String>),
 }

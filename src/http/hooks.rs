@@ -118,9 +118,16 @@ impl HookResponse {
 /// An event stored for processing by a worker.
 #[derive(Debug, Object)]
 pub struct HookAccepted {
-    /// Always `accepted`.
+    /// Always `success`: the event is durably stored.
     pub status: String,
     pub event_id: String,
+    /// When the event was accepted (it is scored later).
+    pub processed_at: String,
+    /// Always 0: points are awarded when a worker processes the event
+    /// (`GET /api/v1/events/{event_id}` shows them).
+    pub points_awarded: i64,
+    /// Always true: the event waits for a worker.
+    pub queued: bool,
     /// Present and true when the event was queued before.
     #[oai(skip_serializing_if_is_none)]
     pub duplicate: Option<bool>,
@@ -152,6 +159,10 @@ pub struct AwardView {
 pub struct DryRunResult {
     /// Always `success`.
     pub status: String,
+    /// An id in the stored events' format; nothing is stored under it.
+    pub event_id: String,
+    /// When the dry run ran.
+    pub processed_at: String,
     /// Always true: nothing was stored.
     pub dry_run: bool,
     /// The source whose mapping and rules were used.
@@ -226,8 +237,10 @@ impl HookApi {
     /// Dry run: the full pipeline with nothing stored.
     ///
     /// Authenticated with the test token (`ROCKET_TEST_TOKEN`). `?as=SOURCE`
-    /// chooses the mapping and rules; without it, the `test` source's own
-    /// (the canonical event format) are used. The source's own signature is
+    /// chooses the mapping and rules; without it, any payload is tried
+    /// against the canonical event format (the `test` source), then against
+    /// each source's mapping by name, and the first that accepts it is used
+    /// (`source` in the answer says which). The source's own signature is
     /// not required.
     #[oai(
         path = "/api/public/hook/test/event",
@@ -243,12 +256,7 @@ impl HookApi {
     ) -> Result<Json<DryRunResult>, ApiError> {
         let config = state.config.load_full();
         state.require_test_or_admin(req.headers(), false)?;
-        let name = as_source.0.as_deref().unwrap_or("test");
-        let src = config
-            .source(name)
-            .cloned()
-            .ok_or_else(|| unknown_source(name))?;
-        let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
+        let (src, bytes) = chosen_or_detected(&state, &config, as_source.0, req, body).await?;
         let prepared = prepare(&state, &config, &src, req, &bytes, true).await?;
         Ok(Json(dry_run_result(&src, &prepared)))
     }
@@ -266,17 +274,15 @@ impl HookApi {
     async fn validate(
         &self,
         state: Data<&Arc<AppState>>,
-        source: Query<String>,
+        /// The source whose mapping to check; without it, the first whose
+        /// mapping accepts the payload (the canonical format first).
+        source: Query<Option<String>>,
         req: &Request,
         body: HookBody,
     ) -> Result<Json<ValidationResult>, ApiError> {
         let config = state.config.load_full();
         state.require_test_or_admin(req.headers(), true)?;
-        let src = config
-            .source(&source.0)
-            .cloned()
-            .ok_or_else(|| unknown_source(&source.0))?;
-        let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
+        let (src, bytes) = chosen_or_detected(&state, &config, source.0, req, body).await?;
         let prepared = prepare(&state, &config, &src, req, &bytes, true).await?;
         Ok(Json(ValidationResult {
             status: "success".into(),
@@ -288,6 +294,43 @@ impl HookApi {
                 .collect(),
         }))
     }
+}
+
+/// The source a test or validation request names (`?as=` / `?source=`;
+/// empty counts as absent), with the body read under its limits. Without
+/// one, the body is read under the `test` source's limits and the source is
+/// the first whose mapping accepts it: the canonical format (`test`) first,
+/// then the others by name; `test` itself when none does, so the answer is
+/// the canonical format's validation error.
+async fn chosen_or_detected(
+    state: &AppState,
+    config: &Config,
+    named: Option<String>,
+    req: &Request,
+    body: HookBody,
+) -> Result<(Arc<Source>, Bytes), ApiError> {
+    let named = named.filter(|n| !n.is_empty());
+    let name = named.as_deref().unwrap_or("test");
+    let src = config
+        .source(name)
+        .cloned()
+        .ok_or_else(|| unknown_source(name))?;
+    let bytes = read_body(body, &src, req, state.settings.body_timeout).await?;
+    if named.is_some() {
+        return Ok((src, bytes));
+    }
+    let now = Utc::now();
+    let detected = std::iter::once(&src)
+        .chain(
+            config
+                .source_names()
+                .into_iter()
+                .filter(|n| *n != "test")
+                .filter_map(|n| config.source(n)),
+        )
+        .find(|s| pipeline::map_body(s, req.content_type(), &bytes, now).is_ok())
+        .cloned();
+    Ok((detected.unwrap_or(src), bytes))
 }
 
 async fn ingest_into(
@@ -317,9 +360,6 @@ async fn ingest_into(
         ]);
         state.rate_outcome(req, &src.name, ip, checked)?;
     }
-    if !src.accepts(req.content_type()) {
-        return Err(unsupported(src, req.content_type().unwrap_or("")));
-    }
     let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
     if let Err(e) =
         pipeline::verify::verify_any(&src.auth, req.headers(), &bytes, Utc::now().timestamp())
@@ -336,6 +376,11 @@ async fn ingest_into(
             }
             other => format!("invalid or missing credentials: {other}"),
         }));
+    }
+    // The content type is checked with decoding, after authentication (the
+    // pipeline's order): a stranger learns nothing about the source.
+    if !src.accepts(req.content_type()) {
+        return Err(unsupported(src, req.content_type().unwrap_or("")));
     }
     let queued = src.processing == Processing::Async;
     let prepared = prepare(state, config, src, req, &bytes, !queued).await?;
@@ -400,9 +445,11 @@ async fn ingest_into(
         }
     }
     if let Some(failed) = stored.iter().find(|p| p.status == EventStatus::Failed) {
+        // Opaque to the sender, which retries: the redelivery re-scores the
+        // stored event. The rule's error was logged above.
+        tracing::error!(source = %src.name, event_id = %failed.event_id, "event stored as failed; answered 500 so the sender retries");
         return Err(ApiError::internal(Some(json!({
             "event_id": failed.event_id,
-            "reason": "a point rule failed; the event is stored as failed and is re-scored when delivered again",
         }))));
     }
     let first_id = stored.first().map(|p| p.event_id.clone());
@@ -410,8 +457,11 @@ async fn ingest_into(
         state.queue_ready.notify_waiters();
         return Ok((
             HookResponse::Accepted(Json(HookAccepted {
-                status: "accepted".into(),
+                status: "success".into(),
                 event_id: first_id.clone().unwrap_or_default(),
+                processed_at: rfc3339_ms(stored.iter().map(|p| p.processed_at).max()),
+                points_awarded: 0,
+                queued: true,
                 duplicate: stored.iter().all(|p| p.duplicate).then_some(true),
             })),
             first_id,
@@ -426,20 +476,17 @@ async fn ingest_into(
 fn success_body(stored: &[Persisted], keys: &[String], batch: bool) -> HookSuccess {
     let first = &stored[0];
     let all_dup = stored.iter().all(|p| p.duplicate);
-    let processed_at = stored
-        .iter()
-        .map(|p| p.processed_at)
-        .max()
-        .unwrap_or(first.processed_at);
     HookSuccess {
         status: "success".into(),
         event_id: first.event_id.clone(),
-        processed_at: Utc
-            .timestamp_millis_opt(processed_at)
-            .single()
-            .unwrap_or_else(Utc::now)
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        points_awarded: stored.iter().map(|p| p.points).sum(),
+        processed_at: rfc3339_ms(stored.iter().map(|p| p.processed_at).max()),
+        // A redelivery answers its first points; in a batch that mixes new
+        // statements with redelivered ones, only the new ones are awarded now.
+        points_awarded: stored
+            .iter()
+            .filter(|p| all_dup || !p.duplicate)
+            .map(|p| p.points)
+            .sum(),
         duplicate: all_dup.then_some(true),
         results: batch.then(|| {
             stored
@@ -454,6 +501,13 @@ fn success_body(stored: &[Persisted], keys: &[String], batch: bool) -> HookSucce
                 .collect()
         }),
     }
+}
+
+/// A Unix-milliseconds time as RFC 3339 (UTC, milliseconds); now if absent.
+fn rfc3339_ms(ms: Option<i64>) -> String {
+    ms.and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        .unwrap_or_else(Utc::now)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The metric label for an event's type: a canonical type from the source's
@@ -597,6 +651,8 @@ fn dry_run_result(src: &Source, prepared: &[Prepared]) -> DryRunResult {
         .collect();
     DryRunResult {
         status: "success".into(),
+        event_id: crate::store::new_event_id(),
+        processed_at: rfc3339_ms(None),
         dry_run: true,
         source: src.name.clone(),
         points_awarded: events.iter().map(|e| e.points_awarded).sum(),

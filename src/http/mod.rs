@@ -89,8 +89,40 @@ pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
         .data(state)
 }
 
-/// Adds the rate-limit headers a hook handler recorded, and HSTS on HTTPS.
+/// `?source=&limit=` means no source filter and the default limit, as if
+/// the parameters were absent: form-built URLs send empty fields, and an
+/// empty value is no valid filter or number.
+fn drop_empty_query_params(req: &mut Request) {
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    let empty = |kv: &&str| match kv.split_once('=') {
+        Some((_, value)) => value.is_empty(),
+        None => kv.is_empty(),
+    };
+    if !query.split('&').any(|kv| empty(&kv)) {
+        return;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|kv| !empty(kv)).collect();
+    let path = req.uri().path();
+    let rebuilt = if kept.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = rebuilt.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = poem::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// Adds the rate-limit headers a hook handler recorded (or, if it answered
+/// before its rate check, the client address's), and HSTS on HTTPS.
 async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Result<Response> {
+    drop_empty_query_params(&mut req);
     let https = *req.scheme() == poem::http::uri::Scheme::HTTPS;
     let slot = if req.uri().path().starts_with("/api/public/hook/") {
         let slot = Arc::new(RateSlot::default());
@@ -99,9 +131,17 @@ async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Re
     } else {
         None
     };
+    let fallback = slot.as_ref().and_then(|_| {
+        let state = req.data::<Arc<AppState>>()?.clone();
+        Some((state.client_ip(&req, None), state))
+    });
     let mut resp = ep.call(req).await?.into_response();
+    let recorded = slot.and_then(|s| s.get()).or_else(|| {
+        let (ip, state) = fallback?;
+        state.address_rate_headers(ip)
+    });
     let h = resp.headers_mut();
-    if let Some(r) = slot.and_then(|s| s.get()) {
+    if let Some(r) = recorded {
         h.insert("x-ratelimit-limit", HeaderValue::from(r.limit));
         h.insert("x-ratelimit-remaining", HeaderValue::from(r.remaining));
         h.insert("x-ratelimit-reset", HeaderValue::from(r.reset));

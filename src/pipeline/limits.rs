@@ -120,6 +120,16 @@ pub struct Standing {
 }
 
 impl Standing {
+    /// `X-RateLimit-Remaining`: what is left of the sustained per-minute
+    /// limit (`X-RateLimit-Limit`), never more than it. The burst above the
+    /// limit is headroom, not advertised: a client that paces itself by the
+    /// headers keeps to the sustained rate.
+    pub fn advertised_remaining(&self) -> u32 {
+        self.remaining
+            .saturating_sub(self.burst.saturating_sub(self.limit))
+            .min(self.limit)
+    }
+
     /// How much of the burst is in use, 0 to 1.
     pub fn utilization(&self) -> f64 {
         1.0 - f64::from(self.remaining) / f64::from(self.burst.max(1))
@@ -231,14 +241,14 @@ impl ServerLimits {
 }
 
 /// Checks buckets in order and returns the tightest standing (fewest
-/// remaining), or the first refusal.
+/// advertised remaining), or the first refusal.
 pub fn check_all<'a>(
     buckets: impl IntoIterator<Item = (Scope, &'a Bucket)>,
 ) -> Result<Option<Standing>, Refusal> {
     let mut tightest: Option<Standing> = None;
     for (scope, bucket) in buckets {
         let s = bucket.check(scope)?;
-        if tightest.is_none_or(|t| s.remaining < t.remaining) {
+        if tightest.is_none_or(|t| s.advertised_remaining() < t.advertised_remaining()) {
             tightest = Some(s);
         }
     }

@@ -185,6 +185,29 @@ async fn stats_count_events_by_source_and_type() {
         s.body["points_per_day"],
         json!([{"day": today, "points": 100}])
     );
+    // Empty query parameters (form-built URLs) count as absent.
+    let all = app.admin_get("/api/v1/leaderboard").await;
+    let blank = app
+        .admin_get("/api/v1/leaderboard?source=&course_id=&since=&until=&limit=")
+        .await;
+    assert_eq!(blank.status, 200, "{}", blank.text);
+    assert_eq!(blank.body, all.body);
+    assert_eq!(
+        all.body["entries"].as_array().unwrap().len(),
+        3,
+        "{}",
+        all.text
+    );
+    // A user nobody has seen: 0 points in a known namespace, 404 in an
+    // unknown one.
+    let nobody = app.admin_get("/api/v1/users/custom/nobody").await;
+    assert_eq!(nobody.status, 200, "{}", nobody.text);
+    assert_eq!(nobody.body["total_points"], 0);
+    assert_error(
+        &app.admin_get("/api/v1/users/nosuch/ana").await,
+        404,
+        "UNKNOWN_SOURCE",
+    );
 }
 
 #[tokio::test]

@@ -264,6 +264,7 @@ pub fn assert_error(r: &Resp, status: u16, code: &str) {
     assert_eq!(r.body["status"], "error", "{}", r.text);
     assert_eq!(r.body["error"], code, "{}", r.text);
     assert_eq!(r.body["error_code"], code, "{}", r.text);
+    assert!(r.body["details"].is_object(), "{}", r.text);
     assert!(
         r.body["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{}",

@@ -294,6 +294,15 @@ async fn an_unaccepted_content_type_is_a_415() {
         )
         .await;
     assert_error(&r, 415, "UNSUPPORTED_MEDIA_TYPE");
+    // Authentication comes first: a stranger gets 401, whatever the type.
+    let r = app
+        .hook(
+            "moodle",
+            serde_json::to_vec(&moodle_completion(1, 1)).unwrap(),
+            &[("content-type", "text/xml")],
+        )
+        .await;
+    assert_error(&r, 401, "AUTHENTICATION_FAILED");
 }
 
 #[tokio::test]
@@ -396,12 +405,20 @@ async fn an_xapi_batch_sums_points_and_lists_each_statement() {
     assert_eq!(again.body["duplicate"], true, "{}", again.text);
     assert_eq!(again.body["event_id"], results[1]["event_id"]);
     assert_eq!(app.user_points("valamis", "learner-1").await, 45);
+    // A batch mixing a redelivered statement with a new one: only the new
+    // one's points are awarded, and the answer says so.
+    let mixed = json!([st("a1", "passed"), st("a4", "completed")]);
+    let r = app.bearer("valamis", VALAMIS_TOKEN, &mixed).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["points_awarded"], 25, "{}", r.text);
+    assert_eq!(r.body["results"][0]["duplicate"], true);
+    assert_eq!(app.user_points("valamis", "learner-1").await, 70);
     // A bad statement refuses the whole batch, naming its index.
     let bad = json!([st("b1", "passed"), {"id": "b2", "verb": {"id": "x"}}]);
     let r = app.bearer("valamis", VALAMIS_TOKEN, &bad).await;
     assert_error(&r, 400, "VALIDATION_ERROR");
     assert_eq!(r.body["details"]["statement"], 1);
-    assert_eq!(app.user_points("valamis", "learner-1").await, 45);
+    assert_eq!(app.user_points("valamis", "learner-1").await, 70);
 }
 
 #[tokio::test]
@@ -477,6 +494,9 @@ async fn the_dry_run_scores_with_the_chosen_source_and_stores_nothing() {
     let r = app.send(send(TEST_TOKEN, "?as=moodle")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.body["dry_run"], true);
+    assert_eq!(r.body["status"], "success");
+    assert!(r.body["event_id"].as_str().unwrap().starts_with("evt_"));
+    assert!(r.body["processed_at"].as_str().unwrap().ends_with('Z'));
     assert_eq!(r.body["source"], "moodle");
     assert_eq!(r.body["points_awarded"], 50);
     assert_eq!(r.body["events"][0]["event"]["user_id"], "501");
@@ -506,6 +526,12 @@ async fn the_dry_run_scores_with_the_chosen_source_and_stores_nothing() {
         )
         .await;
     assert_eq!(canonical.body["points_awarded"], 10, "{}", canonical.text);
+    assert_eq!(canonical.body["source"], "test");
+    // Any other payload: the first source whose mapping accepts it.
+    let detected = app.send(send(TEST_TOKEN, "")).await;
+    assert_eq!(detected.status, 200, "{}", detected.text);
+    assert_eq!(detected.body["source"], "moodle");
+    assert_eq!(detected.body["points_awarded"], 50);
     // Nothing was stored: the same event ingested for real is new.
     assert_eq!(app.user_points("moodle", "501").await, 0);
     let stats = app.admin_get("/api/v1/stats").await;
@@ -547,15 +573,25 @@ async fn validate_maps_a_payload_or_lists_what_is_wrong() {
         404,
         "UNKNOWN_SOURCE",
     );
-    let no_source = app
-        .send(
-            app.client
-                .post(app.url("/api/public/validate/webhook"))
-                .bearer_auth(TEST_TOKEN)
-                .json(&json!({})),
-        )
-        .await;
-    assert_error(&no_source, 400, "INVALID_REQUEST");
+    // Without `?source=` (the seed's call): the first mapping that accepts
+    // the payload, or the canonical format's errors.
+    let detect = |token: &str, body: serde_json::Value| {
+        app.client
+            .post(app.url("/api/public/validate/webhook"))
+            .bearer_auth(token)
+            .json(&body)
+    };
+    let found = app.send(detect(TEST_TOKEN, moodle_completion(5, 6))).await;
+    assert_eq!(found.status, 200, "{}", found.text);
+    assert_eq!(found.body["source"], "moodle");
+    assert_eq!(found.body["events"][0]["user_id"], "6");
+    let none = app.send(detect(TEST_TOKEN, json!({"hello": 1}))).await;
+    assert_error(&none, 400, "VALIDATION_ERROR");
+    assert_error(
+        &app.send(detect("nope", json!({}))).await,
+        401,
+        "AUTHENTICATION_FAILED",
+    );
     assert_eq!(app.user_points("moodle", "6").await, 0);
 }
 

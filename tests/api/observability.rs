@@ -27,7 +27,12 @@ async fn metrics_count_exactly_what_happened() {
         .unwrap();
     })
     .await;
-    let before = app.send(app.client.get(app.url("/metrics"))).await.text;
+    let first = app.send(app.client.get(app.url("/metrics"))).await;
+    assert_eq!(
+        first.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let before = first.text;
     assert_eq!(
         sample(
             &before,

@@ -37,12 +37,25 @@ async fn an_async_event_is_accepted_then_processed_once() {
     let ev = json!({"event_id": "q1", "event_type": "course.completed", "user_id": "qa"});
     let r = app.bearer("queued", CUSTOM_TOKEN, &ev).await;
     assert_eq!(r.status, 202, "{}", r.text);
-    assert_eq!(r.body["status"], "accepted");
+    assert_eq!(r.body["status"], "success");
+    assert_eq!(r.body["queued"], true);
+    assert_eq!(r.body["points_awarded"], 0);
     let id = r.body["event_id"].as_str().unwrap().to_string();
     let done = settled(&app, &id).await;
     assert_eq!(done["status"], "processed");
     assert_eq!(done["points"], 50);
     assert_eq!(app.user_points("queued", "qa").await, 50);
+    // Stats follow the event from queued to processed.
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(
+        stats["events"],
+        json!([{"source": "queued", "event_type": "course.completed", "status": "processed", "count": 1}])
+    );
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        stats["points_per_day"],
+        json!([{"day": today, "points": 50}])
+    );
     let again = app.bearer("queued", CUSTOM_TOKEN, &ev).await;
     assert_eq!(
         again.status, 200,
