@@ -373,6 +373,9 @@ pub fn load(
         )),
     }
 
+    // A source with two schemes on one secret would warn twice.
+    let mut seen = std::collections::HashSet::new();
+    warnings.retain(|w| seen.insert(w.clone()));
     if errors.is_empty() {
         Ok(Config {
             dir: dir.to_path_buf(),

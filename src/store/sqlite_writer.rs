@@ -67,6 +67,21 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 /// checkpoint itself so the WAL starts over: the WAL stays under ~10 MiB.
 const WAL_LIMIT_FRAMES: i64 = 2000;
 
+/// What the stats triggers of migration 0005 do, per transaction.
+const COUNT_EVENTS: &str = "INSERT INTO event_counts (source, event_type, status, n) \
+    VALUES (?1, ?2, ?3, ?4) ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + excluded.n";
+const COUNT_DAY: &str = "INSERT INTO ledger_days (day, points, entries) \
+    VALUES (strftime('%Y-%m-%d', ?1 / 1000, 'unixepoch'), ?2, ?3) \
+    ON CONFLICT (day) DO UPDATE SET points = points + excluded.points, entries = entries + excluded.entries";
+/// A failed event re-scored on redelivery leaves `failed` (its stored type
+/// counts, which the re-score does not change).
+const UNCOUNT_FAILED: &str = "UPDATE event_counts SET n = n - 1 \
+    WHERE (source, event_type, status) = \
+    (SELECT source, COALESCE(event_type, 'unmapped'), 'failed' FROM events WHERE id = ?1)";
+const COUNT_ROW: &str = "INSERT INTO event_counts (source, event_type, status, n) \
+    SELECT source, COALESCE(event_type, 'unmapped'), status, 1 FROM events WHERE id = ?1 \
+    ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + 1";
+
 const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, \
     vendor_event_type, user_id, course_id, object_id, occurred_at, received_at, processed_at, \
     status, points, error, canonical, raw) \
@@ -89,7 +104,7 @@ pub(super) fn spawn(
     metrics: WalMetrics,
     failed: Arc<AtomicBool>,
 ) -> Result<mpsc::Sender<Job>, StoreError> {
-    let conn = open(path)?;
+    let conn = open_writer(path)?;
     let ckpt_conn = open(path)?;
     let wal = wal_path(path);
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
@@ -255,6 +270,20 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// The writer's connection: as [`open`], with triggers off. The stats
+/// counters the triggers keep for every other writer (queue workers,
+/// rescoring, admin retries) are kept by the writer itself, summed per
+/// transaction: a few upserts per group instead of two per event (6% of the
+/// hook's throughput, measured).
+fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let conn = open(path)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+        false,
+    )?;
+    Ok(conn)
+}
+
 fn wal_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_os_string();
     name.push("-wal");
@@ -373,6 +402,10 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
         // Summed per user and written in key order at the end: one upsert
         // per user per batch.
         let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+        // Stats counters (see `open_writer`): events by (source, type,
+        // status), and today's awarded points and ledger rows.
+        let mut counts: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
+        let mut day = (0i64, 0i64);
         for job in jobs {
             let ns = job.namespace.as_str();
             let mut out = Vec::with_capacity(job.items.len());
@@ -399,6 +432,10 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                     it.prepared.raw.as_ref(),
                 ])? == 1;
                 let event_id = if fresh {
+                    let kind = ev.event_type.as_deref().unwrap_or("unmapped");
+                    *counts
+                        .entry((ev.source.as_str(), kind, it.status.as_str()))
+                        .or_insert(0) += 1;
                     it.id.clone()
                 } else {
                     match redelivered(&tx, it, now)? {
@@ -424,6 +461,8 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                             occurred,
                             now,
                         ])?;
+                        day.0 += award.points;
+                        day.1 += 1;
                     }
                     let t = totals.entry((ns, user.as_str())).or_insert((0, 0));
                     t.0 += it.points;
@@ -436,6 +475,14 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
         let mut upsert = tx.prepare_cached(UPSERT_TOTAL)?;
         for ((ns, user), (points, events)) in totals {
             upsert.execute(params![ns, user, points, events, now])?;
+        }
+        let mut count = tx.prepare_cached(COUNT_EVENTS)?;
+        for ((source, kind, status), n) in counts {
+            count.execute(params![source, kind, status, n])?;
+        }
+        if day.1 > 0 {
+            tx.prepare_cached(COUNT_DAY)?
+                .execute(params![now, day.0, day.1])?;
         }
     }
     tx.commit()?;
@@ -481,6 +528,10 @@ fn redelivered(
             stored.event_id,
         ])? == 1;
         if rescored {
+            tx.prepare_cached(UNCOUNT_FAILED)?
+                .execute(params![stored.event_id])?;
+            tx.prepare_cached(COUNT_ROW)?
+                .execute(params![stored.event_id])?;
             return Ok(Ok(stored.event_id));
         }
         return Ok(Err(read(tx)?.unwrap_or(stored)));

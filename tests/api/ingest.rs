@@ -452,6 +452,10 @@ async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery
     // Still failing: still 500, nothing awarded.
     let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
     assert_error(&r, 500, "INTERNAL_ERROR");
+    let counted = |status: &str| json!([{"source": "custom", "event_type": "badge.earned", "status": status, "count": 1}]);
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(stats["events"], counted("failed"));
+    assert_eq!(stats["points_per_day"], json!([]));
     // The admin fixes the rule and reloads; the redelivery is scored.
     std::fs::write(
         app.config_dir.join("rules/flaky.rhai"),
@@ -473,6 +477,14 @@ async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery
     assert!(r.body.get("duplicate").is_none());
     let stored = app.admin_get(&format!("/api/v1/events/{id}")).await;
     assert_eq!(stored.body["status"], "processed");
+    // Stats follow the event from failed to processed.
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(stats["events"], counted("processed"));
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        stats["points_per_day"],
+        json!([{"day": today, "points": 7}])
+    );
     assert_eq!(stored.body["attempts"], 3);
     assert_eq!(app.user_points("custom", "u1").await, 7);
     let again = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
