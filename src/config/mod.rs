@@ -680,6 +680,9 @@ pub fn compile_source(
             attributes.push((key, spec));
         }
     }
+    let attributes_from = raw
+        .attributes_from
+        .and_then(|rf| field(&["attributes_from"], Some(rf), FieldType::Any, &mut fail));
 
     let mut required = Vec::new();
     for r in raw
@@ -730,6 +733,7 @@ pub fn compile_source(
             object_id,
             occurred_at,
             attributes,
+            attributes_from,
             required,
         },
         rules: source_rules,

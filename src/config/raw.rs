@@ -68,6 +68,9 @@ pub struct RawSource {
     /// Extra mapped values, passed to rules as `event.attributes`.
     #[serde(default)]
     pub attributes: BTreeMap<String, RawField>,
+    /// A path (or fallbacks) to an object whose every key becomes an
+    /// attribute too, as sent; the `attributes` above win on a clash.
+    pub attributes_from: Option<RawField>,
     /// Canonical fields that must be present (default `[user_id, event_type]`).
     pub required: Option<Vec<String>>,
     /// Rule names (files `rules/<name>.rhai`) applied to this source's events; `"*"` for all.

@@ -216,6 +216,9 @@ pub struct Mapping {
     pub object_id: Option<FieldSpec>,
     pub occurred_at: Option<FieldSpec>,
     pub attributes: Vec<(String, FieldSpec)>,
+    /// An object in the payload whose keys are all attributes (the declared
+    /// ones win on a clash).
+    pub attributes_from: Option<FieldSpec>,
     pub required: Vec<Field>,
 }
 
@@ -324,6 +327,19 @@ pub fn map_event(
                 }
                 None => err.invalid_fields.push(name.clone()),
             }
+        }
+    }
+    if let Some(spec) = &mapping.attributes_from {
+        match spec.resolve(doc) {
+            Some(Value::Object(extra)) => {
+                for (k, v) in extra {
+                    if !v.is_null() {
+                        attributes.entry(k).or_insert(v);
+                    }
+                }
+            }
+            Some(_) => err.invalid_fields.push("attributes".to_string()),
+            None => {}
         }
     }
 
@@ -552,6 +568,7 @@ mod tests {
                 "completion".into(),
                 field(&["$.other.completiontime"], FieldType::Integer),
             )],
+            attributes_from: None,
             required: vec![Field::UserId, Field::EventType],
         }
     }
@@ -578,6 +595,22 @@ mod tests {
         }
         assert!(CompiledPath::parse("$.a[").is_err());
         assert!(CompiledPath::parse("no dollar").is_err());
+    }
+
+    #[test]
+    fn attributes_from_adds_every_key_and_declared_attributes_win() {
+        let mut m = moodle();
+        m.attributes_from = Some(field(&["$.other"], FieldType::Any));
+        let doc = json!({"id": 1, "eventname": "x", "userid": 2, "timecreated": 1662013333,
+            "other": {"completiontime": "5", "grade": 0.8, "gone": null}});
+        let ev = map_event("moodle", &m, &doc, b"raw", now()).unwrap();
+        assert_eq!(
+            Value::Object(ev.attributes),
+            json!({"completion": 5, "completiontime": "5", "grade": 0.8})
+        );
+        let bad = json!({"id": 1, "eventname": "x", "userid": 2, "other": "text"});
+        let err = map_event("moodle", &m, &bad, b"raw", now()).unwrap_err();
+        assert_eq!(err.invalid_fields, ["attributes"]);
     }
 
     #[test]
