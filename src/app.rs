@@ -245,32 +245,19 @@ impl AppState {
 
     /// Rate-limit headers for a hook response whose handler answered before
     /// the rate check (unknown source, refused address, wrong method, a dry
-    /// run): the client address's bucket, charged for this request but never
-    /// refusing it. `None` with rate limits off.
+    /// run): the client address's standing, read without charging it.
+    /// `None` with rate limits off.
     pub fn address_rate_headers(&self, ip: IpAddr) -> Option<RateHeaders> {
         if !self.settings.rate_limits {
             return None;
         }
-        Some(
-            match self
-                .limits
-                .ip_bucket(ip)
-                .check(crate::pipeline::limits::Scope::Ip)
-            {
-                Ok(s) => RateHeaders {
-                    limit: s.limit,
-                    remaining: s.advertised_remaining(),
-                    reset: s.reset,
-                    retry_after: None,
-                },
-                Err(r) => RateHeaders {
-                    limit: r.limit,
-                    remaining: 0,
-                    reset: r.reset,
-                    retry_after: None,
-                },
-            },
-        )
+        let s = self.limits.peek_ip(ip);
+        Some(RateHeaders {
+            limit: s.limit,
+            remaining: s.advertised_remaining(),
+            reset: s.reset,
+            retry_after: None,
+        })
     }
 
     /// A store failure as the client sees it: counted, logged with its

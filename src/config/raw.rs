@@ -69,7 +69,8 @@ pub struct RawSource {
     #[serde(default)]
     pub attributes: BTreeMap<String, RawField>,
     /// A path (or fallbacks) to an object whose every key becomes an
-    /// attribute too, as sent; the `attributes` above win on a clash.
+    /// attribute too, as sent; the `attributes` above win on a clash, and
+    /// anything but an object adds nothing.
     pub attributes_from: Option<RawField>,
     /// Canonical fields that must be present (default `[user_id, event_type]`).
     pub required: Option<Vec<String>>,

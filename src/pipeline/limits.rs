@@ -105,6 +105,9 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformati
 pub struct Bucket {
     limiter: Limiter,
     spec: RateSpec,
+    /// Cells left after the last check, and when: what [`Bucket::peek`]
+    /// refills from (governor cannot be read without taking a cell).
+    last: std::sync::Mutex<Option<(u32, std::time::Instant)>>,
 }
 
 /// A bucket's state after a request passed it.
@@ -164,6 +167,37 @@ impl Bucket {
             limiter: RateLimiter::direct(spec.quota())
                 .with_middleware::<StateInformationMiddleware>(),
             spec,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn remember(&self, remaining: u32) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((remaining, std::time::Instant::now()));
+        }
+    }
+
+    /// The bucket's standing without taking a cell: the last check's
+    /// remaining cells plus what has refilled since (full if never checked).
+    pub fn peek(&self, scope: Scope) -> Standing {
+        let per_cell = self.spec.quota().replenish_interval();
+        let burst = self.spec.burst;
+        let last = self.last.lock().ok().and_then(|l| *l);
+        let remaining = match last {
+            None => burst,
+            Some((left, at)) => {
+                let refilled = at.elapsed().as_nanos() / per_cell.as_nanos().max(1);
+                u32::try_from(u128::from(left) + refilled)
+                    .unwrap_or(burst)
+                    .min(burst)
+            }
+        };
+        Standing {
+            scope,
+            limit: self.spec.per_minute,
+            remaining,
+            burst,
+            reset: unix_now() + ceil_secs(per_cell * (burst - remaining)),
         }
     }
 
@@ -177,6 +211,7 @@ impl Bucket {
         match self.limiter.check() {
             Ok(snap) => {
                 let remaining = snap.remaining_burst_capacity();
+                self.remember(remaining);
                 let missing = self.spec.burst.saturating_sub(remaining);
                 Ok(Standing {
                     scope,
@@ -187,6 +222,7 @@ impl Bucket {
                 })
             }
             Err(not_until) => {
+                self.remember(0);
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 let retry_after = ceil_secs(wait).max(1);
                 Err(Refusal {
@@ -231,6 +267,15 @@ impl ServerLimits {
     pub fn ip_bucket(&self, ip: IpAddr) -> Arc<Bucket> {
         self.ips
             .get_with(ip, || Arc::new(Bucket::new(self.ip_spec)))
+    }
+
+    /// An address's standing without taking a cell (a full bucket for an
+    /// address not tracked, which is not added).
+    pub fn peek_ip(&self, ip: IpAddr) -> Standing {
+        match self.ips.get(&ip) {
+            Some(b) => b.peek(Scope::Ip),
+            None => Bucket::new(self.ip_spec).peek(Scope::Ip),
+        }
     }
 
     /// Addresses tracked now (approximate), for tests and metrics.
@@ -371,6 +416,26 @@ mod tests {
         let r = b.check(Scope::Ip).unwrap_err();
         assert_eq!(r.scope, Scope::Ip);
         assert!((1..=1).contains(&r.retry_after), "{r:?}");
+    }
+
+    #[test]
+    fn a_peek_takes_no_cell_and_advertises_the_sustained_limit() {
+        // One cell a minute: nothing refills while the test runs.
+        let b = Bucket::new(RateSpec::new(1, 3));
+        assert_eq!(b.peek(Scope::Ip).remaining, 3);
+        b.check(Scope::Ip).unwrap();
+        for _ in 0..3 {
+            assert_eq!(b.peek(Scope::Ip).remaining, 2);
+        }
+        assert_eq!(b.check(Scope::Ip).unwrap().remaining, 1);
+        b.check(Scope::Ip).unwrap();
+        b.check(Scope::Ip).unwrap_err();
+        let s = b.peek(Scope::Ip);
+        assert_eq!((s.remaining, s.advertised_remaining()), (0, 0));
+        // 100/min with a burst of 200: 99 advertised after the first cell.
+        let seed = Bucket::new(RateSpec::new(100, 200));
+        let first = seed.check(Scope::Ip).unwrap();
+        assert_eq!((first.limit, first.advertised_remaining()), (100, 99));
     }
 
     #[test]

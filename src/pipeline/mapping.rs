@@ -217,7 +217,7 @@ pub struct Mapping {
     pub occurred_at: Option<FieldSpec>,
     pub attributes: Vec<(String, FieldSpec)>,
     /// An object in the payload whose keys are all attributes (the declared
-    /// ones win on a clash).
+    /// ones win on a clash; anything but an object adds nothing).
     pub attributes_from: Option<FieldSpec>,
     pub required: Vec<Field>,
 }
@@ -329,17 +329,17 @@ pub fn map_event(
             }
         }
     }
-    if let Some(spec) = &mapping.attributes_from {
-        match spec.resolve(doc) {
-            Some(Value::Object(extra)) => {
-                for (k, v) in extra {
-                    if !v.is_null() {
-                        attributes.entry(k).or_insert(v);
-                    }
-                }
+    // `[]` is how PHP encodes an empty object: anything but an object adds
+    // nothing, and is no error.
+    if let Some(Value::Object(extra)) = mapping
+        .attributes_from
+        .as_ref()
+        .and_then(|spec| spec.resolve(doc))
+    {
+        for (k, v) in extra {
+            if !v.is_null() {
+                attributes.entry(k).or_insert(v);
             }
-            Some(_) => err.invalid_fields.push("attributes".to_string()),
-            None => {}
         }
     }
 
@@ -608,9 +608,11 @@ mod tests {
             Value::Object(ev.attributes),
             json!({"completion": 5, "completiontime": "5", "grade": 0.8})
         );
-        let bad = json!({"id": 1, "eventname": "x", "userid": 2, "other": "text"});
-        let err = map_event("moodle", &m, &bad, b"raw", now()).unwrap_err();
-        assert_eq!(err.invalid_fields, ["attributes"]);
+        for other in [json!([]), json!("text")] {
+            let doc = json!({"id": 1, "eventname": "x", "userid": 2, "other": other});
+            let ev = map_event("moodle", &m, &doc, b"raw", now()).unwrap();
+            assert!(ev.attributes.is_empty(), "{other}");
+        }
     }
 
     #[test]

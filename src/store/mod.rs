@@ -229,18 +229,30 @@ impl Store {
     /// Connects, creating the SQLite file and folder if needed, and runs the
     /// backend's migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        // A plain path (no scheme) is an SQLite file.
-        let owned;
-        let url = if !url.contains(':') || (!url.contains("://") && url.starts_with(['/', '.'])) {
-            owned = format!("sqlite://{url}");
-            owned.as_str()
+        // `sqlite:` URLs, and plain paths (no scheme), are SQLite files.
+        let plain_path = !url.is_empty()
+            && (!url.contains(':') || (!url.contains("://") && url.starts_with(['/', '.'])));
+        let sqlite = if plain_path {
+            // Taken as it is, not parsed as a URL (`%`, `?`, `#` are file
+            // name characters here).
+            Some(SqliteConnectOptions::new().filename(url))
+        } else if url.starts_with("sqlite:") {
+            // The writer thread opens the file again: an in-memory database
+            // would be a different, empty one there.
+            if url.contains(":memory:") || url.contains("mode=memory") {
+                return Err(StoreError::InMemory);
+            }
+            Some(SqliteConnectOptions::from_str(url)?)
         } else {
-            url
+            None
         };
         let group_sizes = group_size_histogram();
         let sync_failed = Arc::new(AtomicBool::new(false));
-        let (pool, writer, backend, wal) = if url.starts_with("sqlite:") {
-            let opts = SqliteConnectOptions::from_str(url)?
+        let (pool, writer, backend, wal) = if let Some(opts) = sqlite {
+            if opts.get_filename().as_os_str().is_empty() {
+                return Err(StoreError::BadUrl(url.to_string()));
+            }
+            let opts = opts
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 // FULL: a commit is on disk before we answer, so a power cut
@@ -248,11 +260,6 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
-            // The writer thread opens the file again: an in-memory database
-            // would be a different, empty one there.
-            if url.contains(":memory:") || url.contains("mode=memory") {
-                return Err(StoreError::InMemory);
-            }
             if let Some(parent) = opts.get_filename().parent() {
                 if !parent.as_os_str().is_empty() {
                     std::fs::create_dir_all(parent)

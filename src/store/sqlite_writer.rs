@@ -74,10 +74,13 @@ const COUNT_DAY: &str = "INSERT INTO ledger_days (day, points, entries) \
     VALUES (strftime('%Y-%m-%d', ?1 / 1000, 'unixepoch'), ?2, ?3) \
     ON CONFLICT (day) DO UPDATE SET points = points + excluded.points, entries = entries + excluded.entries";
 /// A failed event re-scored on redelivery leaves `failed` (its stored type
-/// counts, which the re-score does not change).
-const UNCOUNT_FAILED: &str = "UPDATE event_counts SET n = n - 1 \
-    WHERE (source, event_type, status) = \
-    (SELECT source, COALESCE(event_type, 'unmapped'), 'failed' FROM events WHERE id = ?1)";
+/// counts, which the re-score does not change). An upsert: if the failed
+/// event was inserted by this same transaction, its +1 is still in the
+/// writer's map, and the row may not exist yet (it goes to -1 until the
+/// map's +1 lands at the end of the transaction).
+const UNCOUNT_FAILED: &str = "INSERT INTO event_counts (source, event_type, status, n) \
+    SELECT source, COALESCE(event_type, 'unmapped'), 'failed', -1 FROM events WHERE id = ?1 \
+    ON CONFLICT (source, event_type, status) DO UPDATE SET n = n - 1";
 const COUNT_ROW: &str = "INSERT INTO event_counts (source, event_type, status, n) \
     SELECT source, COALESCE(event_type, 'unmapped'), status, 1 FROM events WHERE id = ?1 \
     ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + 1";

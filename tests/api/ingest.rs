@@ -421,6 +421,46 @@ async fn an_xapi_batch_sums_points_and_lists_each_statement() {
     assert_eq!(app.user_points("valamis", "learner-1").await, 70);
 }
 
+/// A batch repeating a failing statement: the second copy re-scores the
+/// first inside one transaction, on a store that has never counted a
+/// failure. Stats must count one failed event, then one processed.
+#[tokio::test]
+async fn stats_count_a_failed_statement_repeated_in_its_batch_once() {
+    let app = spawn_with(|dir| {
+        std::fs::write(dir.join("rules/boom.rhai"), "throw \"boom\"").unwrap();
+        let p = dir.join("sources.d/valamis.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, text.replace("rules: [xapi_verbs]", "rules: [boom]")).unwrap();
+    })
+    .await;
+    let st = json!({
+        "id": "s1",
+        "actor": {"account": {"homePage": "https://lms.example.com", "name": "learner-9"}},
+        "verb": {"id": "http://adlnet.gov/expapi/verbs/passed"},
+        "object": {"id": "https://lms.example.com/act/s1"}
+    });
+    let r = app
+        .bearer("valamis", VALAMIS_TOKEN, &json!([st.clone(), st.clone()]))
+        .await;
+    assert_error(&r, 500, "INTERNAL_ERROR");
+    let counted = |status: &str| json!([{"source": "valamis", "event_type": "xapi.passed", "status": status, "count": 1}]);
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(stats["events"], counted("failed"));
+    std::fs::write(app.config_dir.join("rules/boom.rhai"), "5").unwrap();
+    let reload = app
+        .send(
+            app.client
+                .post(app.url("/api/admin/reload"))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await;
+    assert_eq!(reload.status, 200, "{}", reload.text);
+    let r = app.bearer("valamis", VALAMIS_TOKEN, &st).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(stats["events"], counted("processed"));
+}
+
 #[tokio::test]
 async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery() {
     let app = spawn_with(|dir| {
