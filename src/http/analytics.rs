@@ -310,14 +310,21 @@ impl AnalyticsApi {
             .stats(since)
             .await
             .map_err(|e| state.store_failed(&e, "store read"))?;
+        // Statuses as the API reports them: an event a worker has claimed
+        // is still `queued`.
+        let mut events: std::collections::BTreeMap<(String, String, &str), i64> =
+            std::collections::BTreeMap::new();
+        for (source, event_type, status, count) in s.events {
+            let status = crate::store::status_of(&status).as_str();
+            *events.entry((source, event_type, status)).or_insert(0) += count;
+        }
         Ok(Json(StatsView {
-            events: s
-                .events
+            events: events
                 .into_iter()
-                .map(|(source, event_type, status, count)| TypeCount {
+                .map(|((source, event_type, status), count)| TypeCount {
                     source,
                     event_type,
-                    status,
+                    status: status.to_string(),
                     count,
                 })
                 .collect(),
