@@ -575,9 +575,10 @@ impl Store {
     /// events shows on the day it was scored), whole days from the one
     /// `since_ms` falls in.
     ///
-    /// SQLite reads both from counters its triggers keep (migration 0005),
-    /// so the answer costs the same at any ledger size; PostgreSQL, whose
-    /// parallel writers such counters would serialise, aggregates.
+    /// SQLite reads both from counters kept in the same transactions as the
+    /// rows they count (migration 0005: triggers, and the writer thread
+    /// itself), so the answer costs the same at any ledger size; PostgreSQL,
+    /// whose parallel writers such counters would serialise, aggregates.
     pub async fn stats(&self, since_ms: i64) -> Result<Stats, StoreError> {
         let first_day_ms = since_ms.div_euclid(DAY_MS) * DAY_MS;
         let (counts_sql, days_sql) = match self.pool {
@@ -659,7 +660,7 @@ mod tests {
         (dir, store, pool)
     }
 
-    /// `/api/v1/stats` reads the trigger-kept counters, never the events
+    /// `/api/v1/stats` reads the counters, never the events
     /// or the ledger (a full scan took seconds at 1M events).
     #[tokio::test]
     async fn stats_read_counters_not_events() {
