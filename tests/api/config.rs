@@ -83,13 +83,7 @@ async fn a_broken_reload_is_refused_and_the_running_config_keeps_serving() {
     let p = app.config_dir.join("sources.d/moodle.yaml");
     let good = std::fs::read_to_string(&p).unwrap();
     std::fs::write(&p, format!("{good}\nnonsense_key: 1\n")).unwrap();
-    let r = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await;
+    let r = app.reload().await;
     assert_error(&r, 400, "CONFIG_INVALID");
     assert!(
         r.body["details"]["errors"][0]
@@ -104,13 +98,7 @@ async fn a_broken_reload_is_refused_and_the_running_config_keeps_serving() {
         .await;
     assert_eq!(ok.status, 200, "{}", ok.text);
     std::fs::write(&p, good).unwrap();
-    let r = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await;
+    let r = app.reload().await;
     assert_eq!(r.status, 200, "{}", r.text);
 }
 

@@ -76,13 +76,7 @@ async fn the_guide_adds_a_source_without_a_rebuild() {
     );
     assert!(out.contains(", 0 failed"), "{out}");
     // 4: reload.
-    let reload = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await;
+    let reload = app.reload().await;
     assert_eq!(reload.status, 200, "{}", reload.text);
     // 5: send, then the points.
     let send = tokio::task::spawn_blocking({

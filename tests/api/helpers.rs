@@ -225,6 +225,16 @@ impl TestApp {
             .await
     }
 
+    /// `POST /api/admin/reload` with the admin token.
+    pub async fn reload(&self) -> Resp {
+        self.send(
+            self.client
+                .post(self.url("/api/admin/reload"))
+                .bearer_auth(ADMIN_TOKEN),
+        )
+        .await
+    }
+
     pub async fn user_points(&self, namespace: &str, user: &str) -> i64 {
         let r = self
             .admin_get(&format!("/api/v1/users/{namespace}/{user}"))

@@ -447,13 +447,7 @@ async fn stats_count_a_failed_statement_repeated_in_its_batch_once() {
     let stats = app.admin_get("/api/v1/stats").await.body;
     assert_eq!(stats["events"], counted("failed"));
     std::fs::write(app.config_dir.join("rules/boom.rhai"), "5").unwrap();
-    let reload = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await;
+    let reload = app.reload().await;
     assert_eq!(reload.status, 200, "{}", reload.text);
     let r = app.bearer("valamis", VALAMIS_TOKEN, &st).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -502,13 +496,7 @@ async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery
         "if event.event_type == \"badge.earned\" { 7 }",
     )
     .unwrap();
-    let reload = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await;
+    let reload = app.reload().await;
     assert_eq!(reload.status, 200, "{}", reload.text);
     let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
     assert_eq!(r.status, 200, "{}", r.text);

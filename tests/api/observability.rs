@@ -137,13 +137,7 @@ async fn metrics_count_exactly_what_happened() {
     assert!(after.contains("rocket_process_resident_memory_bytes"));
     assert!(after.contains("rocket_process_open_fds"));
 
-    let reload = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
-        )
-        .await;
+    let reload = app.reload().await;
     assert_eq!(reload.status, 200);
     let reloaded = app.send(app.client.get(app.url("/metrics"))).await.text;
     assert_eq!(

@@ -107,16 +107,7 @@ async fn a_failing_async_event_is_retried_then_failed_and_an_admin_can_retry_it(
         "if event.event_type == \"badge.earned\" { 3 }",
     )
     .unwrap();
-    assert_eq!(
-        app.send(
-            app.client
-                .post(app.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN)
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(app.reload().await.status, 200);
     let retry = app
         .send(
             app.client
