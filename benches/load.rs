@@ -825,27 +825,23 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
     let box_after = box_ticks();
     let mut st = r.stats;
     st.latencies.sort_unstable();
-    let cpu_us_per_req = match (before, after) {
+    // CPU µs per answered request, from clock ticks before and after.
+    let per_request = |before: Option<u64>, after: Option<u64>| match (before, after) {
         (Some(b), Some(a)) if st.responses > 0 => {
-            Some((a - b) as f64 / ctx.ticks * 1e6 / st.responses as f64)
+            Some(a.saturating_sub(b) as f64 / ctx.ticks * 1e6 / st.responses as f64)
         }
         _ => None,
     };
+    let cpu_us_per_req = per_request(before, after);
     let mut threads: Vec<(String, f64)> = threads_after
         .into_iter()
         .filter_map(|(name, a)| {
-            let used = a.saturating_sub(threads_before.get(&name).copied().unwrap_or(0));
-            let us = used as f64 / ctx.ticks * 1e6 / st.responses.max(1) as f64;
+            let us = per_request(threads_before.get(&name).copied().or(Some(0)), Some(a))?;
             (us >= 0.05).then_some((name, us))
         })
         .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let client_us_per_req = match (client_before, client_after) {
-        (Some(b), Some(a)) if st.responses > 0 => {
-            Some((a - b) as f64 / ctx.ticks * 1e6 / st.responses as f64)
-        }
-        _ => None,
-    };
+    let client_us_per_req = per_request(client_before, client_after);
     let box_busy = match (box_before, box_after) {
         (Some((b_busy, b_all)), Some((a_busy, a_all))) if a_all > b_all => {
             Some(100.0 * (a_busy - b_busy) as f64 / (a_all - b_all) as f64)

@@ -246,18 +246,14 @@ impl AppState {
     /// Rate-limit headers for a hook response whose handler answered before
     /// the rate check (unknown source, refused address, wrong method, a dry
     /// run): the client address's standing, read without charging it.
-    /// `None` with rate limits off.
-    pub fn address_rate_headers(&self, ip: IpAddr) -> Option<RateHeaders> {
-        if !self.settings.rate_limits {
-            return None;
-        }
+    pub fn address_rate_headers(&self, ip: IpAddr) -> RateHeaders {
         let s = self.limits.peek_ip(ip);
-        Some(RateHeaders {
+        RateHeaders {
             limit: s.limit,
             remaining: s.advertised_remaining(),
             reset: s.reset,
             retry_after: None,
-        })
+        }
     }
 
     /// A store failure as the client sees it: counted, logged with its

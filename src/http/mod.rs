@@ -131,14 +131,19 @@ async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Re
     } else {
         None
     };
+    // With rate limits off there is nothing to report (and nothing done
+    // here on the hot path).
     let fallback = slot.as_ref().and_then(|_| {
-        let state = req.data::<Arc<AppState>>()?.clone();
-        Some((state.client_ip(&req, None), state))
+        let state = req.data::<Arc<AppState>>()?;
+        state
+            .settings
+            .rate_limits
+            .then(|| (state.client_ip(&req, None), state.clone()))
     });
     let mut resp = ep.call(req).await?.into_response();
     let recorded = slot.and_then(|s| s.get()).or_else(|| {
         let (ip, state) = fallback?;
-        state.address_rate_headers(ip)
+        Some(state.address_rate_headers(ip))
     });
     let h = resp.headers_mut();
     if let Some(r) = recorded {

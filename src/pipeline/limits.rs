@@ -105,9 +105,10 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformati
 pub struct Bucket {
     limiter: Limiter,
     spec: RateSpec,
-    /// Cells left after the last check, and when: what [`Bucket::peek`]
-    /// refills from (governor cannot be read without taking a cell).
-    last: std::sync::Mutex<Option<(u32, std::time::Instant)>>,
+    /// Address buckets only: cells left after the last check, and when,
+    /// which [`Bucket::peek`] refills from (governor cannot be read without
+    /// taking a cell). `None` inside while never checked.
+    last: Option<std::sync::Mutex<Option<(u32, std::time::Instant)>>>,
 }
 
 /// A bucket's state after a request passed it.
@@ -161,44 +162,64 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+impl RateSpec {
+    /// A bucket of this spec holding `remaining` cells.
+    fn standing(self, scope: Scope, remaining: u32) -> Standing {
+        let missing = self.burst.saturating_sub(remaining);
+        Standing {
+            scope,
+            limit: self.per_minute,
+            remaining,
+            burst: self.burst,
+            reset: unix_now() + ceil_secs(self.quota().replenish_interval() * missing),
+        }
+    }
+}
+
 impl Bucket {
     pub fn new(spec: RateSpec) -> Self {
         Self {
             limiter: RateLimiter::direct(spec.quota())
                 .with_middleware::<StateInformationMiddleware>(),
             spec,
-            last: std::sync::Mutex::new(None),
+            last: None,
+        }
+    }
+
+    /// A bucket that [`Bucket::peek`] can read: it notes each check.
+    fn peekable(spec: RateSpec) -> Self {
+        Self {
+            last: Some(std::sync::Mutex::new(None)),
+            ..Self::new(spec)
         }
     }
 
     fn remember(&self, remaining: u32) {
-        if let Ok(mut last) = self.last.lock() {
+        if let Some(Ok(mut last)) = self.last.as_ref().map(|l| l.lock()) {
             *last = Some((remaining, std::time::Instant::now()));
         }
     }
 
     /// The bucket's standing without taking a cell: the last check's
-    /// remaining cells plus what has refilled since (full if never checked).
-    pub fn peek(&self, scope: Scope) -> Standing {
-        let per_cell = self.spec.quota().replenish_interval();
+    /// remaining cells plus what has refilled since (full if never checked,
+    /// or if the bucket is not [`Bucket::peekable`]).
+    fn peek(&self, scope: Scope) -> Standing {
         let burst = self.spec.burst;
-        let last = self.last.lock().ok().and_then(|l| *l);
+        let last = self
+            .last
+            .as_ref()
+            .and_then(|l| l.lock().ok().and_then(|l| *l));
         let remaining = match last {
             None => burst,
             Some((left, at)) => {
+                let per_cell = self.spec.quota().replenish_interval();
                 let refilled = at.elapsed().as_nanos() / per_cell.as_nanos().max(1);
                 u32::try_from(u128::from(left) + refilled)
                     .unwrap_or(burst)
                     .min(burst)
             }
         };
-        Standing {
-            scope,
-            limit: self.spec.per_minute,
-            remaining,
-            burst,
-            reset: unix_now() + ceil_secs(per_cell * (burst - remaining)),
-        }
+        self.spec.standing(scope, remaining)
     }
 
     pub fn spec(&self) -> RateSpec {
@@ -207,22 +228,15 @@ impl Bucket {
 
     /// Takes one request's cell, or says when to come back.
     pub fn check(&self, scope: Scope) -> Result<Standing, Refusal> {
-        let per_cell = self.spec.quota().replenish_interval();
         match self.limiter.check() {
             Ok(snap) => {
                 let remaining = snap.remaining_burst_capacity();
                 self.remember(remaining);
-                let missing = self.spec.burst.saturating_sub(remaining);
-                Ok(Standing {
-                    scope,
-                    limit: self.spec.per_minute,
-                    remaining,
-                    burst: self.spec.burst,
-                    reset: unix_now() + ceil_secs(per_cell * missing),
-                })
+                Ok(self.spec.standing(scope, remaining))
             }
             Err(not_until) => {
                 self.remember(0);
+                let per_cell = self.spec.quota().replenish_interval();
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 let retry_after = ceil_secs(wait).max(1);
                 Err(Refusal {
@@ -266,7 +280,7 @@ impl ServerLimits {
 
     pub fn ip_bucket(&self, ip: IpAddr) -> Arc<Bucket> {
         self.ips
-            .get_with(ip, || Arc::new(Bucket::new(self.ip_spec)))
+            .get_with(ip, || Arc::new(Bucket::peekable(self.ip_spec)))
     }
 
     /// An address's standing without taking a cell (a full bucket for an
@@ -274,7 +288,7 @@ impl ServerLimits {
     pub fn peek_ip(&self, ip: IpAddr) -> Standing {
         match self.ips.get(&ip) {
             Some(b) => b.peek(Scope::Ip),
-            None => Bucket::new(self.ip_spec).peek(Scope::Ip),
+            None => self.ip_spec.standing(Scope::Ip, self.ip_spec.burst),
         }
     }
 
@@ -421,7 +435,7 @@ mod tests {
     #[test]
     fn a_peek_takes_no_cell_and_advertises_the_sustained_limit() {
         // One cell a minute: nothing refills while the test runs.
-        let b = Bucket::new(RateSpec::new(1, 3));
+        let b = Bucket::peekable(RateSpec::new(1, 3));
         assert_eq!(b.peek(Scope::Ip).remaining, 3);
         b.check(Scope::Ip).unwrap();
         for _ in 0..3 {

@@ -255,8 +255,9 @@ impl Store {
             let opts = opts
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
-                // FULL: a commit is on disk before we answer, so a power cut
-                // loses nothing acknowledged. Group commit pays for the fsync.
+                // FULL for what commits through this pool (queue workers,
+                // rescoring, admin retries): on disk before the answer. The
+                // hook writer thread syncs its own commits (`sqlite_writer`).
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true);
