@@ -297,6 +297,8 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
         since_ms,
     };
     let (mut checked, mut changed, mut skipped, mut delta) = (0u64, 0u64, 0u64, 0i64);
+    let mut claimed: std::collections::HashMap<(String, String, String, String), String> =
+        std::collections::HashMap::new();
     let mut after = (i64::MIN, String::new());
     loop {
         let page = store.rescore_page(&scope, (after.0, &after.1), 500).await?;
@@ -328,7 +330,7 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
             } else {
                 rules::History::default()
             };
-            let awards = match rules::score(&config.engine, &src.rules, &canonical, &history) {
+            let scored = match rules::score(&config.engine, &src.rules, &canonical, &history) {
                 Ok(a) => a,
                 Err(e) => {
                     println!("{} {}: {e}; left as is", ev.id, ev.source);
@@ -336,6 +338,28 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
                     continue;
                 }
             };
+            // A once-award whose key another event holds (in the ledger, or
+            // earlier in this run) gives nothing, as at ingestion.
+            let mut awards = Vec::with_capacity(scored.len());
+            for a in scored {
+                if let (Some(user), Some(key)) = (&ev.user_id, &a.once) {
+                    let claim = (
+                        ev.namespace.clone(),
+                        user.clone(),
+                        a.rule.to_string(),
+                        key.clone(),
+                    );
+                    let holder = match claimed.get(&claim) {
+                        Some(id) => Some(id.clone()),
+                        None => store.once_holder(&ev, &a).await?,
+                    };
+                    if holder.as_ref().is_some_and(|h| *h != ev.id) {
+                        continue;
+                    }
+                    claimed.insert(claim, ev.id.clone());
+                }
+                awards.push(a);
+            }
             let new_points: i64 = awards.iter().map(|a| a.points).sum();
             let old: Vec<(String, i64)> = store.awards_of(&ev).await?;
             let new: Vec<(String, i64)> = awards

@@ -17,10 +17,10 @@ use rhai::Engine;
 
 use crate::pipeline::limits::{Bucket, ProxyHeader, RateSpec};
 use crate::pipeline::mapping::{
-    CompiledPath, EventTypeSpec, Field, FieldSpec, FieldType, Mapping, TimeFormat,
+    CompiledPath, EventCase, EventTypeSpec, Field, FieldSpec, FieldType, Mapping, TimeFormat,
 };
 use crate::pipeline::rules::{self, Rule};
-use crate::pipeline::verify::AuthScheme;
+use crate::pipeline::verify::{digests, AuthScheme};
 use crate::settings::SecretEnv;
 use raw::{Processing, RawAuth, RawField, RawSource};
 
@@ -81,7 +81,11 @@ pub struct Source {
     pub auth: Vec<AuthScheme>,
     /// Accepted content types, lower-case, without parameters.
     pub content_types: Vec<String>,
+    /// Formats tried in order when a request has no content type or says form.
+    pub fallback_formats: Vec<crate::pipeline::decode::BodyFormat>,
     pub batch: bool,
+    /// Takes xAPI statements (see `raw::RawSource::xapi`).
+    pub xapi: bool,
     pub max_body_bytes: usize,
     /// This source's bucket (all its hooks).
     pub rate: Bucket,
@@ -449,16 +453,86 @@ pub fn compile_source(
     }
 
     let mut auth = Vec::new();
+    let configured = |env: &str, warnings: &mut Vec<String>| {
+        let values = secrets.list(env);
+        if values.is_empty() {
+            warnings.push(format!(
+                "source {name}: {env} is unset; every request to it is refused (401)"
+            ));
+        }
+        values
+    };
     let raw_auth = raw.auth.into_vec();
     let auth_declared = raw_auth.len();
     for a in raw_auth {
         match a {
             RawAuth::Bearer { secret_env } => {
-                let tokens = secrets.list(&secret_env);
-                if tokens.is_empty() {
-                    warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
-                }
+                let tokens = configured(&secret_env, warnings);
                 auth.push(AuthScheme::bearer(&secret_env, &tokens));
+            }
+            RawAuth::Header {
+                secret_env,
+                header,
+                prefix,
+            } => {
+                let values = configured(&secret_env, warnings);
+                match HeaderName::from_bytes(header.as_bytes()) {
+                    Ok(header) => auth.push(AuthScheme::Header {
+                        digests: digests(&values),
+                        env: secret_env,
+                        header,
+                        prefix,
+                    }),
+                    Err(_) => fail(
+                        &["auth", "header"],
+                        format!("{header:?} is not a valid header name"),
+                    ),
+                }
+            }
+            RawAuth::Basic { secret_env } => {
+                let values = configured(&secret_env, warnings);
+                if let Some(i) = values.iter().position(|v| !v.expose().contains(':')) {
+                    fail(
+                        &["auth", "secret_env"],
+                        format!(
+                            "value {} of {secret_env} is not a user:password pair",
+                            i + 1
+                        ),
+                    );
+                }
+                auth.push(AuthScheme::Basic {
+                    digests: digests(&values),
+                    env: secret_env,
+                });
+            }
+            RawAuth::BodyToken { secret_env, field } => {
+                let values = configured(&secret_env, warnings);
+                match member_path(&field) {
+                    Some(keys) if !raw.batch && !raw.xapi => auth.push(AuthScheme::BodyField {
+                        digests: digests(&values),
+                        env: secret_env,
+                        field: keys,
+                    }),
+                    Some(_) => fail(
+                        &["auth", "field"],
+                        "a body token cannot authenticate a batch source".into(),
+                    ),
+                    None => fail(
+                        &["auth", "field"],
+                        format!("{field:?} must be a path of member names, such as $.token"),
+                    ),
+                }
+            }
+            RawAuth::QueryToken { secret_env, param } => {
+                let values = configured(&secret_env, warnings);
+                if param.is_empty() {
+                    fail(&["auth", "param"], "must not be empty".into());
+                }
+                auth.push(AuthScheme::Query {
+                    digests: digests(&values),
+                    env: secret_env,
+                    param,
+                });
             }
             RawAuth::Hmac {
                 secret_env,
@@ -485,10 +559,7 @@ pub fn compile_source(
                         continue;
                     }
                 };
-                let keys = secrets.list(&secret_env);
-                if keys.is_empty() {
-                    warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
-                }
+                let keys = configured(&secret_env, warnings);
                 let mut scheme = AuthScheme::hmac(&secret_env, header, prefix, encoding, &keys);
                 if let Some(ts) = timestamp_header {
                     match HeaderName::from_bytes(ts.as_bytes()) {
@@ -508,10 +579,7 @@ pub fn compile_source(
                 secret_env,
                 tolerance_seconds,
             } => {
-                let secrets = secrets.list(&secret_env);
-                if secrets.is_empty() {
-                    warnings.push(format!("source {name}: {secret_env} is unset; every request to it is refused (401)"));
-                }
+                let secrets = configured(&secret_env, warnings);
                 if tolerance_seconds <= 0 {
                     fail(&["auth", "tolerance_seconds"], "must be at least 1".into());
                 }
@@ -623,6 +691,16 @@ pub fn compile_source(
                 paths(&["event_type", "compose"], c, &mut fail)
             }
         },
+        cases: raw
+            .event_type
+            .cases
+            .into_iter()
+            .map(|c| {
+                let known =
+                    |name: &str| raw.attributes.contains_key(name) || raw.attributes_from.is_some();
+                compile_case(c, &known, &mut fail)
+            })
+            .collect(),
     };
 
     let field = |keys: &[&str],
@@ -719,7 +797,9 @@ pub fn compile_source(
         processing: raw.processing,
         auth,
         content_types,
-        batch: raw.batch,
+        fallback_formats: raw.fallback_formats,
+        batch: raw.batch || raw.xapi,
+        xapi: raw.xapi,
         max_body_bytes,
         rate: Bucket::new(rate_spec),
         event_type_rates,
@@ -741,6 +821,99 @@ pub fn compile_source(
         file: file.to_path_buf(),
         tests: raw.tests,
     })
+}
+
+/// `$.a.b` as its member names; `None` for anything richer.
+fn member_path(path: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix("$.")?;
+    let keys: Vec<String> = rest.split('.').map(str::to_string).collect();
+    keys.iter()
+        .all(|k| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        })
+        .then_some(keys)
+}
+
+/// Compiles one conditional mapping; `known` says whether a name is a
+/// mapped attribute.
+fn compile_case(
+    raw: raw::RawCase,
+    known: &dyn Fn(&str) -> bool,
+    fail: &mut dyn FnMut(&[&str], String),
+) -> EventCase {
+    use crate::pipeline::mapping::{Bound, Operand, Test};
+    use serde_json::Value;
+    let keys = ["event_type", "cases"];
+    let operand = |name: &str, fail: &mut dyn FnMut(&[&str], String)| -> Option<Operand> {
+        if name.starts_with('$') {
+            return match CompiledPath::parse(name) {
+                Ok(p) => Some(Operand::Path(p)),
+                Err(e) => {
+                    fail(&keys, format!("bad JSONPath {name:?}: {e}"));
+                    None
+                }
+            };
+        }
+        match Field::parse(name) {
+            Some(f @ (Field::UserId | Field::CourseId | Field::ObjectId)) => {
+                Some(Operand::Field(f))
+            }
+            _ if known(name) => Some(Operand::Attribute(name.to_string())),
+            _ => {
+                fail(&keys, format!("condition on {name:?}: not a mapped attribute, user_id, course_id, object_id or a JSONPath ($.…)"));
+                None
+            }
+        }
+    };
+    let mut when = Vec::new();
+    for (name, value) in raw.when {
+        let Some(subject) = operand(&name, fail) else {
+            continue;
+        };
+        let test = match value {
+            Value::Array(options) => Test::AnyOf(options),
+            Value::Object(m) if m.len() == 1 => {
+                let (op, arg) = m.into_iter().next().unwrap_or_default();
+                let cmp = |ord, eq| (ord, eq);
+                let ordering = match op.as_str() {
+                    "gt" => Some(cmp(std::cmp::Ordering::Greater, false)),
+                    "gte" => Some(cmp(std::cmp::Ordering::Greater, true)),
+                    "lt" => Some(cmp(std::cmp::Ordering::Less, false)),
+                    "lte" => Some(cmp(std::cmp::Ordering::Less, true)),
+                    _ => None,
+                };
+                match (op.as_str(), ordering, arg) {
+                    (_, Some((ord, eq)), Value::Number(n)) => {
+                        Test::Compare(ord, eq, Bound::Number(n.as_f64().unwrap_or(0.0)))
+                    }
+                    (_, Some((ord, eq)), Value::String(r)) => match operand(&r, fail) {
+                        Some(o) => Test::Compare(ord, eq, Bound::Operand(o)),
+                        None => continue,
+                    },
+                    ("ne", _, v) => Test::NotEqual(v),
+                    ("present", _, Value::Bool(b)) => Test::Present(b),
+                    (op, _, _) => {
+                        fail(&keys, format!("condition on {name:?}: {op:?} is not a test; use gte, gt, lte, lt (with a number or a name), ne, or present: true|false"));
+                        continue;
+                    }
+                }
+            }
+            Value::Object(_) | Value::Null => {
+                fail(&keys, format!("condition on {name:?}: give a literal, a list of literals or one test such as {{gte: 0.8}}"));
+                continue;
+            }
+            literal => Test::AnyOf(vec![literal]),
+        };
+        when.push((subject, test));
+    }
+    EventCase {
+        vendors: raw.vendor.into_vec(),
+        when,
+        canonical: Arc::from(raw.canonical.as_str()),
+        set: raw.set,
+    }
 }
 
 /// The 1-based line where a key path is written in a YAML text: each key is

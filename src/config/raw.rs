@@ -44,9 +44,21 @@ pub struct RawSource {
     pub auth: OneOrMany<RawAuth>,
     /// Content types accepted; defaults to `application/json`.
     pub content_types: Option<Vec<String>>,
+    /// The formats to try, in order, when a request has no `Content-Type`
+    /// or says form data (Moodle's Event Trigger plugin sends none; its
+    /// local_webhooks plugin may label JSON as a form). Default: none, so a
+    /// request without one is decoded as the first content type.
+    #[serde(default)]
+    pub fallback_formats: Vec<crate::pipeline::decode::BodyFormat>,
     /// Accept a JSON array of documents, each its own event (xAPI batches).
     #[serde(default)]
     pub batch: bool,
+    /// The source takes xAPI statements: served at
+    /// `/api/public/xapi/{name}/statements` too, context activities given as
+    /// one object become arrays, and a statement without an `id` gets one
+    /// derived from its content. Implies `batch`.
+    #[serde(default)]
+    pub xapi: bool,
     /// Largest accepted body in bytes (default 1 MiB).
     pub max_body_bytes: Option<usize>,
     /// This source's rate (default: the server's per-source setting, 500/min, burst 1000).
@@ -153,6 +165,30 @@ pub enum RawAuth {
         #[serde(default = "default_tolerance")]
         tolerance_seconds: i64,
     },
+    /// A pre-shared value in a header, after an optional prefix: the value
+    /// itself is compared, not a signature of the body (LearnWorlds'
+    /// `Learnworlds-Webhook-Signature: v1=<value>`).
+    Header {
+        secret_env: String,
+        header: String,
+        #[serde(default)]
+        prefix: String,
+    },
+    /// HTTP Basic, as LRS clients send it: the secret's values are
+    /// `user:password` pairs.
+    Basic { secret_env: String },
+    /// A token in a body field (`$.token`, `$.auth.key`: member names only),
+    /// for plugins that cannot set headers. The field is removed before the
+    /// payload is mapped or stored.
+    BodyToken { secret_env: String, field: String },
+    /// A token in a query parameter (default `token`), for platforms whose
+    /// webhook form takes only a URL. Never logged; but proxies in between
+    /// may log URLs, so prefer a header where the platform allows one.
+    QueryToken {
+        secret_env: String,
+        #[serde(default = "default_query_param")]
+        param: String,
+    },
     /// Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`),
     /// secrets `whsec_<base64>`.
     StandardWebhooks {
@@ -160,6 +196,10 @@ pub enum RawAuth {
         #[serde(default = "default_tolerance")]
         tolerance_seconds: i64,
     },
+}
+
+fn default_query_param() -> String {
+    "token".into()
 }
 
 fn default_tolerance() -> i64 {
@@ -194,6 +234,34 @@ pub struct RawEventType {
     /// (Thinkific's `resource` and `action` make `lesson.completed`).
     #[serde(default)]
     pub compose: Vec<String>,
+    /// Conditional mappings, tried in order before `map`: the first case
+    /// whose vendor name and conditions match names the canonical type. A
+    /// vendor name with cases and no `map` entry maps to nothing (stored,
+    /// 0 points) when no case matches.
+    #[serde(default)]
+    pub cases: Vec<RawCase>,
+}
+
+/// One conditional mapping of a vendor event.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCase {
+    /// The vendor event name(s) this case is for.
+    pub vendor: OneOrMany<String>,
+    /// Conditions that must all hold. A key names a mapped attribute, a
+    /// canonical field (`user_id`, `course_id`, `object_id`) or a JSONPath
+    /// (`$.…`); the value is a literal to equal (numbers and numeric
+    /// strings compare as numbers), a list of literals (any of them), or
+    /// one test: `{gte|gt|lte|lt: <number or attribute/field/path>}`,
+    /// `{ne: <literal>}`, `{present: true|false}`.
+    #[serde(default)]
+    pub when: BTreeMap<String, serde_json::Value>,
+    /// The canonical type when the case matches.
+    #[serde(rename = "type")]
+    pub canonical: String,
+    /// Attributes the case sets on the event (they win over mapped ones).
+    #[serde(default)]
+    pub set: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -11,6 +11,7 @@ use super::raw::{RuleCase, TestCase};
 use super::{Config, Source};
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, Rule};
+use crate::pipeline::verify::AuthScheme;
 use crate::pipeline::{self, PrepareError};
 
 /// The secret every env var resolves to while `check` runs test cases (it
@@ -126,11 +127,33 @@ fn run_rule_case(config: &Config, rule: &std::sync::Arc<Rule>, case: &RuleCase) 
 }
 
 fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
-    let body: Vec<u8> = match (&case.payload, &case.body) {
-        (Some(p), None) => serde_json::to_vec(p).unwrap_or_default(),
-        (None, Some(b)) => b.clone().into_bytes(),
+    let scheme = match case.auth_scheme.unwrap_or(1).checked_sub(1) {
+        Some(i) if case.sign => match source.auth.get(i) {
+            Some(s) => Some(s),
+            None => return vec![format!("the source has no auth scheme number {}", i + 1)],
+        },
+        _ => None,
+    };
+    // Tokens carried in the body or the URL are put there; the others sign
+    // headers below.
+    let mut query = None;
+    let body: Vec<u8> = match (&case.payload, &case.body, scheme) {
+        (Some(p), None, Some(AuthScheme::BodyField { field, .. })) => {
+            let mut p = p.clone();
+            put_field(&mut p, field, CHECK_SECRET);
+            serde_json::to_vec(&p).unwrap_or_default()
+        }
+        (None, Some(b), Some(AuthScheme::BodyField { field, .. })) => {
+            let name = field.last().map(String::as_str).unwrap_or("token");
+            format!("{b}&{name}={CHECK_SECRET}").into_bytes()
+        }
+        (Some(p), None, _) => serde_json::to_vec(p).unwrap_or_default(),
+        (None, Some(b), _) => b.clone().into_bytes(),
         _ => return vec!["a case has exactly one of `payload` and `body`".into()],
     };
+    if let Some(AuthScheme::Query { param, .. }) = scheme {
+        query = Some(format!("{param}={CHECK_SECRET}"));
+    }
     let now = Utc::now();
     let mut headers = HeaderMap::new();
     let mut add = |k: &str, v: &str| match (
@@ -148,27 +171,24 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
             return vec![e];
         }
     }
-    if case.sign {
-        let index = case.auth_scheme.unwrap_or(1).saturating_sub(1);
-        let Some(scheme) = source.auth.get(index) else {
-            return vec![format!(
-                "the source has no auth scheme number {}",
-                index + 1
-            )];
-        };
-        {
-            for (k, v) in scheme.sign(CHECK_SECRET, &body, now.timestamp()) {
-                if let Err(e) = add(&k, &v) {
-                    return vec![e];
-                }
+    if let Some(scheme) = scheme {
+        for (k, v) in scheme.sign(CHECK_SECRET, &body, now.timestamp()) {
+            if let Err(e) = add(&k, &v) {
+                return vec![e];
             }
         }
     }
-    let outcome = pipeline::verify::verify_any(&source.auth, &headers, &body, now.timestamp())
+    let ct = case.content_type.as_deref();
+    let body = Bytes::from(body);
+    let parts = pipeline::RequestParts {
+        headers: &headers,
+        query: query.as_deref(),
+        content_type: ct,
+    };
+    let outcome = pipeline::authenticate(source, parts, &body, now.timestamp())
         .map_err(|_| "AUTHENTICATION_FAILED".to_string())
-        .and_then(|()| {
-            let ct = case.content_type.as_deref();
-            pipeline::prepare(config, source, ct, &Bytes::from(body), now).map_err(|e| match e {
+        .and_then(|decoded| {
+            pipeline::prepare(config, source, decoded, ct, &body, now).map_err(|e| match e {
                 PrepareError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE".to_string(),
                 PrepareError::Decode(_) => "INVALID_PAYLOAD".to_string(),
                 PrepareError::Mapping { .. } => "VALIDATION_ERROR".to_string(),
@@ -202,6 +222,26 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
         }
     }
     failures
+}
+
+/// Sets `field` (member names from the top) in a JSON payload, creating
+/// objects on the way.
+fn put_field(doc: &mut Value, field: &[String], value: &str) {
+    let Some((last, parents)) = field.split_last() else {
+        return;
+    };
+    let mut cur = doc;
+    for key in parents {
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
+        cur = map
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    if let Some(map) = cur.as_object_mut() {
+        map.insert(last.clone(), Value::String(value.into()));
+    }
 }
 
 /// Equal, with objects compared as subsets (so `attributes` may list some).

@@ -257,7 +257,8 @@ impl HookApi {
         let config = state.config.load_full();
         state.require_test_or_admin(req.headers(), false)?;
         let (src, bytes) = chosen_or_detected(&state, &config, as_source.0, req, body).await?;
-        let prepared = prepare(&state, &config, &src, req, &bytes, true).await?;
+        let mapped = pipeline::map_body(&src, req.content_type(), &bytes, Utc::now());
+        let prepared = prepare(&state, &config, &src, mapped, true).await?;
         Ok(Json(dry_run_result(&src, &prepared)))
     }
 
@@ -283,7 +284,8 @@ impl HookApi {
         let config = state.config.load_full();
         state.require_test_or_admin(req.headers(), true)?;
         let (src, bytes) = chosen_or_detected(&state, &config, source.0, req, body).await?;
-        let prepared = prepare(&state, &config, &src, req, &bytes, true).await?;
+        let mapped = pipeline::map_body(&src, req.content_type(), &bytes, Utc::now());
+        let prepared = prepare(&state, &config, &src, mapped, true).await?;
         Ok(Json(ValidationResult {
             status: "success".into(),
             valid: true,
@@ -361,29 +363,36 @@ async fn ingest_into(
         state.rate_outcome(req, &src.name, ip, checked)?;
     }
     let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
-    if let Err(e) =
-        pipeline::verify::verify_any(&src.auth, req.headers(), &bytes, Utc::now().timestamp())
-    {
-        state
-            .metrics
-            .auth_failures
-            .with_label_values(&[src.name.as_str(), e.reason()])
-            .inc();
-        tracing::warn!(source = %src.name, client_ip = %ip, reason = e.reason(), "authentication failed");
-        return Err(ApiError::unauthorized(match e {
-            pipeline::verify::AuthError::NotConfigured => {
-                "this source has no credentials configured".to_string()
-            }
-            other => format!("invalid or missing credentials: {other}"),
-        }));
-    }
+    let parts = pipeline::RequestParts {
+        headers: req.headers(),
+        query: req.uri().query(),
+        content_type: req.content_type(),
+    };
+    let decoded = match pipeline::authenticate(src, parts, &bytes, Utc::now().timestamp()) {
+        Ok(decoded) => decoded,
+        Err(e) => {
+            state
+                .metrics
+                .auth_failures
+                .with_label_values(&[src.name.as_str(), e.reason()])
+                .inc();
+            tracing::warn!(source = %src.name, client_ip = %ip, reason = e.reason(), "authentication failed");
+            return Err(ApiError::unauthorized(match e {
+                pipeline::verify::AuthError::NotConfigured => {
+                    "this source has no credentials configured".to_string()
+                }
+                other => format!("invalid or missing credentials: {other}"),
+            }));
+        }
+    };
     // The content type is checked with decoding, after authentication (the
     // pipeline's order): a stranger learns nothing about the source.
     if !src.accepts(req.content_type()) {
         return Err(unsupported(src, req.content_type().unwrap_or("")));
     }
     let queued = src.processing == Processing::Async;
-    let prepared = prepare(state, config, src, req, &bytes, !queued).await?;
+    let mapped = pipeline::map_verified(src, decoded, req.content_type(), &bytes, Utc::now());
+    let prepared = prepare(state, config, src, mapped, !queued).await?;
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {
             if let Some(bucket) = p
@@ -570,33 +579,29 @@ pub async fn read_body(
     }
 }
 
-/// Decode, map and (when `score`) score, with the pipeline's errors as API
+/// Scores mapped events (when `score`), with the pipeline's errors as API
 /// errors. Rules that read `history` get the user's, from the store.
 pub async fn prepare(
     state: &AppState,
     config: &Config,
     src: &Source,
-    req: &Request,
-    bytes: &Bytes,
+    mapped: Result<Vec<(pipeline::mapping::CanonicalEvent, Bytes)>, PrepareError>,
     score: bool,
 ) -> Result<Vec<Prepared>, ApiError> {
-    let mapped =
-        pipeline::map_body(src, req.content_type(), bytes, Utc::now()).map_err(|e| match e {
-            PrepareError::UnsupportedMediaType(ct) => unsupported(src, &ct),
-            PrepareError::Decode(d) => {
-                ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None)
+    let mapped = mapped.map_err(|e| match e {
+        PrepareError::UnsupportedMediaType(ct) => unsupported(src, &ct),
+        PrepareError::Decode(d) => ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None),
+        PrepareError::Mapping { index, error } => {
+            let mut details = json!({
+                "missing_fields": error.missing_fields,
+                "invalid_fields": error.invalid_fields,
+            });
+            if let Some(i) = index {
+                details["statement"] = json!(i);
             }
-            PrepareError::Mapping { index, error } => {
-                let mut details = json!({
-                    "missing_fields": error.missing_fields,
-                    "invalid_fields": error.invalid_fields,
-                });
-                if let Some(i) = index {
-                    details["statement"] = json!(i);
-                }
-                ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
-            }
-        })?;
+            ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
+        }
+    })?;
     let wants_history = src.rules.iter().any(|r| r.uses_history);
     let mut out = Vec::with_capacity(mapped.len());
     for (event, raw) in mapped {

@@ -5,11 +5,115 @@
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-/// Body formats a request may arrive in; chosen from its `Content-Type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Body formats a request may arrive in; chosen from its `Content-Type`,
+/// or from a source's `fallback_formats` when it has none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BodyFormat {
     Json,
     Form,
+}
+
+impl BodyFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            BodyFormat::Json => "JSON",
+            BodyFormat::Form => "form data",
+        }
+    }
+}
+
+/// Format names for a message: "JSON or form data".
+pub fn names(formats: &[BodyFormat]) -> String {
+    formats
+        .iter()
+        .map(|f| f.name())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// A document encoded back in its format: JSON, or a form of its top-level
+/// string values (what a form body decodes to).
+pub fn encode(format: BodyFormat, doc: &Value) -> Vec<u8> {
+    match (format, doc) {
+        (BodyFormat::Form, Value::Object(map)) => {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in map {
+                form.append_pair(k, v.as_str().unwrap_or_default());
+            }
+            form.finish().into_bytes()
+        }
+        _ => serde_json::to_vec(doc).unwrap_or_default(),
+    }
+}
+
+/// xAPI IRIs of the context activities a statement may carry.
+const CONTEXT_ACTIVITIES: [&str; 4] = ["parent", "grouping", "category", "other"];
+
+/// Brings an xAPI statement to the shape an LRS stores (xAPI 1.0.3,
+/// Data 2.4.6.2: a context activity given as one object is returned as an
+/// array of one), and gives a statement without an `id` one derived from
+/// its content (see [`statement_id`]), so a re-sent statement gets the same.
+pub fn normalise_statement(statement: &mut Value) {
+    if let Some(activities) = statement
+        .pointer_mut("/context/contextActivities")
+        .and_then(Value::as_object_mut)
+    {
+        for key in CONTEXT_ACTIVITIES {
+            if let Some(v) = activities.get_mut(key) {
+                if v.is_object() {
+                    *v = Value::Array(vec![v.take()]);
+                }
+            }
+        }
+    }
+    if let Some(map) = statement.as_object_mut() {
+        if !map.get("id").is_some_and(Value::is_string) {
+            let id = statement_id(&Value::Object(map.clone()));
+            map.insert("id".into(), Value::String(id));
+        }
+    }
+}
+
+/// A name-based UUID (version 5, SHA-1, in a namespace of our own) of the
+/// statement's canonical JSON (object keys sorted, no whitespace): equal
+/// statements get equal ids however their keys were ordered.
+pub fn statement_id(statement: &Value) -> String {
+    /// `uuid5(NAMESPACE_URL, "urn:rocket-rewards:xapi-statement")`.
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c_4f5e_1f5a_5b7e_9d3c_2a1e_8b4d_7c60);
+    let mut canonical = Vec::new();
+    write_canonical(statement, &mut canonical);
+    uuid::Uuid::new_v5(&NAMESPACE, &canonical).to_string()
+}
+
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend(serde_json::to_vec(k).unwrap_or_default());
+                out.push(b':');
+                write_canonical(&map[k], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend(serde_json::to_vec(scalar).unwrap_or_default()),
+    }
 }
 
 /// Why a body could not be decoded. Always the sender's fault: a 400.
@@ -23,6 +127,8 @@ pub enum DecodeError {
     NotAnObject(&'static str),
     #[error("the request body is not valid form data: {0}")]
     Form(String),
+    #[error("the request has no Content-Type and its body is neither {0}")]
+    Untyped(String),
     #[error("a batch holds {0} statements; at most {1} are accepted")]
     BatchTooLarge(usize, usize),
     #[error("a batch must hold at least one statement")]
@@ -81,19 +187,49 @@ pub fn decode(format: BodyFormat, body: &[u8], batch: bool) -> Result<Vec<Value>
                 _ => Err(DecodeError::NotAnObject("")),
             }
         }
-        BodyFormat::Form => {
-            let text =
-                std::str::from_utf8(body).map_err(|_| DecodeError::Form("not UTF-8".into()))?;
-            let mut map = Map::new();
-            for (k, v) in form_urlencoded::parse(text.as_bytes()) {
-                map.insert(k.into_owned(), Value::String(v.into_owned()));
-            }
-            if map.is_empty() {
-                return Err(DecodeError::Form("no fields".into()));
-            }
-            Ok(vec![Value::Object(map)])
-        }
+        BodyFormat::Form => Ok(vec![Value::Object(decode_form(body)?)]),
     }
+}
+
+/// A form body as a flat map of strings. As strict as JSON: every field is
+/// `key=value` with a non-empty key, values percent-decode to valid UTF-8
+/// (`%ff` is refused, not replaced, so different bytes never name one
+/// user), and a repeated key is refused (which one would count?).
+fn decode_form(body: &[u8]) -> Result<Map<String, Value>, DecodeError> {
+    let text = std::str::from_utf8(body).map_err(|_| DecodeError::Form("not UTF-8".into()))?;
+    let decode = |part: &str, what: &str| -> Result<String, DecodeError> {
+        let spaced = part.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| DecodeError::Form(format!("a {what} is not UTF-8 once percent-decoded")))
+    };
+    let mut map = Map::new();
+    for field in text
+        .trim_end_matches(['\r', '\n'])
+        .split('&')
+        .filter(|f| !f.is_empty())
+    {
+        let Some((k, v)) = field.split_once('=') else {
+            return Err(DecodeError::Form("a field has no `=`".into()));
+        };
+        let key = decode(k, "key")?;
+        if key.is_empty() {
+            return Err(DecodeError::Form("a field has an empty name".into()));
+        }
+        let value = decode(v, "value")?;
+        if map.contains_key(&key) {
+            let shown: String = key.chars().take(64).collect();
+            return Err(DecodeError::Form(format!(
+                "the field {shown:?} is repeated"
+            )));
+        }
+        map.insert(key, Value::String(value));
+    }
+    if map.is_empty() {
+        return Err(DecodeError::Form("no fields".into()));
+    }
+    Ok(map)
 }
 
 /// Parses JSON, refusing duplicate object keys (which parsers disagree

@@ -7,6 +7,7 @@
 //! steps walked without allocation; anything richer (filters, wildcards,
 //! descendants) runs through the library's evaluator.
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
@@ -192,13 +193,132 @@ pub struct EventTypeSpec {
     pub passthrough: bool,
     /// Paths whose values, joined with `.`, name the event when no path does.
     pub compose: Vec<CompiledPath>,
+    /// Conditional mappings, tried in order before the table.
+    pub cases: Vec<EventCase>,
+}
+
+/// A vendor event mapped to a canonical type only when its conditions hold.
+#[derive(Clone, Debug)]
+pub struct EventCase {
+    pub vendors: Vec<String>,
+    pub when: Vec<(Operand, Test)>,
+    pub canonical: Arc<str>,
+    /// Attributes set on the event when the case matches.
+    pub set: Map<String, Value>,
+}
+
+/// A value a condition reads from the event.
+#[derive(Clone, Debug)]
+pub enum Operand {
+    /// A mapped attribute, by name.
+    Attribute(String),
+    /// A canonical field.
+    Field(Field),
+    /// A JSONPath into the document.
+    Path(CompiledPath),
+}
+
+/// What a condition checks of its operand.
+#[derive(Clone, Debug)]
+pub enum Test {
+    /// Equals one of these literals.
+    AnyOf(Vec<Value>),
+    NotEqual(Value),
+    /// A numeric comparison with a literal or another operand.
+    Compare(Ordering, bool, Bound),
+    Present(bool),
+}
+
+/// The right-hand side of a numeric comparison.
+#[derive(Clone, Debug)]
+pub enum Bound {
+    Number(f64),
+    Operand(Operand),
+}
+
+impl EventCase {
+    fn matches(&self, vendor: &str, view: &View) -> bool {
+        self.vendors.iter().any(|v| v == vendor)
+            && self.when.iter().all(|(operand, test)| {
+                let value = view.get(operand);
+                match test {
+                    Test::Present(want) => value.is_some() == *want,
+                    Test::AnyOf(options) => {
+                        value.is_some_and(|v| options.iter().any(|o| loosely_equal(&v, o)))
+                    }
+                    Test::NotEqual(other) => value.is_none_or(|v| !loosely_equal(&v, other)),
+                    Test::Compare(ord, or_equal, bound) => {
+                        let right = match bound {
+                            Bound::Number(n) => Some(*n),
+                            Bound::Operand(o) => view.get(o).as_ref().and_then(as_number),
+                        };
+                        match (value.as_ref().and_then(as_number), right) {
+                            (Some(l), Some(r)) => l
+                                .partial_cmp(&r)
+                                .is_some_and(|c| c == *ord || (*or_equal && c.is_eq())),
+                            _ => false,
+                        }
+                    }
+                }
+            })
+    }
+}
+
+/// What a condition can read: the document, the canonical fields and the
+/// mapped attributes.
+struct View<'a> {
+    doc: &'a Value,
+    attributes: &'a Map<String, Value>,
+    fields: [(Field, Option<&'a str>); 3],
+}
+
+impl View<'_> {
+    fn get(&self, operand: &Operand) -> Option<Value> {
+        match operand {
+            Operand::Attribute(name) => self.attributes.get(name).cloned(),
+            Operand::Field(f) => self
+                .fields
+                .iter()
+                .find(|(k, _)| k == f)
+                .and_then(|(_, v)| v.map(|s| Value::String(s.to_string()))),
+            Operand::Path(p) => p.first(self.doc).cloned(),
+        }
+    }
+}
+
+/// A number, or a string that parses as one.
+fn as_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()),
+        _ => None,
+    }
+}
+
+/// Equality across the ways a payload writes a value: `2`, `2.0` and `"2"`
+/// are equal; `true` and `"true"` too.
+fn loosely_equal(a: &Value, b: &Value) -> bool {
+    if a == b {
+        return true;
+    }
+    match (as_number(a), as_number(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => match (a, b) {
+            (Value::Bool(x), Value::String(s)) | (Value::String(s), Value::Bool(x)) => s
+                .trim()
+                .eq_ignore_ascii_case(if *x { "true" } else { "false" }),
+            _ => false,
+        },
+    }
 }
 
 impl EventTypeSpec {
     /// A metric label for a canonical type: the type itself when the table
     /// names it (a closed set), else `other` (a passthrough name from a payload).
     pub fn label<'a>(&'a self, canonical: &'a str) -> &'a str {
-        if self.table.values().any(|t| &**t == canonical) {
+        if self.table.values().any(|t| &**t == canonical)
+            || self.cases.iter().any(|c| &*c.canonical == canonical)
+        {
             canonical
         } else {
             "other"
@@ -284,13 +404,6 @@ pub fn map_event(
         Some(v) => id_string(v, Field::EventType.name(), &mut err),
         None => compose(&mapping.event_type.compose, doc),
     };
-    let event_type = vendor
-        .as_deref()
-        .and_then(|v| match mapping.event_type.table.get(v) {
-            Some(t) => Some(t.to_string()),
-            None if mapping.event_type.passthrough => Some(v.to_string()),
-            None => None,
-        });
 
     let id = |spec: &Option<FieldSpec>, field: Field, err: &mut MappingError| {
         spec.as_ref()
@@ -342,6 +455,42 @@ pub fn map_event(
             }
         }
     }
+
+    let event_type = vendor.as_deref().and_then(|v| {
+        let view = View {
+            doc,
+            attributes: &attributes,
+            fields: [
+                (Field::UserId, user_id.as_deref()),
+                (Field::CourseId, course_id.as_deref()),
+                (Field::ObjectId, object_id.as_deref()),
+            ],
+        };
+        let case = mapping
+            .event_type
+            .cases
+            .iter()
+            .find(|c| c.matches(v, &view));
+        if let Some(case) = case {
+            return Some((case.canonical.to_string(), Some(&case.set)));
+        }
+        let has_cases = mapping
+            .event_type
+            .cases
+            .iter()
+            .any(|c| c.vendors.iter().any(|n| n == v));
+        match mapping.event_type.table.get(v) {
+            Some(t) => Some((t.to_string(), None)),
+            None if mapping.event_type.passthrough && !has_cases => Some((v.to_string(), None)),
+            None => None,
+        }
+    });
+    let event_type = event_type.map(|(t, set)| {
+        for (k, v) in set.into_iter().flatten() {
+            attributes.insert(k.clone(), v.clone());
+        }
+        t
+    });
 
     for field in &mapping.required {
         let present = match field {
@@ -554,6 +703,7 @@ mod tests {
                 .into_iter()
                 .collect(),
                 passthrough: false,
+                cases: Vec::new(),
                 compose: vec![
                     CompiledPath::parse("$.resource").unwrap(),
                     CompiledPath::parse("$.action").unwrap(),

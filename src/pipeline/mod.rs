@@ -50,15 +50,17 @@ pub enum PrepareError {
     },
 }
 
-/// Decodes, maps and scores a verified body with `source`'s mapping and rules.
+/// Decodes (unless [`authenticate`] already did), maps and scores a
+/// verified body with `source`'s mapping and rules, with an empty history.
 pub fn prepare(
     config: &Config,
     source: &Source,
+    decoded: Option<Result<Decoded, PrepareError>>,
     content_type: Option<&str>,
     body: &Bytes,
     now: DateTime<Utc>,
 ) -> Result<Vec<Prepared>, PrepareError> {
-    let mapped = map_body(source, content_type, body, now)?;
+    let mapped = map_verified(source, decoded, content_type, body, now)?;
     Ok(mapped
         .into_iter()
         .map(|(event, raw)| {
@@ -72,28 +74,160 @@ pub fn prepare(
         .collect())
 }
 
-/// Decodes and maps a verified body: each event with the raw bytes it came from.
-pub fn map_body(
+/// What a request presents besides its body.
+#[derive(Clone, Copy)]
+pub struct RequestParts<'a> {
+    pub headers: &'a poem::http::HeaderMap,
+    pub query: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+}
+
+/// Authenticates a request against the source's schemes (any one that
+/// verifies). A source that takes a token in a body field has its body
+/// decoded first and the token taken out of it: the decoded body, or why it
+/// does not decode, comes back for [`map_verified`], so a body is decoded
+/// once and the token never reaches the mapping or the store.
+pub fn authenticate(
     source: &Source,
+    parts: RequestParts<'_>,
+    body: &[u8],
+    now: i64,
+) -> Result<Option<Result<Decoded, PrepareError>>, verify::AuthError> {
+    let field = source.auth.iter().find_map(|a| match a {
+        verify::AuthScheme::BodyField { field, .. } => Some(field),
+        _ => None,
+    });
+    let (decoded, token) = match field {
+        None => (None, None),
+        Some(field) => match decode_body(source, parts.content_type, body) {
+            Ok(mut d) => {
+                let token = d.take_token(field);
+                (Some(Ok(d)), token)
+            }
+            Err(e) => (Some(Err(e)), None),
+        },
+    };
+    let presented = verify::Presented {
+        headers: parts.headers,
+        query: parts.query,
+        body,
+        body_token: token.as_deref(),
+    };
+    verify::verify_any(&source.auth, &presented, now)?;
+    Ok(decoded)
+}
+
+/// Maps an authenticated body: decoded by [`authenticate`], or now.
+pub fn map_verified(
+    source: &Source,
+    decoded: Option<Result<Decoded, PrepareError>>,
     content_type: Option<&str>,
     body: &Bytes,
     now: DateTime<Utc>,
 ) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    let decoded = match decoded {
+        Some(d) => d?,
+        None => decode_body(source, content_type, body)?,
+    };
+    map_decoded(source, decoded, body, now)
+}
+
+/// A body decoded for a source: its documents, and how to tell the bytes
+/// each is stored as.
+#[derive(Debug)]
+pub struct Decoded {
+    pub format: decode::BodyFormat,
+    pub docs: Vec<serde_json::Value>,
+    /// The body was a JSON array: each statement is stored on its own.
+    array: bool,
+    /// A field was taken out (a body token): documents are stored
+    /// re-encoded, without it.
+    redacted: bool,
+}
+
+impl Decoded {
+    /// Takes a body token out of the (first) document; see
+    /// [`verify::take_body_token`].
+    pub fn take_token(&mut self, field: &[String]) -> Option<String> {
+        let token = verify::take_body_token(self.docs.first_mut()?, field);
+        self.redacted |= token.is_some();
+        token
+    }
+}
+
+/// Decodes a body for `source`: by its `Content-Type`; or, when the request
+/// has none or says form data (which some plugins put on JSON), by the
+/// source's fallback formats in order; else as its first content type. xAPI sources get their statements normalised (see
+/// [`decode::normalise_statement`]).
+pub fn decode_body(
+    source: &Source,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Decoded, PrepareError> {
     if !source.accepts(content_type) {
         return Err(PrepareError::UnsupportedMediaType(
             content_type.unwrap_or("").to_string(),
         ));
     }
-    let ct = source.content_type_of(content_type);
-    let format =
-        decode::format_of(ct).ok_or_else(|| PrepareError::UnsupportedMediaType(ct.to_string()))?;
-    let docs = decode::decode(format, body, source.batch)?;
-    let single = docs.len() == 1;
-    let batch_raw = source.batch && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    let mut out = Vec::with_capacity(docs.len());
-    for (i, doc) in docs.iter().enumerate() {
-        // A batch stores each statement on its own, not the whole body N times.
-        let raw = if batch_raw {
+    let untyped =
+        content_type.is_none_or(|ct| decode::format_of(ct) == Some(decode::BodyFormat::Form));
+    let (format, mut docs) = match content_type {
+        _ if untyped && !source.fallback_formats.is_empty() => {
+            let mut last = None;
+            let mut found = None;
+            for format in &source.fallback_formats {
+                match decode::decode(*format, body, source.batch) {
+                    Ok(docs) => {
+                        found = Some((*format, docs));
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            match (found, last) {
+                (Some(found), _) => found,
+                (None, Some(DecodeError::Empty)) => return Err(DecodeError::Empty.into()),
+                (None, _) => {
+                    return Err(
+                        DecodeError::Untyped(decode::names(&source.fallback_formats)).into(),
+                    )
+                }
+            }
+        }
+        _ => {
+            let ct = source.content_type_of(content_type);
+            let format = decode::format_of(ct)
+                .ok_or_else(|| PrepareError::UnsupportedMediaType(ct.to_string()))?;
+            (format, decode::decode(format, body, source.batch)?)
+        }
+    };
+    if source.xapi {
+        docs.iter_mut().for_each(decode::normalise_statement);
+    }
+    let array = source.batch && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    Ok(Decoded {
+        format,
+        docs,
+        array,
+        redacted: false,
+    })
+}
+
+/// Maps decoded documents: each event with the bytes it is stored as (the
+/// body as received; a batch's statements each on their own; a redacted
+/// document re-encoded).
+pub fn map_decoded(
+    source: &Source,
+    decoded: Decoded,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    let single = decoded.docs.len() == 1;
+    let mut out = Vec::with_capacity(decoded.docs.len());
+    for (i, doc) in decoded.docs.iter().enumerate() {
+        let raw = if decoded.redacted {
+            Bytes::from(decode::encode(decoded.format, doc))
+        } else if decoded.array {
             Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
         } else {
             body.clone()
@@ -108,4 +242,14 @@ pub fn map_body(
         out.push((event, raw));
     }
     Ok(out)
+}
+
+/// Decodes and maps a verified body: each event with the raw bytes it came from.
+pub fn map_body(
+    source: &Source,
+    content_type: Option<&str>,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    map_decoded(source, decode_body(source, content_type, body)?, body, now)
 }

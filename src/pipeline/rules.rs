@@ -112,6 +112,13 @@ pub struct Award {
     pub rule: Arc<str>,
     pub points: i64,
     pub reason: Option<String>,
+    /// Awarded at most once per (namespace, user, rule, key), whatever the
+    /// event ids: the store drops the award when the ledger holds the key.
+    /// A rule asks for it with `once: true` (the key is the event's
+    /// `object_id`; an event without one is not restricted) or
+    /// `once: <string>` (`once: event.course_id`; `()` restricts nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub once: Option<String>,
 }
 
 /// A rule failed: nothing of this event is awarded.
@@ -149,22 +156,26 @@ pub fn score(
                 rule: rule.name.clone(),
                 message: e.to_string(),
             })?;
-        if let Some(award) = award_of(&rule.name, out)? {
+        if let Some(award) = award_of(&rule.name, ev, out)? {
             awards.push(award);
         }
     }
     Ok(awards)
 }
 
-fn award_of(rule: &Arc<str>, out: Dynamic) -> Result<Option<Award>, RuleError> {
+fn award_of(
+    rule: &Arc<str>,
+    ev: &CanonicalEvent,
+    out: Dynamic,
+) -> Result<Option<Award>, RuleError> {
     let fail = |message: String| RuleError {
         rule: rule.clone(),
         message,
     };
-    let (points, reason) = if out.is_unit() {
+    let (points, reason, once) = if out.is_unit() {
         return Ok(None);
     } else if let Some(p) = out.clone().try_cast::<i64>() {
-        (p, None)
+        (p, None, None)
     } else if let Some(map) = out.clone().try_cast::<RhaiMap>() {
         let points = match map.get("points") {
             None => return Ok(None),
@@ -182,7 +193,30 @@ fn award_of(rule: &Arc<str>, out: Dynamic) -> Result<Option<Award>, RuleError> {
                     .map_err(|t| fail(format!("`reason` must be a string, got {t}")))?,
             ),
         };
-        (points, reason)
+        let once = match map.get("once") {
+            None => None,
+            Some(o) if o.is_unit() => None,
+            Some(o) if o.is_bool() => o
+                .as_bool()
+                .unwrap_or(false)
+                .then(|| ev.object_id.clone())
+                .flatten(),
+            Some(o) => Some(
+                o.clone()
+                    .into_string()
+                    .map_err(|t| fail(format!("`once` must be true or a string key, got {t}")))?,
+            ),
+        };
+        if once
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > super::mapping::MAX_ID_LEN)
+        {
+            return Err(fail(format!(
+                "a `once` key must hold 1 to {} bytes",
+                super::mapping::MAX_ID_LEN
+            )));
+        }
+        (points, reason, once)
     } else {
         return Err(fail(format!(
             "a rule returns an integer, () or #{{points, reason}}, not {}",
@@ -202,6 +236,7 @@ fn award_of(rule: &Arc<str>, out: Dynamic) -> Result<Option<Award>, RuleError> {
         rule: rule.clone(),
         points,
         reason,
+        once,
     }))
 }
 

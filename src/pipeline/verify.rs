@@ -22,12 +22,60 @@ pub enum SigEncoding {
     Base64,
 }
 
+/// What a request offers as proof: its headers, query string and raw body,
+/// and the token found in its body for a source that takes one there.
+#[derive(Clone, Copy)]
+pub struct Presented<'a> {
+    pub headers: &'a HeaderMap,
+    pub query: Option<&'a str>,
+    pub body: &'a [u8],
+    pub body_token: Option<&'a str>,
+}
+
+impl<'a> Presented<'a> {
+    /// Headers and body only (no query string, no body token).
+    pub fn new(headers: &'a HeaderMap, body: &'a [u8]) -> Self {
+        Presented {
+            headers,
+            query: None,
+            body,
+            body_token: None,
+        }
+    }
+}
+
 /// One way a source may prove a request is its own. A source may accept
 /// several; the first that verifies wins.
 #[derive(Clone)]
 pub enum AuthScheme {
     /// `Authorization: Bearer <token>`; any token of the list.
     Bearer { env: String, digests: Vec<[u8; 32]> },
+    /// A pre-shared value in `header`, after `prefix` (LearnWorlds'
+    /// `Learnworlds-Webhook-Signature: v1=<value>`).
+    Header {
+        env: String,
+        header: HeaderName,
+        prefix: String,
+        digests: Vec<[u8; 32]>,
+    },
+    /// `Authorization: Basic <base64(user:password)>`; the secret's values
+    /// are `user:password` pairs (LRS clients).
+    Basic { env: String, digests: Vec<[u8; 32]> },
+    /// A token in a body field (plugins that cannot set headers); the field
+    /// is removed before the event is mapped or stored.
+    BodyField {
+        env: String,
+        /// The field's path as member names from the top (`$.a.b`: a, b).
+        field: Vec<String>,
+        digests: Vec<[u8; 32]>,
+    },
+    /// A token in a query parameter (platforms whose webhook form takes only
+    /// a URL); never logged.
+    Query {
+        env: String,
+        param: String,
+        digests: Vec<[u8; 32]>,
+    },
     /// HMAC-SHA256 over the raw body in `header`, after `prefix`. With a
     /// timestamp header, the signed content is `<timestamp>.<body>` and the
     /// timestamp must be within the tolerance of now (replay protection).
@@ -52,9 +100,41 @@ pub enum AuthScheme {
 impl std::fmt::Debug for AuthScheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AuthScheme::Bearer { env, digests } => f
-                .debug_struct("Bearer")
+            AuthScheme::Bearer { env, digests } | AuthScheme::Basic { env, digests } => f
+                .debug_struct(self.kind())
                 .field("env", env)
+                .field("tokens", &digests.len())
+                .finish(),
+            AuthScheme::Header {
+                env,
+                header,
+                prefix,
+                digests,
+            } => f
+                .debug_struct("Header")
+                .field("env", env)
+                .field("header", header)
+                .field("prefix", prefix)
+                .field("values", &digests.len())
+                .finish(),
+            AuthScheme::BodyField {
+                env,
+                field,
+                digests,
+            } => f
+                .debug_struct("BodyField")
+                .field("env", env)
+                .field("field", &field.join("."))
+                .field("tokens", &digests.len())
+                .finish(),
+            AuthScheme::Query {
+                env,
+                param,
+                digests,
+            } => f
+                .debug_struct("Query")
+                .field("env", env)
+                .field("param", param)
                 .field("tokens", &digests.len())
                 .finish(),
             AuthScheme::Hmac {
@@ -93,7 +173,7 @@ impl std::fmt::Debug for AuthScheme {
 pub enum AuthError {
     #[error("no credentials are configured for this source")]
     NotConfigured,
-    #[error("the authentication header is missing")]
+    #[error("the credentials are missing")]
     MissingHeader,
     #[error("the authentication header is malformed")]
     Malformed,
@@ -120,14 +200,19 @@ pub fn token_digest(token: &[u8]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
+/// The digests of a secret's values, compared in constant time.
+pub fn digests(values: &[Secret]) -> Vec<[u8; 32]> {
+    values
+        .iter()
+        .map(|t| token_digest(t.expose().as_bytes()))
+        .collect()
+}
+
 impl AuthScheme {
     pub fn bearer(env: &str, tokens: &[Secret]) -> Self {
         AuthScheme::Bearer {
             env: env.to_string(),
-            digests: tokens
-                .iter()
-                .map(|t| token_digest(t.expose().as_bytes()))
-                .collect(),
+            digests: digests(tokens),
         }
     }
 
@@ -185,6 +270,10 @@ impl AuthScheme {
     pub fn env(&self) -> &str {
         match self {
             AuthScheme::Bearer { env, .. }
+            | AuthScheme::Header { env, .. }
+            | AuthScheme::Basic { env, .. }
+            | AuthScheme::BodyField { env, .. }
+            | AuthScheme::Query { env, .. }
             | AuthScheme::Hmac { env, .. }
             | AuthScheme::StandardWebhooks { env, .. } => env,
         }
@@ -192,7 +281,11 @@ impl AuthScheme {
 
     pub fn is_configured(&self) -> bool {
         match self {
-            AuthScheme::Bearer { digests, .. } => !digests.is_empty(),
+            AuthScheme::Bearer { digests, .. }
+            | AuthScheme::Header { digests, .. }
+            | AuthScheme::Basic { digests, .. }
+            | AuthScheme::BodyField { digests, .. }
+            | AuthScheme::Query { digests, .. } => !digests.is_empty(),
             AuthScheme::Hmac { keys, .. } | AuthScheme::StandardWebhooks { keys, .. } => {
                 !keys.is_empty()
             }
@@ -202,19 +295,49 @@ impl AuthScheme {
     pub fn kind(&self) -> &'static str {
         match self {
             AuthScheme::Bearer { .. } => "bearer",
+            AuthScheme::Header { .. } => "header",
+            AuthScheme::Basic { .. } => "basic",
+            AuthScheme::BodyField { .. } => "body_token",
+            AuthScheme::Query { .. } => "query_token",
             AuthScheme::Hmac { .. } => "hmac",
             AuthScheme::StandardWebhooks { .. } => "standard_webhooks",
         }
     }
 
-    /// Checks one request against this scheme; `now` is Unix seconds.
+    /// Checks headers and body against this scheme; `now` is Unix seconds.
     pub fn verify(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), AuthError> {
+        self.verify_request(&Presented::new(headers, body), now)
+    }
+
+    /// Checks one request against this scheme; `now` is Unix seconds.
+    pub fn verify_request(&self, p: &Presented<'_>, now: i64) -> Result<(), AuthError> {
         if !self.is_configured() {
             return Err(AuthError::NotConfigured);
         }
+        let (headers, body) = (p.headers, p.body);
         match self {
             AuthScheme::Bearer { digests, .. } => {
                 let token = bearer_token(headers)?;
+                check_bearer(digests, token.as_bytes())
+            }
+            AuthScheme::Header {
+                header,
+                prefix,
+                digests,
+                ..
+            } => {
+                let value = header_str(headers, header)?;
+                check_bearer(digests, strip_prefix(value, prefix)?.as_bytes())
+            }
+            AuthScheme::Basic { digests, .. } => {
+                check_bearer(digests, &basic_credentials(headers)?)
+            }
+            AuthScheme::BodyField { digests, .. } => {
+                let token = p.body_token.ok_or(AuthError::MissingHeader)?;
+                check_bearer(digests, token.as_bytes())
+            }
+            AuthScheme::Query { param, digests, .. } => {
+                let token = query_param(p.query, param)?;
                 check_bearer(digests, token.as_bytes())
             }
             AuthScheme::Hmac {
@@ -289,6 +412,15 @@ impl AuthScheme {
         };
         match self {
             AuthScheme::Bearer { .. } => vec![("authorization".into(), format!("Bearer {secret}"))],
+            AuthScheme::Header { header, prefix, .. } => {
+                vec![(header.as_str().to_string(), format!("{prefix}{secret}"))]
+            }
+            AuthScheme::Basic { .. } => vec![(
+                "authorization".into(),
+                format!("Basic {}", b64.encode(secret)),
+            )],
+            // Carried in the body or the URL, not in a header: see `Source::sign`.
+            AuthScheme::BodyField { .. } | AuthScheme::Query { .. } => Vec::new(),
             AuthScheme::Hmac {
                 header,
                 prefix,
@@ -336,13 +468,12 @@ impl AuthScheme {
 /// so a sender using the wrong scheme's header still learns it was wrong).
 pub fn verify_any(
     schemes: &[AuthScheme],
-    headers: &HeaderMap,
-    body: &[u8],
+    presented: &Presented<'_>,
     now: i64,
 ) -> Result<(), AuthError> {
     let mut worst = AuthError::NotConfigured;
     for scheme in schemes {
-        match scheme.verify(headers, body, now) {
+        match scheme.verify_request(presented, now) {
             Ok(()) => return Ok(()),
             Err(e) => worst = rank(worst, e),
         }
@@ -401,18 +532,73 @@ pub fn check_bearer(digests: &[[u8; 32]], presented: &[u8]) -> Result<(), AuthEr
     }
 }
 
+/// Takes a body token out of a decoded document: the string (or integer)
+/// at `field`, removed from the document so that nothing downstream (the
+/// mapping, the stored event) sees it. `None` when absent.
+pub fn take_body_token(doc: &mut serde_json::Value, field: &[String]) -> Option<String> {
+    let (last, parents) = field.split_last()?;
+    let mut cur = doc;
+    for key in parents {
+        cur = cur.get_mut(key.as_str())?;
+    }
+    match cur.as_object_mut()?.remove(last.as_str())? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => Some(String::new()),
+    }
+}
+
+/// A header value after its prefix (compared case-insensitively).
+fn strip_prefix<'a>(value: &'a str, prefix: &str) -> Result<&'a str, AuthError> {
+    if prefix.is_empty() {
+        return Ok(value);
+    }
+    match value.get(..prefix.len()) {
+        Some(head) if head.eq_ignore_ascii_case(prefix) => Ok(&value[prefix.len()..]),
+        _ => Err(AuthError::Malformed),
+    }
+}
+
+/// The `user:password` bytes of an `Authorization: Basic …` header.
+fn basic_credentials(headers: &HeaderMap) -> Result<Vec<u8>, AuthError> {
+    use base64::Engine as _;
+    let value = header_str(headers, &poem::http::header::AUTHORIZATION)?;
+    let (scheme, encoded) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(AuthError::Malformed);
+    }
+    let pair = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| AuthError::Malformed)?;
+    if !pair.contains(&b':') {
+        return Err(AuthError::Malformed);
+    }
+    Ok(pair)
+}
+
+/// The value of a query parameter, percent-decoded; a repeated parameter is
+/// malformed (which one would count?).
+fn query_param(query: Option<&str>, name: &str) -> Result<String, AuthError> {
+    let mut found = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if k == name {
+            if found.is_some() {
+                return Err(AuthError::Malformed);
+            }
+            found = Some(v.into_owned());
+        }
+    }
+    found
+        .filter(|v| !v.is_empty())
+        .ok_or(AuthError::MissingHeader)
+}
+
 fn decode_signature(
     value: &str,
     prefix: &str,
     encoding: SigEncoding,
 ) -> Result<Vec<u8>, AuthError> {
-    let raw = if prefix.is_empty() {
-        value
-    } else if value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix) {
-        &value[prefix.len()..]
-    } else {
-        return Err(AuthError::Malformed);
-    };
+    let raw = strip_prefix(value, prefix)?;
     let sig = match encoding {
         SigEncoding::Hex => hex::decode(raw).map_err(|_| AuthError::Malformed)?,
         SigEncoding::Base64 => {
@@ -644,7 +830,7 @@ mod tests {
         let hmac = hmac_scheme(&[], SigEncoding::Hex);
         assert_eq!(hmac.verify(&h, b"", 0), Err(AuthError::NotConfigured));
         assert_eq!(
-            verify_any(&[bearer, hmac], &h, b"", 0),
+            verify_any(&[bearer, hmac], &Presented::new(&h, b""), 0),
             Err(AuthError::NotConfigured)
         );
     }

@@ -73,6 +73,41 @@ macro_rules! with_pool {
 }
 pub(crate) use with_pool;
 
+/// Writes an event's awards in a transaction (`$tx`, inside [`with_pool!`])
+/// and evaluates to the points of the rows inserted: a once-award whose key
+/// the ledger already holds inserts nothing. The ledger insert of the queue
+/// workers and of rescoring; the group-commit writers settle once-awards
+/// before their batched inserts.
+macro_rules! insert_awards {
+    ($tx:expr, $awards:expr, event = $event:expr, ns = $ns:expr, user = $user:expr,
+     course = $course:expr, occurred = $occurred:expr, now = $now:expr) => {{
+        let mut inserted: i64 = 0;
+        for a in $awards {
+            let r = sqlx::query($crate::store::INSERT_LEDGER)
+                .bind($event)
+                .bind($ns)
+                .bind($user)
+                .bind($course)
+                .bind(a.rule.as_ref())
+                .bind(a.points)
+                .bind(&a.reason)
+                .bind($occurred)
+                .bind($now)
+                .bind(&a.once)
+                .execute(&mut *$tx)
+                .await?;
+            if r.rows_affected() == 1 {
+                inserted += a.points;
+            }
+        }
+        inserted
+    }};
+}
+pub(crate) use insert_awards;
+
+/// Corrects an event's points after once-awards were dropped.
+pub(crate) const SET_POINTS: &str = "UPDATE events SET points = $1 WHERE id = $2";
+
 /// The ledger store. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -210,10 +245,16 @@ fn top_of_namespace(i: usize) -> String {
     )
 }
 
-/// One ledger row (the PostgreSQL writer builds its own multi-row form).
+/// One ledger row (the PostgreSQL writer builds its own multi-row form). A
+/// `once_key` the ledger already holds for the user and rule inserts nothing
+/// (the caller counts the rows it inserted).
 pub(crate) const INSERT_LEDGER: &str =
     "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, \
-    reason, occurred_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    reason, occurred_at, created_at, once_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+    ON CONFLICT DO NOTHING";
+/// Whether the ledger holds a once-award's key for the user and rule.
+pub(crate) const ONCE_HELD: &str = "SELECT 1 FROM ledger WHERE namespace = $1 AND user_id = $2 \
+    AND rule = $3 AND once_key = $4";
 /// Adds points and events to a user's total (creating it).
 pub(crate) const UPSERT_TOTAL: &str =
     "INSERT INTO totals (namespace, user_id, points, events, updated_at) \

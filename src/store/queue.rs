@@ -7,7 +7,7 @@
 
 use sqlx::Row;
 
-use super::{with_pool, Pool, Store, StoreError, INSERT_LEDGER, UPSERT_TOTAL};
+use super::{insert_awards, with_pool, Pool, Store, StoreError, SET_POINTS, UPSERT_TOTAL};
 use crate::pipeline::rules::Award;
 
 /// Attempts (the delivery counts as the first) before a failing event rests as `failed`.
@@ -100,21 +100,12 @@ impl Store {
                     let course: Option<String> = row.try_get("course_id")?;
                     let occurred: i64 = row.try_get("occurred_at")?;
                     if let Some(user) = user {
-                        for a in awards {
-                            sqlx::query(INSERT_LEDGER)
-                                .bind(&c.id)
-                                .bind(&c.namespace)
-                                .bind(&user)
-                                .bind(&course)
-                                .bind(a.rule.as_ref())
-                                .bind(a.points)
-                                .bind(&a.reason)
-                                .bind(occurred)
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
+                        let inserted = insert_awards!(tx, awards, event = &c.id, ns = &c.namespace,
+                            user = &user, course = &course, occurred = occurred, now = now);
+                        if inserted != points {
+                            sqlx::query(SET_POINTS).bind(inserted).bind(&c.id).execute(&mut *tx).await?;
                         }
-                        sqlx::query(UPSERT_TOTAL).bind(&c.namespace).bind(&user).bind(points).bind(1_i64).bind(now).execute(&mut *tx).await?;
+                        sqlx::query(UPSERT_TOTAL).bind(&c.namespace).bind(&user).bind(inserted).bind(1_i64).bind(now).execute(&mut *tx).await?;
                     }
                     true
                 }

@@ -6,7 +6,7 @@
 
 use sqlx::Row;
 
-use super::{with_pool, Store, StoreError, INSERT_LEDGER, UPSERT_TOTAL};
+use super::{insert_awards, with_pool, Store, StoreError, SET_POINTS, UPSERT_TOTAL};
 use crate::pipeline::rules::Award;
 
 /// A stored event as rescoring reads it.
@@ -37,6 +37,8 @@ const GUARD: &str = "UPDATE events SET status = 'processed', points = $1, error 
 const DELETE_LEDGER: &str =
     "DELETE FROM ledger WHERE namespace = $1 AND user_id = $2 AND event_id = $3";
 // An event's ledger rows are found through its user's index.
+const ONCE_HOLDER: &str = "SELECT event_id FROM ledger WHERE namespace = $1 AND user_id = $2 \
+    AND rule = $3 AND once_key = $4";
 pub(super) const AWARDS: &str =
     "SELECT rule, points FROM ledger WHERE namespace = $1 AND user_id = $2 \
     AND event_id = $3 ORDER BY id";
@@ -91,6 +93,30 @@ impl Store {
         })
     }
 
+    /// The event whose ledger row holds a once-award's key for this user
+    /// and rule, if any.
+    pub async fn once_holder(
+        &self,
+        ev: &Stored,
+        award: &Award,
+    ) -> Result<Option<String>, StoreError> {
+        let (Some(user), Some(key)) = (&ev.user_id, &award.once) else {
+            return Ok(None);
+        };
+        with_pool!(&self.pool, p => {
+            let row = sqlx::query(ONCE_HOLDER)
+                .bind(&ev.namespace)
+                .bind(user)
+                .bind(award.rule.as_ref())
+                .bind(key)
+                .fetch_optional(p)
+                .await?;
+            row.map(|r| r.try_get("event_id"))
+                .transpose()
+                .map_err(StoreError::from)
+        })
+    }
+
     /// Replaces an event's awards. False when the event changed since it was
     /// read (nothing written).
     pub async fn rewrite_awards(&self, ev: &Stored, awards: &[Award]) -> Result<bool, StoreError> {
@@ -104,26 +130,17 @@ impl Store {
             }
             if let Some(user) = &ev.user_id {
                 sqlx::query(DELETE_LEDGER).bind(&ev.namespace).bind(user).bind(&ev.id).execute(&mut *tx).await?;
-                for a in awards {
-                    sqlx::query(INSERT_LEDGER)
-                        .bind(&ev.id)
-                        .bind(&ev.namespace)
-                        .bind(user)
-                        .bind(&ev.course_id)
-                        .bind(a.rule.as_ref())
-                        .bind(a.points)
-                        .bind(&a.reason)
-                        .bind(ev.occurred_at)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                let inserted = insert_awards!(tx, awards, event = &ev.id, ns = &ev.namespace,
+                    user = user, course = &ev.course_id, occurred = ev.occurred_at, now = now);
+                if inserted != points {
+                    sqlx::query(SET_POINTS).bind(inserted).bind(&ev.id).execute(&mut *tx).await?;
                 }
                 // A failed event's points were never in the total, nor was it counted.
                 let (old, counted) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
                 sqlx::query(UPSERT_TOTAL)
                     .bind(&ev.namespace)
                     .bind(user)
-                    .bind(points - old)
+                    .bind(inserted - old)
                     .bind(counted)
                     .bind(now)
                     .execute(&mut *tx)

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::write::{
     status_of, EventStatus, Item, Job, Persisted, EXISTING, MAX_GROUP, QUEUE, RESCORE, RETRIES,
 };
-use super::{StoreError, WalMetrics, INSERT_LEDGER, UPSERT_TOTAL};
+use super::{StoreError, WalMetrics, INSERT_LEDGER, ONCE_HELD, UPSERT_TOTAL};
 
 /// The writer's page cache, in KiB. Larger than SQLite's default 2 MiB, so
 /// random-key index inserts into a large ledger find their pages cached; but
@@ -402,6 +402,8 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
     {
         let mut insert = tx.prepare_cached(INSERT_EVENT)?;
         let mut ledger = tx.prepare_cached(INSERT_LEDGER)?;
+        let mut once_held = tx.prepare_cached(ONCE_HELD)?;
+        let mut claimed = std::collections::HashSet::new();
         // Summed per user and written in key order at the end: one upsert
         // per user per batch.
         let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
@@ -415,6 +417,9 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
             for it in &job.items {
                 let ev = &it.prepared.event;
                 let occurred = ev.occurred_at.timestamp_millis();
+                let settled = it.settle(ns, &mut claimed, |(ns, user, rule, key)| {
+                    once_held.exists(params![ns, user, rule.as_ref(), key])
+                })?;
                 let fresh = insert.execute(params![
                     it.id,
                     ev.source,
@@ -429,7 +434,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                     it.received_at,
                     (it.status != EventStatus::Queued).then_some(now),
                     it.status.as_str(),
-                    it.points,
+                    settled.points,
                     it.error,
                     it.canonical,
                     it.prepared.raw.as_ref(),
@@ -441,7 +446,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                         .or_insert(0) += 1;
                     it.id.clone()
                 } else {
-                    match redelivered(&tx, it, now)? {
+                    match redelivered(&tx, it, settled.points, now)? {
                         Ok(id) => id,
                         Err(duplicate) => {
                             out.push(duplicate);
@@ -449,10 +454,8 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                         }
                     }
                 };
-                if let (Ok(awards), Some(user), EventStatus::Processed) =
-                    (&it.prepared.outcome, &ev.user_id, it.status)
-                {
-                    for award in awards {
+                if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
+                    for award in &settled.awards {
                         ledger.execute(params![
                             event_id,
                             ns,
@@ -463,15 +466,16 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                             award.reason,
                             occurred,
                             now,
+                            award.once,
                         ])?;
                         day.0 += award.points;
                         day.1 += 1;
                     }
                     let t = totals.entry((ns, user.as_str())).or_insert((0, 0));
-                    t.0 += it.points;
+                    t.0 += settled.points;
                     t.1 += 1;
                 }
-                out.push(it.stored_as(event_id, now));
+                out.push(it.stored_as(event_id, settled.points, now));
             }
             results.push(out);
         }
@@ -499,6 +503,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
 fn redelivered(
     tx: &rusqlite::Transaction<'_>,
     it: &Item,
+    points: i64,
     now: i64,
 ) -> rusqlite::Result<Result<String, Persisted>> {
     let ev = &it.prepared.event;
@@ -524,7 +529,7 @@ fn redelivered(
     if stored.status == EventStatus::Failed {
         let rescored = tx.prepare_cached(RESCORE)?.execute(params![
             it.status.as_str(),
-            it.points,
+            points,
             it.error,
             now,
             it.canonical,

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use sqlx::PgPool;
 
 use super::StoreError;
+use crate::pipeline::rules::Award;
 use crate::pipeline::Prepared;
 
 /// Most requests grouped into one transaction.
@@ -121,13 +122,65 @@ impl Job {
     }
 }
 
+/// A once-award's identity: namespace, user, rule, key.
+pub(super) type OnceKey = (String, String, Arc<str>, String);
+
+/// What an item awards once its once-awards are settled.
+pub(super) struct Settled<'a> {
+    pub(super) awards: Vec<&'a Award>,
+    pub(super) points: i64,
+}
+
 impl Item {
-    /// The answer for this item, written now under `event_id`.
-    pub(super) fn stored_as(&self, event_id: String, now: i64) -> Persisted {
+    /// The awards this item writes: a once-award whose key the ledger holds
+    /// (`held`), or an earlier item of the same transaction claimed
+    /// (`claimed`), is dropped, and its points with it. Items that award
+    /// nothing (queued, failed, no user) settle to their stored points.
+    pub(super) fn settle<'a, E>(
+        &'a self,
+        namespace: &str,
+        claimed: &mut HashSet<OnceKey>,
+        mut held: impl FnMut(&OnceKey) -> Result<bool, E>,
+    ) -> Result<Settled<'a>, E> {
+        let (Ok(awards), Some(user), EventStatus::Processed) = (
+            &self.prepared.outcome,
+            &self.prepared.event.user_id,
+            self.status,
+        ) else {
+            return Ok(Settled {
+                awards: Vec::new(),
+                points: self.points,
+            });
+        };
+        let mut kept = Vec::with_capacity(awards.len());
+        for award in awards {
+            if let Some(key) = &award.once {
+                let once = (
+                    namespace.to_string(),
+                    user.clone(),
+                    award.rule.clone(),
+                    key.clone(),
+                );
+                if claimed.contains(&once) || held(&once)? {
+                    continue;
+                }
+                claimed.insert(once);
+            }
+            kept.push(award);
+        }
+        let points = kept.iter().map(|a| a.points).sum();
+        Ok(Settled {
+            awards: kept,
+            points,
+        })
+    }
+
+    /// The answer for this item, written now under `event_id` with `points`.
+    pub(super) fn stored_as(&self, event_id: String, points: i64, now: i64) -> Persisted {
         Persisted {
             event_id,
             status: self.status,
-            points: self.points,
+            points,
             duplicate: false,
             processed_at: now,
             error: self.error.clone(),
@@ -212,8 +265,10 @@ async fn run_group(pool: &PgPool, jobs: Vec<Job>) {
 
 fn is_transient(e: &StoreError) -> bool {
     match e {
+        // 23505: another instance committed a once-award this transaction
+        // also wrote (the ledger_once index); the retry reads it and drops ours.
         StoreError::Db(sqlx::Error::Database(db)) => {
-            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+            matches!(db.code().as_deref(), Some("40P01" | "40001" | "23505"))
         }
         StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
         _ => false,
@@ -240,6 +295,54 @@ struct LedgerRow<'a> {
     occurred_at: i64,
 }
 
+/// The once-award keys of these items the ledger already holds, read in
+/// one statement.
+async fn held_once_keys(
+    tx: &mut sqlx::PgConnection,
+    items: &[(&str, &Item)],
+) -> Result<HashSet<OnceKey>, StoreError> {
+    let mut cols: [Vec<String>; 4] = Default::default();
+    for (ns, it) in items {
+        let (Ok(awards), Some(user)) = (&it.prepared.outcome, &it.prepared.event.user_id) else {
+            continue;
+        };
+        for a in awards {
+            if let Some(key) = &a.once {
+                cols[0].push(ns.to_string());
+                cols[1].push(user.clone());
+                cols[2].push(a.rule.to_string());
+                cols[3].push(key.clone());
+            }
+        }
+    }
+    if cols[0].is_empty() {
+        return Ok(HashSet::new());
+    }
+    let [ns, users, rules, keys] = cols;
+    let rows = sqlx::query(
+        "SELECT l.namespace, l.user_id, l.rule, l.once_key FROM ledger l \
+         JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(ns, u, r, o) \
+         ON l.namespace = k.ns AND l.user_id = k.u AND l.rule = k.r AND l.once_key = k.o",
+    )
+    .bind(ns)
+    .bind(users)
+    .bind(rules)
+    .bind(keys)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("namespace")?,
+                r.try_get("user_id")?,
+                Arc::from(r.try_get::<String, _>("rule")?),
+                r.try_get("once_key")?,
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
 /// Writes the jobs in one transaction with a handful of multi-row
 /// statements (events, then ledger, then totals); results in job order.
 /// Redeliveries (rows the insert skipped) are resolved one by one: they are
@@ -251,13 +354,25 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
         .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
         .collect();
     let mut tx = pool.begin().await?;
+    let held = held_once_keys(&mut tx, &items).await?;
+    let mut claimed = HashSet::new();
+    let settled: Vec<Settled> = items
+        .iter()
+        .map(|(ns, it)| {
+            it.settle(ns, &mut claimed, |k| {
+                Ok::<_, std::convert::Infallible>(held.contains(k))
+            })
+        })
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|never| match never {});
     let mut inserted: HashSet<String> = HashSet::with_capacity(items.len());
-    for chunk in items.chunks(EVENT_ROWS) {
+    let rows: Vec<_> = items.iter().zip(&settled).collect();
+    for chunk in rows.chunks(EVENT_ROWS) {
         let mut qb = sqlx::QueryBuilder::new(
             "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
              course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw) ",
         );
-        qb.push_values(chunk, |mut b, (ns, it)| {
+        qb.push_values(chunk, |mut b, ((ns, it), settled)| {
             let ev = &it.prepared.event;
             b.push_bind(&it.id)
                 .push_bind(&ev.source)
@@ -272,7 +387,7 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                 .push_bind(it.received_at)
                 .push_bind((it.status != EventStatus::Queued).then_some(now))
                 .push_bind(it.status.as_str())
-                .push_bind(it.points)
+                .push_bind(settled.points)
                 .push_bind(&it.error)
                 .push_bind(&it.canonical)
                 .push_bind(it.prepared.raw.as_ref());
@@ -286,11 +401,13 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
     let mut ledger: Vec<LedgerRow> = Vec::new();
     let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
     let mut results = Vec::with_capacity(jobs.len());
-    let mut next = items.iter();
+    let mut next = rows.iter();
     for job in jobs {
         let mut out = Vec::with_capacity(job.items.len());
         for _ in &job.items {
-            let Some((ns, it)) = next.next() else { break };
+            let Some(((ns, it), settled)) = next.next() else {
+                break;
+            };
             let ev = &it.prepared.event;
             let event_id = if inserted.contains(&it.id) {
                 it.id.clone()
@@ -307,7 +424,7 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                 let rescored = status == "failed"
                     && sqlx::query(RESCORE)
                         .bind(it.status.as_str())
-                        .bind(it.points)
+                        .bind(settled.points)
                         .bind(&it.error)
                         .bind(now)
                         .bind(&it.canonical)
@@ -340,10 +457,8 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                 }
                 id
             };
-            if let (Ok(awards), Some(user), EventStatus::Processed) =
-                (&it.prepared.outcome, &ev.user_id, it.status)
-            {
-                for award in awards {
+            if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
+                for award in &settled.awards {
                     ledger.push(LedgerRow {
                         event_id: event_id.clone(),
                         namespace: ns,
@@ -354,17 +469,17 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                     });
                 }
                 let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
-                t.0 += it.points;
+                t.0 += settled.points;
                 t.1 += 1;
             }
-            out.push(it.stored_as(event_id, now));
+            out.push(it.stored_as(event_id, settled.points, now));
         }
         results.push(out);
     }
 
     for chunk in ledger.chunks(LEDGER_ROWS) {
         let mut qb = sqlx::QueryBuilder::new(
-            "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at) ",
+            "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at, once_key) ",
         );
         qb.push_values(chunk, |mut b, r| {
             b.push_bind(&r.event_id)
@@ -375,7 +490,8 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                 .push_bind(r.award.points)
                 .push_bind(&r.award.reason)
                 .push_bind(r.occurred_at)
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(&r.award.once);
         });
         qb.build().execute(&mut *tx).await?;
     }

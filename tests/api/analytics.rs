@@ -19,7 +19,7 @@ async fn a_user_has_a_total_a_level_and_recent_entries() {
             &format!("c{i}"),
             "course.completed",
             "ana",
-            "c1",
+            &format!("course-{i}"),
             "2025-01-01T00:00:00Z",
         )
         .await;
@@ -260,8 +260,8 @@ async fn rules_with_history_give_first_completion_bonuses_cooldowns_and_streaks(
     );
     assert_eq!(
         post("c2", "course.completed", "2025-03-02T09:00:00Z", "c1").await,
-        50,
-        "no bonus the second time"
+        0,
+        "nothing the second time: once per learner and course"
     );
     assert_eq!(
         post("c3", "course.completed", "2025-03-02T10:00:00Z", "c2").await,
@@ -294,7 +294,7 @@ async fn rules_with_history_give_first_completion_bonuses_cooldowns_and_streaks(
     );
     assert_eq!(
         app.user_points("custom", "h").await,
-        75 + 50 + 75 + 10 + 20 + 25 + 10
+        75 + 75 + 10 + 20 + 25 + 10
     );
 }
 
