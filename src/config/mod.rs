@@ -491,19 +491,7 @@ pub fn compile_source(
             }
             RawAuth::Basic { secret_env } => {
                 let values = configured(&secret_env, warnings);
-                if let Some(i) = values.iter().position(|v| !v.expose().contains(':')) {
-                    fail(
-                        &["auth", "secret_env"],
-                        format!(
-                            "value {} of {secret_env} is not a user:password pair",
-                            i + 1
-                        ),
-                    );
-                }
-                auth.push(AuthScheme::Basic {
-                    digests: digests(&values),
-                    env: secret_env,
-                });
+                auth.push(AuthScheme::basic(&secret_env, &values));
             }
             RawAuth::BodyToken { secret_env, field } => {
                 let values = configured(&secret_env, warnings);

@@ -175,7 +175,8 @@ pub enum RawAuth {
         prefix: String,
     },
     /// HTTP Basic, as LRS clients send it: the secret's values are
-    /// `user:password` pairs.
+    /// `user:password` pairs (a value without a colon is a password any
+    /// user name may present).
     Basic { secret_env: String },
     /// A token in a body field (`$.token`, `$.auth.key`: member names only),
     /// for plugins that cannot set headers. The field is removed before the

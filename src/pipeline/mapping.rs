@@ -492,7 +492,15 @@ pub fn map_event(
         t
     });
 
-    for field in &mapping.required {
+    // A vendor event with no canonical type earns nothing: it is stored
+    // whatever else it lacks (a platform's user or tag events may name no
+    // learner), rather than refused and retried by the platform forever.
+    let unmapped = vendor.is_some() && event_type.is_none();
+    for field in mapping
+        .required
+        .iter()
+        .filter(|f| !unmapped || **f == Field::EventType)
+    {
         let present = match field {
             Field::EventId => mapped_id.is_some(),
             Field::EventType => vendor.is_some(),

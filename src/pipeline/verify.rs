@@ -58,9 +58,14 @@ pub enum AuthScheme {
         prefix: String,
         digests: Vec<[u8; 32]>,
     },
-    /// `Authorization: Basic <base64(user:password)>`; the secret's values
-    /// are `user:password` pairs (LRS clients).
-    Basic { env: String, digests: Vec<[u8; 32]> },
+    /// `Authorization: Basic <base64(user:password)>` (LRS clients): a
+    /// secret value `user:password` must match whole; a value without a
+    /// colon is a password that any user name may present.
+    Basic {
+        env: String,
+        pairs: Vec<[u8; 32]>,
+        passwords: Vec<[u8; 32]>,
+    },
     /// A token in a body field (plugins that cannot set headers); the field
     /// is removed before the event is mapped or stored.
     BodyField {
@@ -100,10 +105,20 @@ pub enum AuthScheme {
 impl std::fmt::Debug for AuthScheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AuthScheme::Bearer { env, digests } | AuthScheme::Basic { env, digests } => f
-                .debug_struct(self.kind())
+            AuthScheme::Bearer { env, digests } => f
+                .debug_struct("Bearer")
                 .field("env", env)
                 .field("tokens", &digests.len())
+                .finish(),
+            AuthScheme::Basic {
+                env,
+                pairs,
+                passwords,
+            } => f
+                .debug_struct("Basic")
+                .field("env", env)
+                .field("pairs", &pairs.len())
+                .field("passwords", &passwords.len())
                 .finish(),
             AuthScheme::Header {
                 env,
@@ -209,6 +224,20 @@ pub fn digests(values: &[Secret]) -> Vec<[u8; 32]> {
 }
 
 impl AuthScheme {
+    /// HTTP Basic: values with a colon are `user:password` pairs, others
+    /// passwords for any user name.
+    pub fn basic(env: &str, values: &[Secret]) -> Self {
+        let (pairs, passwords): (Vec<Secret>, Vec<Secret>) = values
+            .iter()
+            .cloned()
+            .partition(|v| v.expose().contains(':'));
+        AuthScheme::Basic {
+            env: env.to_string(),
+            pairs: digests(&pairs),
+            passwords: digests(&passwords),
+        }
+    }
+
     pub fn bearer(env: &str, tokens: &[Secret]) -> Self {
         AuthScheme::Bearer {
             env: env.to_string(),
@@ -281,9 +310,11 @@ impl AuthScheme {
 
     pub fn is_configured(&self) -> bool {
         match self {
+            AuthScheme::Basic {
+                pairs, passwords, ..
+            } => !pairs.is_empty() || !passwords.is_empty(),
             AuthScheme::Bearer { digests, .. }
             | AuthScheme::Header { digests, .. }
-            | AuthScheme::Basic { digests, .. }
             | AuthScheme::BodyField { digests, .. }
             | AuthScheme::Query { digests, .. } => !digests.is_empty(),
             AuthScheme::Hmac { keys, .. } | AuthScheme::StandardWebhooks { keys, .. } => {
@@ -329,8 +360,19 @@ impl AuthScheme {
                 let value = header_str(headers, header)?;
                 check_bearer(digests, strip_prefix(value, prefix)?.as_bytes())
             }
-            AuthScheme::Basic { digests, .. } => {
-                check_bearer(digests, &basic_credentials(headers)?)
+            AuthScheme::Basic {
+                pairs, passwords, ..
+            } => {
+                let pair = basic_credentials(headers)?;
+                let colon = pair.iter().position(|b| *b == b':').unwrap_or(0);
+                // Both lists are checked, so timing does not tell which kind matched.
+                let whole = check_bearer(pairs, &pair).is_ok();
+                let password = check_bearer(passwords, &pair[colon + 1..]).is_ok();
+                if whole | password {
+                    Ok(())
+                } else {
+                    Err(AuthError::Mismatch)
+                }
             }
             AuthScheme::BodyField { digests, .. } => {
                 let token = p.body_token.ok_or(AuthError::MissingHeader)?;
@@ -415,10 +457,17 @@ impl AuthScheme {
             AuthScheme::Header { header, prefix, .. } => {
                 vec![(header.as_str().to_string(), format!("{prefix}{secret}"))]
             }
-            AuthScheme::Basic { .. } => vec![(
-                "authorization".into(),
-                format!("Basic {}", b64.encode(secret)),
-            )],
+            AuthScheme::Basic { .. } => {
+                let pair = if secret.contains(':') {
+                    secret.to_string()
+                } else {
+                    format!("rocket:{secret}")
+                };
+                vec![(
+                    "authorization".into(),
+                    format!("Basic {}", b64.encode(pair)),
+                )]
+            }
             // Carried in the body or the URL, not in a header: see `Source::sign`.
             AuthScheme::BodyField { .. } | AuthScheme::Query { .. } => Vec::new(),
             AuthScheme::Hmac {

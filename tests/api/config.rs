@@ -172,11 +172,11 @@ fn check_fails_with_file_and_line_on_a_broken_copy_and_on_a_failing_case() {
     );
     assert!(stderr.contains("fields.user_id"), "{stderr}");
     // A case whose expectation is wrong fails the check too.
-    std::fs::write(&p, good.replace("      points: 10", "      points: 11")).unwrap();
+    std::fs::write(&p, good.replacen("      points: 10", "      points: 11", 1)).unwrap();
     let out = run();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
-    assert!(stdout.contains("FAIL  thinkific › the seed's lesson completion, signed in X-Signature: expected 11 points, got 10"), "{stdout}");
+    assert!(stdout.contains("FAIL  thinkific › the reference lesson completion, signed in X-Signature: expected 11 points, got 10"), "{stdout}");
     assert!(stdout.contains(", 1 failed"), "{stdout}");
 }
 

@@ -242,8 +242,8 @@ async fn standard_webhooks_signatures_are_accepted_and_replays_refused() {
         |dir| {
             let text = std::fs::read_to_string(dir.join("sources.d/custom.yaml")).unwrap();
             let text = text.replace(
-                "auth:\n  type: bearer\n  secret_env: ROCKET_CUSTOM_TOKEN",
-                "auth:\n  type: standard_webhooks\n  secret_env: ROCKET_SW_SECRET\n  tolerance_seconds: 300",
+                "auth:\n  - type: bearer\n    secret_env: ROCKET_CUSTOM_TOKEN\n",
+                "auth:\n  - type: standard_webhooks\n    secret_env: ROCKET_SW_SECRET\n    tolerance_seconds: 300\n",
             );
             std::fs::write(dir.join("sources.d/sw.yaml"), text).unwrap();
         },

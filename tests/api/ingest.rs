@@ -51,7 +51,7 @@ async fn string_ids_and_relateduserid_map_to_the_learner() {
 #[tokio::test]
 async fn a_form_encoded_moodle_delivery_is_accepted() {
     let app = spawn_app().await;
-    let body = "id=9194700&eventname=%5Ccore%5Cevent%5Ccourse_module_completion_updated&userid=8774&relateduserid=&courseid=987&objectid=55&timecreated=1662013400";
+    let body = "id=9194700&eventname=%5Ccore%5Cevent%5Ccourse_module_completion_updated&userid=8774&relateduserid=&courseid=987&objectid=55&timecreated=1662013400&other_completionstate=1";
     let auth = format!("Bearer {MOODLE_TOKEN}");
     let r = app
         .hook(
@@ -414,7 +414,7 @@ async fn an_xapi_batch_sums_points_and_lists_each_statement() {
     assert_eq!(r.body["results"][0]["duplicate"], true);
     assert_eq!(app.user_points("valamis", "learner-1").await, 70);
     // A bad statement refuses the whole batch, naming its index.
-    let bad = json!([st("b1", "passed"), {"id": "b2", "verb": {"id": "x"}}]);
+    let bad = json!([st("b1", "passed"), {"id": "b2", "verb": {"id": "http://adlnet.gov/expapi/verbs/passed"}}]);
     let r = app.bearer("valamis", VALAMIS_TOKEN, &bad).await;
     assert_error(&r, 400, "VALIDATION_ERROR");
     assert_eq!(r.body["details"]["statement"], 1);
