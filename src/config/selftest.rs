@@ -190,7 +190,9 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
         .and_then(|decoded| {
             pipeline::prepare(config, source, decoded, ct, &body, now).map_err(|e| match e {
                 PrepareError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE".to_string(),
-                PrepareError::Decode(_) => "INVALID_PAYLOAD".to_string(),
+                PrepareError::Decode(_) | PrepareError::Statement(_) => {
+                    "INVALID_PAYLOAD".to_string()
+                }
                 PrepareError::Mapping { .. } => "VALIDATION_ERROR".to_string(),
             })
         });

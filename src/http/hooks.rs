@@ -218,7 +218,9 @@ impl HookApi {
                     s.name
                 ),
             )),
-            Some(s) => ingest_into(&state, &config, s, req, ip, body).await,
+            Some(s) => ingest_into(&state, &config, s, req, ip, body, None)
+                .await
+                .map(hook_response),
         };
         match &result {
             Ok((resp, id)) => state.observe(
@@ -335,14 +337,27 @@ async fn chosen_or_detected(
     Ok((detected.unwrap_or(src), bytes))
 }
 
-async fn ingest_into(
+/// What one delivery stored: each event's outcome with its dedupe key, in
+/// the order of the body's documents.
+pub struct Ingested {
+    pub stored: Vec<Persisted>,
+    pub keys: Vec<String>,
+    /// The source takes batches, or this body held several events.
+    pub batch: bool,
+}
+
+/// The ingest pipeline for one request to a known source: allowlist, rate
+/// limits, body, authentication, decoding, mapping, scoring, the store.
+/// `statement_id` pins the id of a `PUT …/statements` statement.
+pub(super) async fn ingest_into(
     state: &AppState,
     config: &Config,
     src: &Arc<Source>,
     req: &Request,
     ip: IpAddr,
     body: HookBody,
-) -> Result<(HookResponse, Option<String>), ApiError> {
+    statement_id: Option<&str>,
+) -> Result<Ingested, ApiError> {
     // Cheap refusals first: before the body is read or a MAC computed.
     if !limits::allowed(ip, &src.allow_ips) {
         state
@@ -391,7 +406,12 @@ async fn ingest_into(
         return Err(unsupported(src, req.content_type().unwrap_or("")));
     }
     let queued = src.processing == Processing::Async;
-    let mapped = pipeline::map_verified(src, decoded, req.content_type(), &bytes, Utc::now());
+    let decoded = decoded.unwrap_or_else(|| pipeline::decode_body(src, req.content_type(), &bytes));
+    let decoded = match statement_id {
+        None => decoded,
+        Some(id) => decoded.and_then(|mut d| d.pin_statement_id(id).map(|()| d)),
+    };
+    let mapped = decoded.and_then(|d| pipeline::map_decoded(src, d, &bytes, Utc::now()));
     let prepared = prepare(state, config, src, mapped, !queued).await?;
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {
@@ -420,12 +440,7 @@ async fn ingest_into(
         .map(|p| type_label(src, p).to_string())
         .collect();
     let batch = prepared.len() > 1 || src.batch;
-    // Dedupe keys are only echoed per statement, for batches.
-    let keys: Vec<String> = if batch {
-        prepared.iter().map(|p| p.event.event_id.clone()).collect()
-    } else {
-        Vec::new()
-    };
+    let keys: Vec<String> = prepared.iter().map(|p| p.event.event_id.clone()).collect();
     let stored = state
         .store
         .ingest(&src.namespace, prepared, queued)
@@ -461,10 +476,27 @@ async fn ingest_into(
             "event_id": failed.event_id,
         }))));
     }
-    let first_id = stored.first().map(|p| p.event_id.clone());
     if stored.iter().any(|p| p.status == EventStatus::Queued) {
         state.queue_ready.notify_waiters();
-        return Ok((
+    }
+    Ok(Ingested {
+        stored,
+        keys,
+        batch,
+    })
+}
+
+/// The hook's answer for what a delivery stored: 202 when queued, else 200
+/// (with one result per statement for a batch); and the first event's id.
+fn hook_response(ingested: Ingested) -> (HookResponse, Option<String>) {
+    let Ingested {
+        stored,
+        keys,
+        batch,
+    } = ingested;
+    let first_id = stored.first().map(|p| p.event_id.clone());
+    if stored.iter().any(|p| p.status == EventStatus::Queued) {
+        return (
             HookResponse::Accepted(Json(HookAccepted {
                 status: "success".into(),
                 event_id: first_id.clone().unwrap_or_default(),
@@ -474,12 +506,12 @@ async fn ingest_into(
                 duplicate: stored.iter().all(|p| p.duplicate).then_some(true),
             })),
             first_id,
-        ));
+        );
     }
-    Ok((
+    (
         HookResponse::Ok(Json(success_body(&stored, &keys, batch))),
         first_id,
-    ))
+    )
 }
 
 fn success_body(stored: &[Persisted], keys: &[String], batch: bool) -> HookSuccess {
@@ -528,7 +560,7 @@ fn type_label<'a>(src: &'a Source, p: &'a Prepared) -> &'a str {
     }
 }
 
-fn unknown_source(name: &str) -> ApiError {
+pub(super) fn unknown_source(name: &str) -> ApiError {
     let shown: String = name.chars().take(64).collect();
     ApiError::not_found(
         "UNKNOWN_SOURCE",
@@ -591,6 +623,7 @@ pub async fn prepare(
     let mapped = mapped.map_err(|e| match e {
         PrepareError::UnsupportedMediaType(ct) => unsupported(src, &ct),
         PrepareError::Decode(d) => ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None),
+        PrepareError::Statement(m) => ApiError::bad_request("INVALID_PAYLOAD", m, None),
         PrepareError::Mapping { index, error } => {
             let mut details = json!({
                 "missing_fields": error.missing_fields,

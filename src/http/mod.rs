@@ -6,6 +6,7 @@ pub mod analytics;
 pub mod error;
 pub mod health;
 pub mod hooks;
+pub mod xapi;
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub struct AdminToken(pub Bearer);
 
 pub type Apis = (
     hooks::HookApi,
+    xapi::XapiApi,
     analytics::AnalyticsApi,
     admin::AdminApi,
     health::HealthApi,
@@ -46,6 +48,7 @@ pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             hooks::HookApi,
+            xapi::XapiApi,
             analytics::AnalyticsApi,
             admin::AdminApi,
             health::HealthApi,
@@ -120,11 +123,18 @@ fn drop_empty_query_params(req: &mut Request) {
 }
 
 /// Adds the rate-limit headers a hook handler recorded (or, if it answered
-/// before its rate check, the client address's), and HSTS on HTTPS.
+/// before its rate check, the client address's), the xAPI version on every
+/// answer of the statements resource (errors too), and HSTS on HTTPS.
 async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Result<Response> {
     drop_empty_query_params(&mut req);
     let https = *req.scheme() == poem::http::uri::Scheme::HTTPS;
-    let slot = if req.uri().path().starts_with("/api/public/hook/") {
+    let path = req.uri().path();
+    let is_xapi = path.starts_with("/api/public/xapi/");
+    let xapi_version = is_xapi.then(|| {
+        let requested = req.headers().get(xapi::VERSION_HEADER);
+        xapi::answer_version(requested.and_then(|v| v.to_str().ok())).unwrap_or("1.0.3")
+    });
+    let slot = if path.starts_with("/api/public/hook/") || is_xapi {
         let slot = Arc::new(RateSlot::default());
         req.extensions_mut().insert(slot.clone());
         Some(slot)
@@ -146,6 +156,9 @@ async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Re
         Some(state.address_rate_headers(ip))
     });
     let h = resp.headers_mut();
+    if let Some(version) = xapi_version {
+        h.insert(xapi::VERSION_HEADER, HeaderValue::from_static(version));
+    }
     if let Some(r) = recorded {
         h.insert("x-ratelimit-limit", HeaderValue::from(r.limit));
         h.insert("x-ratelimit-remaining", HeaderValue::from(r.remaining));

@@ -52,8 +52,7 @@ const CONTEXT_ACTIVITIES: [&str; 4] = ["parent", "grouping", "category", "other"
 
 /// Brings an xAPI statement to the shape an LRS stores (xAPI 1.0.3,
 /// Data 2.4.6.2: a context activity given as one object is returned as an
-/// array of one), and gives a statement without an `id` one derived from
-/// its content (see [`statement_id`]), so a re-sent statement gets the same.
+/// array of one).
 pub fn normalise_statement(statement: &mut Value) {
     if let Some(activities) = statement
         .pointer_mut("/context/contextActivities")
@@ -67,10 +66,20 @@ pub fn normalise_statement(statement: &mut Value) {
             }
         }
     }
-    if let Some(map) = statement.as_object_mut() {
-        if !map.get("id").is_some_and(Value::is_string) {
+}
+
+/// Gives a statement without an `id` one derived from its content (see
+/// [`statement_id`]), as an LRS assigns ids, so that a re-sent statement
+/// gets the same one; returns the statement's id.
+pub fn assign_statement_id(statement: &mut Value) -> Option<String> {
+    let map = statement.as_object_mut()?;
+    match map.get("id") {
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => None,
+        None => {
             let id = statement_id(&Value::Object(map.clone()));
-            map.insert("id".into(), Value::String(id));
+            map.insert("id".into(), Value::String(id.clone()));
+            Some(id)
         }
     }
 }
@@ -391,6 +400,80 @@ mod tests {
         assert_eq!(docs, vec![json!({"id":"a"}), json!({"id":"b"})]);
         let one = decode(BodyFormat::Json, br#"{"id":"a"}"#, true).unwrap();
         assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn forms_are_as_strict_as_json() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"userid=%ff", "not UTF-8"),
+            (b"userid=1&userid=2", "repeated"),
+            (b"hello", "no `=`"),
+            (b"=1", "empty name"),
+            (b"a=1&&b=2&", ""),
+            (b"a=%C3%A9&b=x+y", ""),
+        ];
+        for (body, want) in cases {
+            let got = decode(BodyFormat::Form, body, false);
+            if want.is_empty() {
+                assert!(got.is_ok(), "{:?}: {got:?}", String::from_utf8_lossy(body));
+            } else {
+                let err = got.unwrap_err().to_string();
+                assert!(
+                    err.contains(want),
+                    "{:?}: {err}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        let doc = decode(BodyFormat::Form, b"a=%C3%A9&b=x+y", false).unwrap();
+        assert_eq!(doc[0], json!({"a": "\u{e9}", "b": "x y"}));
+    }
+
+    #[test]
+    fn documents_encode_back_in_their_format() {
+        let doc = json!({"b": "x y", "a": "\\core"});
+        let form = encode(BodyFormat::Form, &doc);
+        assert_eq!(decode(BodyFormat::Form, &form, false).unwrap()[0], doc);
+        let js = encode(BodyFormat::Json, &doc);
+        assert_eq!(decode(BodyFormat::Json, &js, false).unwrap()[0], doc);
+    }
+
+    #[test]
+    fn statements_are_normalised_and_get_ids_from_their_content() {
+        let mut st = json!({
+            "actor": {"mbox": "mailto:a@b.c"},
+            "verb": {"id": "http://adlnet.gov/expapi/verbs/completed"},
+            "object": {"id": "http://x/1"},
+            "context": {"contextActivities": {"grouping": {"id": "http://x/course"}, "parent": [{"id": "p"}]}}
+        });
+        normalise_statement(&mut st);
+        assert_eq!(
+            st["context"]["contextActivities"]["grouping"],
+            json!([{"id": "http://x/course"}])
+        );
+        assert_eq!(
+            st["context"]["contextActivities"]["parent"],
+            json!([{"id": "p"}])
+        );
+        let mut copy = st.clone();
+        let id = assign_statement_id(&mut st).unwrap();
+        assert!(uuid::Uuid::parse_str(&id).is_ok());
+        assert_eq!(
+            assign_statement_id(&mut copy).as_deref(),
+            Some(id.as_str()),
+            "same content, same id"
+        );
+        assert_eq!(st["id"], json!(id));
+        let mut other = json!({"actor": {"mbox": "mailto:a@b.c"}, "verb": {"id": "v"}, "object": {"id": "http://x/2"}});
+        assert_ne!(assign_statement_id(&mut other).unwrap(), id);
+        let mut own = json!({"id": "given", "verb": {"id": "v"}});
+        assert_eq!(assign_statement_id(&mut own).as_deref(), Some("given"));
+        // Key order does not change the id.
+        let a: Value =
+            serde_json::from_str(r#"{"a":1,"b":{"c":2,"d":[1,{"e":3,"f":4}]}}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"b":{"d":[1,{"f":4,"e":3}],"c":2},"a":1}"#).unwrap();
+        assert_eq!(statement_id(&a), statement_id(&b));
     }
 
     #[test]

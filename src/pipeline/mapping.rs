@@ -841,6 +841,103 @@ mod tests {
     }
 
     #[test]
+    fn cases_map_a_vendor_event_by_its_values() {
+        let mut m = moodle();
+        m.attributes = vec![
+            ("state".into(), field(&["$.state"], FieldType::Integer)),
+            ("grade".into(), field(&["$.grade"], FieldType::Number)),
+            ("pass".into(), field(&["$.pass"], FieldType::Number)),
+        ];
+        let case = |when: Vec<(Operand, Test)>, canonical: &str, set: Value| EventCase {
+            vendors: vec!["done".into()],
+            when,
+            canonical: Arc::from(canonical),
+            set: set.as_object().cloned().unwrap_or_default(),
+        };
+        let attr = |n: &str| Operand::Attribute(n.into());
+        m.event_type.cases = vec![
+            case(
+                vec![(attr("state"), Test::AnyOf(vec![json!(1)]))],
+                "lesson.completed",
+                json!({}),
+            ),
+            case(
+                vec![(attr("state"), Test::AnyOf(vec![json!(2)]))],
+                "lesson.completed",
+                json!({"passed": true}),
+            ),
+            case(
+                vec![(
+                    attr("grade"),
+                    Test::Compare(Ordering::Greater, true, Bound::Operand(attr("pass"))),
+                )],
+                "quiz.passed",
+                json!({}),
+            ),
+            case(
+                vec![
+                    (
+                        Operand::Path(CompiledPath::parse("$.x").unwrap()),
+                        Test::Present(true),
+                    ),
+                    (Operand::Field(Field::CourseId), Test::NotEqual(json!("c9"))),
+                ],
+                "x.present",
+                json!({}),
+            ),
+        ];
+        let map = |doc: Value| {
+            let ev = map_event("s", &m, &doc, b"", now()).unwrap();
+            (ev.event_type, ev.attributes.get("passed").cloned())
+        };
+        let base = |extra: Value| {
+            let mut d = json!({"eventname": "done", "userid": 1});
+            d.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            d
+        };
+        assert_eq!(
+            map(base(json!({"state": "1"}))),
+            (Some("lesson.completed".into()), None)
+        );
+        assert_eq!(
+            map(base(json!({"state": 2}))),
+            (Some("lesson.completed".into()), Some(json!(true)))
+        );
+        assert_eq!(
+            map(base(json!({"state": 0}))),
+            (None, None),
+            "no case, no table entry"
+        );
+        assert_eq!(
+            map(base(json!({"grade": 80, "pass": "80"}))),
+            (Some("quiz.passed".into()), None)
+        );
+        assert_eq!(map(base(json!({"grade": 79.5, "pass": 80}))), (None, None));
+        assert_eq!(
+            map(base(json!({"grade": 90}))),
+            (None, None),
+            "no bound, no pass"
+        );
+        assert_eq!(
+            map(base(json!({"x": 0, "courseid": "c1"}))),
+            (Some("x.present".into()), None)
+        );
+        assert_eq!(map(base(json!({"x": 0, "courseid": "c9"}))), (None, None));
+        assert_eq!(map(base(json!({"courseid": "c1"}))), (None, None));
+    }
+
+    #[test]
+    fn loose_equality_spans_the_ways_payloads_write_values() {
+        assert!(loosely_equal(&json!(2), &json!("2")));
+        assert!(loosely_equal(&json!(2.0), &json!(2)));
+        assert!(loosely_equal(&json!("true"), &json!(true)));
+        assert!(!loosely_equal(&json!("2x"), &json!(2)));
+        assert!(!loosely_equal(&json!(null), &json!(0)));
+    }
+
+    #[test]
     fn without_an_id_the_dedupe_key_is_the_body_hash() {
         let ev = map_event(
             "moodle",

@@ -42,6 +42,9 @@ pub enum PrepareError {
     UnsupportedMediaType(String),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The request does not fit the statements resource (xAPI).
+    #[error("{0}")]
+    Statement(String),
     #[error("{}", .error.message())]
     Mapping {
         /// Index of the failing statement in a batch.
@@ -146,6 +149,32 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// For `PUT …/statements?statementId=`: the body must be one statement,
+    /// which takes that id, or already carries it (xAPI 1.0.3, Communication
+    /// 2.1.1: "the id property of the Statement MUST match the statementId").
+    pub fn pin_statement_id(&mut self, id: &str) -> Result<(), PrepareError> {
+        let [statement] = self.docs.as_mut_slice() else {
+            return Err(PrepareError::Statement(
+                "PUT takes one statement, not an array".into(),
+            ));
+        };
+        let Some(map) = statement.as_object_mut() else {
+            return Err(PrepareError::Statement(
+                "a statement is a JSON object".into(),
+            ));
+        };
+        match map.get("id") {
+            None => {
+                map.insert("id".into(), serde_json::Value::String(id.to_string()));
+                Ok(())
+            }
+            Some(serde_json::Value::String(own)) if own == id => Ok(()),
+            Some(_) => Err(PrepareError::Statement(
+                "the statement's id differs from statementId".into(),
+            )),
+        }
+    }
+
     /// Takes a body token out of the (first) document; see
     /// [`verify::take_body_token`].
     pub fn take_token(&mut self, field: &[String]) -> Option<String> {
@@ -157,7 +186,8 @@ impl Decoded {
 
 /// Decodes a body for `source`: by its `Content-Type`; or, when the request
 /// has none or says form data (which some plugins put on JSON), by the
-/// source's fallback formats in order; else as its first content type. xAPI sources get their statements normalised (see
+/// source's fallback formats in order; else as its first content type. xAPI
+/// sources get their statements normalised (see
 /// [`decode::normalise_statement`]).
 pub fn decode_body(
     source: &Source,
@@ -222,6 +252,12 @@ pub fn map_decoded(
     body: &Bytes,
     now: DateTime<Utc>,
 ) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    let mut decoded = decoded;
+    if source.xapi {
+        for doc in &mut decoded.docs {
+            decode::assign_statement_id(doc);
+        }
+    }
     let single = decoded.docs.len() == 1;
     let mut out = Vec::with_capacity(decoded.docs.len());
     for (i, doc) in decoded.docs.iter().enumerate() {

@@ -472,6 +472,40 @@ mod tests {
     }
 
     #[test]
+    fn once_keys_name_the_object_or_what_the_rule_says() {
+        let e = engine();
+        let mut event = ev("lesson.completed");
+        event.object_id = Some("cm-45".into());
+        let once = |text: &str, event: &CanonicalEvent| {
+            score(&e, &[rule(&e, "r", text)], event, &History::default())
+                .map(|a| a.first().and_then(|a| a.once.clone()))
+        };
+        assert_eq!(
+            once("#{ points: 10, once: true }", &event),
+            Ok(Some("cm-45".into()))
+        );
+        assert_eq!(
+            once("#{ points: 10, once: event.course_id }", &event),
+            Ok(Some("c1".into()))
+        );
+        assert_eq!(once("#{ points: 10, once: false }", &event), Ok(None));
+        assert_eq!(once("#{ points: 10 }", &event), Ok(None));
+        assert_eq!(once("10", &event), Ok(None));
+        event.object_id = None;
+        assert_eq!(
+            once("#{ points: 10, once: true }", &event),
+            Ok(None),
+            "no object, no restriction"
+        );
+        assert_eq!(
+            once("#{ points: 10, once: event.object_id }", &event),
+            Ok(None)
+        );
+        assert!(once("#{ points: 10, once: 5 }", &event).is_err());
+        assert!(once(r#"#{ points: 10, once: "" }"#, &event).is_err());
+    }
+
+    #[test]
     fn modules_cannot_be_imported() {
         let e = engine();
         assert!(e.compile(r#"import "std" as s;"#).is_err());

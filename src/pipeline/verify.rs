@@ -1020,6 +1020,132 @@ mod tests {
     }
 
     #[test]
+    fn pre_shared_header_values_compare_whole_after_their_prefix() {
+        let scheme = AuthScheme::Header {
+            env: "E".into(),
+            header: HeaderName::from_static("learnworlds-webhook-signature"),
+            prefix: "v1=".into(),
+            digests: digests(&[Secret::new("old-value"), Secret::new("new-value")]),
+        };
+        let cases: &[(&[u8], Result<(), AuthError>)] = &[
+            (b"v1=old-value", Ok(())),
+            (b"V1=new-value", Ok(())),
+            (b"v1=new-valu", Err(AuthError::Mismatch)),
+            (b"v1=", Err(AuthError::Mismatch)),
+            (b"new-value", Err(AuthError::Malformed)),
+            (b"v2=new-value", Err(AuthError::Malformed)),
+        ];
+        for (value, want) in cases {
+            let h = headers(&[("learnworlds-webhook-signature", value)]);
+            assert_eq!(scheme.verify(&h, b"", 0), *want, "{value:?}");
+        }
+        assert_eq!(
+            scheme.verify(&HeaderMap::new(), b"", 0),
+            Err(AuthError::MissingHeader)
+        );
+    }
+
+    #[test]
+    fn basic_takes_whole_pairs_or_a_password_for_any_user() {
+        let scheme = AuthScheme::basic(
+            "E",
+            &[Secret::new("moodle:s3cret"), Secret::new("just-a-password")],
+        );
+        let basic = |pair: &str| {
+            use base64::Engine as _;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        };
+        let cases = [
+            (basic("moodle:s3cret"), Ok(())),
+            (basic("other:s3cret"), Err(AuthError::Mismatch)),
+            (basic("anyone:just-a-password"), Ok(())),
+            (basic(":just-a-password"), Ok(())),
+            (basic("moodle:wrong"), Err(AuthError::Mismatch)),
+            (basic("no-colon"), Err(AuthError::Malformed)),
+            ("Basic !!!".to_string(), Err(AuthError::Malformed)),
+            (
+                "Bearer moodle:s3cret".to_string(),
+                Err(AuthError::Malformed),
+            ),
+        ];
+        for (value, want) in cases {
+            let h = headers(&[("authorization", value.as_bytes())]);
+            assert_eq!(scheme.verify(&h, b"", 0), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn tokens_in_the_query_or_the_body() {
+        let query = AuthScheme::Query {
+            env: "E".into(),
+            param: "token".into(),
+            digests: digests(&[Secret::new("t0k en")]),
+        };
+        let h = HeaderMap::new();
+        let with_query = |q: Option<&'static str>| Presented {
+            query: q,
+            ..Presented::new(&h, b"")
+        };
+        let cases = [
+            (Some("token=t0k%20en"), Ok(())),
+            (Some("a=1&token=t0k+en"), Ok(())),
+            (Some("token=nope"), Err(AuthError::Mismatch)),
+            (
+                Some("token=t0k%20en&token=t0k%20en"),
+                Err(AuthError::Malformed),
+            ),
+            (Some("token="), Err(AuthError::MissingHeader)),
+            (None, Err(AuthError::MissingHeader)),
+        ];
+        for (q, want) in cases {
+            assert_eq!(query.verify_request(&with_query(q), 0), want, "{q:?}");
+        }
+        let body = AuthScheme::BodyField {
+            env: "E".into(),
+            field: vec!["token".into()],
+            digests: digests(&[Secret::new("abc")]),
+        };
+        let with_token = |t: Option<&'static str>| Presented {
+            body_token: t,
+            ..Presented::new(&h, b"")
+        };
+        assert_eq!(body.verify_request(&with_token(Some("abc")), 0), Ok(()));
+        assert_eq!(
+            body.verify_request(&with_token(Some("abd")), 0),
+            Err(AuthError::Mismatch)
+        );
+        assert_eq!(
+            body.verify_request(&with_token(None), 0),
+            Err(AuthError::MissingHeader)
+        );
+    }
+
+    #[test]
+    fn a_body_token_is_taken_out_of_the_document() {
+        let mut doc = serde_json::json!({"token": "abc", "a": {"key": 42}, "b": 1});
+        assert_eq!(
+            take_body_token(&mut doc, &["token".into()]).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(doc, serde_json::json!({"a": {"key": 42}, "b": 1}));
+        assert_eq!(
+            take_body_token(&mut doc, &["a".into(), "key".into()]).as_deref(),
+            Some("42")
+        );
+        assert_eq!(take_body_token(&mut doc, &["missing".into()]), None);
+        let mut not_a_string = serde_json::json!({"token": {"x": 1}});
+        assert_eq!(
+            take_body_token(&mut not_a_string, &["token".into()]).as_deref(),
+            Some(""),
+            "an object is no token, and is still taken out"
+        );
+        assert_eq!(not_a_string, serde_json::json!({}));
+    }
+
+    #[test]
     fn debug_output_names_no_secret() {
         let s = format!("{:?}", hmac_scheme(&["topsecret"], SigEncoding::Hex));
         assert!(!s.contains("topsecret"));

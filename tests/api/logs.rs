@@ -2,7 +2,7 @@
 //! refusals, never a secret, a signature or a body; SIGTERM exits 0.
 
 use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -10,29 +10,19 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn a_run_logs_each_request_and_refusal_and_never_a_secret() {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_config(tmp.path());
-    let lw = tmp.path().join("sources.d/learnworlds.yaml");
-    let text = std::fs::read_to_string(&lw).unwrap();
-    std::fs::write(&lw, format!("{text}\nallow_ips: [10.0.0.0/8]\n")).unwrap();
-    let secrets = [
-        ("ROCKET_MOODLE_TOKEN", MOODLE_TOKEN),
-        ("ROCKET_LEARNWORLDS_SECRET", LEARNWORLDS_SECRET),
-        ("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN),
-        ("ROCKET_TEST_TOKEN", TEST_TOKEN),
-    ];
+/// Starts the real binary with JSON logs on a pipe: the child, the log
+/// lines still to come, those read so far, and the address it listens on.
+fn serve_logged(
+    dir: &std::path::Path,
+    db: &str,
+    env: &[(&str, &str)],
+) -> (Child, mpsc::Receiver<String>, Vec<String>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
         .arg("serve")
-        .envs(secrets)
+        .envs(env.iter().copied())
         .env("ROCKET_LISTEN", "127.0.0.1:0")
-        .env("ROCKET_CONFIG_DIR", tmp.path())
-        .env(
-            "ROCKET_DATABASE_URL",
-            format!("sqlite://{}/db/x.db", tmp.path().display()),
-        )
-        .env("ROCKET_RATE_LIMIT_IP", "5:2")
+        .env("ROCKET_CONFIG_DIR", dir)
+        .env("ROCKET_DATABASE_URL", db)
         .env_remove("ROCKET_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -60,6 +50,42 @@ async fn a_run_logs_each_request_and_refusal_and_never_a_secret() {
             break v["addr"].as_str().unwrap().to_string();
         }
     };
+    (child, rx, lines, addr)
+}
+
+/// SIGTERM, a clean exit, and the rest of the log.
+fn stop_logged(child: &mut Child, rx: &mpsc::Receiver<String>, lines: &mut Vec<String>) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        lines.push(line);
+    }
+}
+
+#[tokio::test]
+async fn a_run_logs_each_request_and_refusal_and_never_a_secret() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_config(tmp.path());
+    let lw = tmp.path().join("sources.d/learnworlds.yaml");
+    let text = std::fs::read_to_string(&lw).unwrap();
+    std::fs::write(&lw, format!("{text}\nallow_ips: [10.0.0.0/8]\n")).unwrap();
+    let secrets = [
+        ("ROCKET_MOODLE_TOKEN", MOODLE_TOKEN),
+        ("ROCKET_LEARNWORLDS_SECRET", LEARNWORLDS_SECRET),
+        ("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN),
+        ("ROCKET_TEST_TOKEN", TEST_TOKEN),
+    ];
+    let db = format!("sqlite://{}/db/x.db", tmp.path().display());
+    let (mut child, rx, mut lines, addr) = serve_logged(
+        tmp.path(),
+        &db,
+        &[&secrets[..], &[("ROCKET_RATE_LIMIT_IP", "5:2")]].concat(),
+    );
     let client = reqwest::Client::new();
     let hook = |source: &str| format!("http://{addr}/api/public/hook/{source}/event");
     let marker = "body-marker-never-logged";
@@ -97,16 +123,7 @@ async fn a_run_logs_each_request_and_refusal_and_never_a_secret() {
         "the third request from this address to pass the allowlist is over the burst of 2"
     );
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = child.wait().unwrap();
-    assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
-        lines.push(line);
-    }
+    stop_logged(&mut child, &rx, &mut lines);
     let all = lines.join("\n");
 
     let parsed: Vec<Value> = lines
@@ -148,4 +165,80 @@ async fn a_run_logs_each_request_and_refusal_and_never_a_secret() {
         !all.contains("not-the-token"),
         "a presented token leaked into the logs"
     );
+}
+
+/// local_webhooks puts its token in the body, and a URL-only webhook form in
+/// the query string: neither reaches a log line (at debug level too) nor the
+/// stored raw event, which keeps the rest of the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_in_the_body_or_the_url_are_never_logged_or_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_config(tmp.path());
+    let db_file = tmp.path().join("db/x.db");
+    let db = format!("sqlite://{}", db_file.display());
+    let (mut child, rx, mut lines, addr) = tokio::task::block_in_place(|| {
+        serve_logged(
+            tmp.path(),
+            &db,
+            &[
+                ("ROCKET_MOODLE_TOKEN", MOODLE_TOKEN),
+                ("ROCKET_LOG", "debug"),
+            ],
+        )
+    });
+    let client = reqwest::Client::new();
+    let hook = format!("http://{addr}/api/public/hook/moodle/event");
+    // local_webhooks' body (lib.php local_webhooks_send_request): the event
+    // data, host, token and extra, json_encode'd.
+    let body = serde_json::json!({
+        "eventname": "\\core\\event\\course_completed", "objectid": 88, "contextinstanceid": 7,
+        "userid": 2, "courseid": 7, "relateduserid": 23, "other": {"relateduserid": 23},
+        "timecreated": 1717000100, "host": "moodle.example.edu", "token": MOODLE_TOKEN, "extra": null
+    });
+    let r = client.post(&hook).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = client
+        .post(format!("{hook}?token={MOODLE_TOKEN}"))
+        .json(&serde_json::json!({"id": 5, "eventname": "\\core\\event\\course_completed", "relateduserid": 24, "courseid": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let wrong = client
+        .post(&hook)
+        .json(&serde_json::json!({"eventname": "x", "token": "a-wrong-body-token"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    tokio::task::block_in_place(|| stop_logged(&mut child, &rx, &mut lines));
+    let all = lines.join("\n");
+    assert!(all.contains("\"status\":200"), "{all}");
+    assert!(
+        !all.contains(MOODLE_TOKEN),
+        "a token leaked into the logs: {all}"
+    );
+    assert!(
+        !all.contains("a-wrong-body-token"),
+        "a presented token leaked into the logs"
+    );
+
+    let conn = rusqlite::Connection::open(&db_file).unwrap();
+    let raws: Vec<String> = conn
+        .prepare("SELECT CAST(raw AS TEXT) FROM events ORDER BY received_at")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(raws.len(), 2);
+    for raw in &raws {
+        assert!(!raw.contains(MOODLE_TOKEN), "the token was stored: {raw}");
+    }
+    let stored: Value = serde_json::from_str(&raws[0]).unwrap();
+    assert_eq!(
+        stored["host"], "moodle.example.edu",
+        "the rest of the body is kept"
+    );
+    assert!(stored.get("token").is_none());
 }

@@ -10,6 +10,7 @@ mod hostile;
 mod ingest;
 mod logs;
 mod observability;
+mod platforms;
 mod queue;
 mod rescore;
 mod scale;

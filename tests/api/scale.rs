@@ -112,3 +112,40 @@ async fn the_sqlite_wal_stays_bounded_under_sustained_writes() {
         "the WAL grew to {size} bytes: checkpoints do not keep up"
     );
 }
+
+/// A completion re-sent under 40 fresh ids at once, half to each instance:
+/// one of them earns the lesson points, whichever commits first (the
+/// ledger's once-key settles it inside the write, on either store).
+#[tokio::test]
+async fn a_completion_raced_under_fresh_ids_to_two_instances_earns_once() {
+    let app = spawn_app().await;
+    let other = app.sibling().await;
+    let mut sends = Vec::new();
+    for i in 0..40 {
+        let base = if i % 2 == 0 {
+            app.url("")
+        } else {
+            other.url("")
+        };
+        let body = json!({"id": 7000 + i, "eventname": "\\core\\event\\course_module_completion_updated",
+            "relateduserid": 91, "courseid": 7, "contextinstanceid": 45, "other": {"completionstate": 1}});
+        sends.push(
+            app.client
+                .post(format!("{base}/api/public/hook/moodle/event"))
+                .bearer_auth(MOODLE_TOKEN)
+                .json(&body)
+                .send(),
+        );
+    }
+    let mut earned = 0;
+    for r in futures_util::future::join_all(sends).await {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().await.unwrap();
+        earned += body["points_awarded"].as_i64().unwrap();
+    }
+    assert_eq!(earned, 10, "the answers add up to one award");
+    assert_eq!(app.user_points("moodle", "91").await, 10);
+    let user = app.admin_get("/api/v1/users/moodle/91").await;
+    assert_eq!(user.body["event_count"], 40);
+}
