@@ -460,11 +460,16 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let mut attempt = 0u32;
     loop {
         // Signed afresh each time: a timestamped scheme must not go stale.
+        let signed = scheme.present(secret.expose(), &body, chrono::Utc::now().timestamp());
+        let target = match &signed.query {
+            Some(q) => format!("{url}?{q}"),
+            None => url.clone(),
+        };
         let mut req = client
-            .post(&url)
+            .post(&target)
             .header("content-type", &content_type)
-            .body(body.clone());
-        for (k, v) in scheme.sign(secret.expose(), &body, chrono::Utc::now().timestamp()) {
+            .body(signed.body);
+        for (k, v) in signed.headers {
             req = req.header(k, v);
         }
         let backoff = Duration::from_millis(500u64.saturating_mul(1 << attempt.min(6)))

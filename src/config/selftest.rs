@@ -11,7 +11,6 @@ use super::raw::{RuleCase, TestCase};
 use super::{Config, Source};
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, Rule};
-use crate::pipeline::verify::AuthScheme;
 use crate::pipeline::{self, PrepareError};
 
 /// The secret every env var resolves to while `check` runs test cases (it
@@ -134,26 +133,11 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
         },
         _ => None,
     };
-    // Tokens carried in the body or the URL are put there; the others sign
-    // headers below.
-    let mut query = None;
-    let body: Vec<u8> = match (&case.payload, &case.body, scheme) {
-        (Some(p), None, Some(AuthScheme::BodyField { field, .. })) => {
-            let mut p = p.clone();
-            put_field(&mut p, field, CHECK_SECRET);
-            serde_json::to_vec(&p).unwrap_or_default()
-        }
-        (None, Some(b), Some(AuthScheme::BodyField { field, .. })) => {
-            let name = field.last().map(String::as_str).unwrap_or("token");
-            format!("{b}&{name}={CHECK_SECRET}").into_bytes()
-        }
-        (Some(p), None, _) => serde_json::to_vec(p).unwrap_or_default(),
-        (None, Some(b), _) => b.clone().into_bytes(),
+    let body: Vec<u8> = match (&case.payload, &case.body) {
+        (Some(p), None) => serde_json::to_vec(p).unwrap_or_default(),
+        (None, Some(b)) => b.clone().into_bytes(),
         _ => return vec!["a case has exactly one of `payload` and `body`".into()],
     };
-    if let Some(AuthScheme::Query { param, .. }) = scheme {
-        query = Some(format!("{param}={CHECK_SECRET}"));
-    }
     let now = Utc::now();
     let mut headers = HeaderMap::new();
     let mut add = |k: &str, v: &str| match (
@@ -171,13 +155,18 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
             return vec![e];
         }
     }
-    if let Some(scheme) = scheme {
-        for (k, v) in scheme.sign(CHECK_SECRET, &body, now.timestamp()) {
-            if let Err(e) = add(&k, &v) {
-                return vec![e];
+    let (body, query) = match scheme {
+        None => (body, None),
+        Some(scheme) => {
+            let signed = scheme.present(CHECK_SECRET, &body, now.timestamp());
+            for (k, v) in &signed.headers {
+                if let Err(e) = add(k, v) {
+                    return vec![e];
+                }
             }
+            (signed.body, signed.query)
         }
-    }
+    };
     let ct = case.content_type.as_deref();
     let body = Bytes::from(body);
     let parts = pipeline::RequestParts {
@@ -224,26 +213,6 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
         }
     }
     failures
-}
-
-/// Sets `field` (member names from the top) in a JSON payload, creating
-/// objects on the way.
-fn put_field(doc: &mut Value, field: &[String], value: &str) {
-    let Some((last, parents)) = field.split_last() else {
-        return;
-    };
-    let mut cur = doc;
-    for key in parents {
-        let Some(map) = cur.as_object_mut() else {
-            return;
-        };
-        cur = map
-            .entry(key.clone())
-            .or_insert_with(|| Value::Object(Default::default()));
-    }
-    if let Some(map) = cur.as_object_mut() {
-        map.insert(last.clone(), Value::String(value.into()));
-    }
 }
 
 /// Equal, with objects compared as subsets (so `attributes` may list some).

@@ -437,10 +437,56 @@ impl AuthScheme {
     }
 }
 
+/// A request as a sender makes it for one scheme: the body (with a body
+/// token put in), the query string, and the headers.
+#[derive(Debug)]
+pub struct Signed {
+    pub body: Vec<u8>,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
 impl AuthScheme {
+    /// Authenticates `body` as a sender would: a body token goes into the
+    /// JSON document (or is appended to a form), a query token into the
+    /// query string, anything else into headers (see [`AuthScheme::sign`]).
+    /// Used by `send` and by `check`'s test cases.
+    pub fn present(&self, secret: &str, body: &[u8], now: i64) -> Signed {
+        let mut signed = Signed {
+            body: body.to_vec(),
+            query: None,
+            headers: Vec::new(),
+        };
+        match self {
+            AuthScheme::BodyField { field, .. } => {
+                signed.body = match serde_json::from_slice::<serde_json::Value>(body) {
+                    Ok(mut doc) if doc.is_object() => {
+                        put_field(&mut doc, field, secret);
+                        serde_json::to_vec(&doc).unwrap_or_default()
+                    }
+                    _ => {
+                        let name = field.last().map(String::as_str).unwrap_or("token");
+                        let mut form = form_urlencoded::Serializer::new(String::new());
+                        form.append_pair(name, secret);
+                        let sep = if body.is_empty() { "" } else { "&" };
+                        [body, sep.as_bytes(), form.finish().as_bytes()].concat()
+                    }
+                }
+            }
+            AuthScheme::Query { param, .. } => {
+                let mut q = form_urlencoded::Serializer::new(String::new());
+                q.append_pair(param, secret);
+                signed.query = Some(q.finish());
+            }
+            _ => signed.headers = self.sign(secret, body, now),
+        }
+        signed
+    }
+
     /// The headers a sender adds to authenticate `body`: `secret` is written
     /// as in the env var (a token, an HMAC secret, or a `whsec_` key); `now`
-    /// is Unix seconds. Used by `send` and by `check`'s test cases.
+    /// is Unix seconds. Body and query tokens are not headers: see
+    /// [`AuthScheme::present`].
     pub fn sign(&self, secret: &str, body: &[u8], now: i64) -> Vec<(String, String)> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -468,7 +514,7 @@ impl AuthScheme {
                     format!("Basic {}", b64.encode(pair)),
                 )]
             }
-            // Carried in the body or the URL, not in a header: see `Source::sign`.
+            // Carried in the body or the URL, not in a header: see `present`.
             AuthScheme::BodyField { .. } | AuthScheme::Query { .. } => Vec::new(),
             AuthScheme::Hmac {
                 header,
@@ -578,6 +624,26 @@ pub fn check_bearer(digests: &[[u8; 32]], presented: &[u8]) -> Result<(), AuthEr
         Ok(())
     } else {
         Err(AuthError::Mismatch)
+    }
+}
+
+/// Sets `field` (member names from the top) in a JSON document, creating
+/// objects on the way.
+fn put_field(doc: &mut serde_json::Value, field: &[String], value: &str) {
+    let Some((last, parents)) = field.split_last() else {
+        return;
+    };
+    let mut cur = doc;
+    for key in parents {
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
+        cur = map
+            .entry(key.clone())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    }
+    if let Some(map) = cur.as_object_mut() {
+        map.insert(last.clone(), serde_json::Value::String(value.into()));
     }
 }
 
@@ -988,35 +1054,77 @@ mod tests {
     }
 
     #[test]
-    fn what_sign_writes_verifies() {
+    fn what_present_writes_verifies() {
         let secret = "c2lnbi10ZXN0LXNlY3JldA==";
+        let one = [Secret::new(secret)];
         let schemes = [
-            AuthScheme::bearer("E", &[Secret::new(secret)]),
+            AuthScheme::bearer("E", &one),
             hmac_scheme(&[secret], SigEncoding::Hex),
             hmac_scheme(&[secret], SigEncoding::Base64),
             hmac_scheme(&[secret], SigEncoding::Hex)
                 .with_timestamp(HeaderName::from_static("x-ts"), 60),
-            AuthScheme::standard_webhooks("E", &[Secret::new(secret)], 60).unwrap(),
+            AuthScheme::standard_webhooks("E", &one, 60).unwrap(),
+            AuthScheme::Header {
+                env: "E".into(),
+                header: HeaderName::from_static("x-token"),
+                prefix: "v1=".into(),
+                digests: digests(&one),
+            },
+            AuthScheme::basic("E", &one),
+            AuthScheme::basic("E", &[Secret::new(format!("key:{secret}"))]),
+            AuthScheme::Query {
+                env: "E".into(),
+                param: "token".into(),
+                digests: digests(&one),
+            },
+            AuthScheme::BodyField {
+                env: "E".into(),
+                field: vec!["auth".into(), "token".into()],
+                digests: digests(&one),
+            },
         ];
-        for s in &schemes {
-            let signed = s.sign(secret, b"payload", 1_000);
+        let basic_pair = format!("key:{secret}");
+        for (i, s) in schemes.iter().enumerate() {
+            let secret = if i == 7 { basic_pair.as_str() } else { secret };
+            let body = br#"{"a":1}"#;
+            let signed = s.present(secret, body, 1_000);
             let pairs: Vec<(&str, &[u8])> = signed
+                .headers
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_bytes()))
                 .collect();
+            let h = headers(&pairs);
+            let mut doc: serde_json::Value = serde_json::from_slice(&signed.body).unwrap();
+            let token = match s {
+                AuthScheme::BodyField { field, .. } => take_body_token(&mut doc, field),
+                _ => None,
+            };
+            let presented = |body: &'static [u8]| Presented {
+                headers: &h,
+                query: signed.query.as_deref(),
+                body,
+                body_token: token.as_deref(),
+            };
             assert_eq!(
-                s.verify(&headers(&pairs), b"payload", 1_010),
+                s.verify_request(&presented(br#"{"a":1}"#), 1_010),
                 Ok(()),
                 "{s:?}"
             );
-            if s.kind() != "bearer" {
-                // A bearer token does not cover the body; signatures do.
+            if s.kind() == "hmac" || s.kind() == "standard_webhooks" {
+                // Signatures cover the body; tokens do not.
                 assert!(
-                    s.verify(&headers(&pairs), b"payloaD", 1_010).is_err(),
+                    s.verify_request(&presented(br#"{"a":2}"#), 1_010).is_err(),
                     "{s:?}"
                 );
             }
         }
+        // A body token for a form body is appended as a field.
+        let form = AuthScheme::BodyField {
+            env: "E".into(),
+            field: vec!["token".into()],
+            digests: Vec::new(),
+        };
+        assert_eq!(form.present("a b", b"x=1", 0).body, b"x=1&token=a+b");
     }
 
     #[test]
