@@ -803,6 +803,7 @@ pub fn compile_source(
             attributes,
             attributes_from,
             required,
+            unfilled_placeholders_absent: raw.unfilled_placeholders_absent,
         },
         rules: source_rules,
         dry_run: raw.dry_run,

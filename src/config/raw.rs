@@ -84,6 +84,11 @@ pub struct RawSource {
     /// attribute too, as sent; the `attributes` above win on a clash, and
     /// anything but an object adds nothing.
     pub attributes_from: Option<RawField>,
+    /// A value that is a template placeholder left unfilled (`{name}`, as
+    /// Moodle's Event Trigger plugin sends for a field its event lacks)
+    /// counts as absent.
+    #[serde(default)]
+    pub unfilled_placeholders_absent: bool,
     /// Canonical fields that must be present (default `[user_id, event_type]`).
     pub required: Option<Vec<String>>,
     /// Rule names (files `rules/<name>.rhai`) applied to this source's events; `"*"` for all.

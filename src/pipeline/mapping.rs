@@ -135,17 +135,31 @@ pub struct FieldSpec {
 
 impl FieldSpec {
     /// The first present value: null and blank strings count as absent, so
-    /// a form's empty `relateduserid=` falls back to the next path.
-    fn resolve(&self, doc: &Value) -> Option<Value> {
+    /// a form's empty `relateduserid=` falls back to the next path; with
+    /// `placeholders`, so does a template placeholder left unfilled.
+    fn resolve(&self, doc: &Value, placeholders: bool) -> Option<Value> {
         self.paths
             .iter()
             .find_map(|p| {
-                p.first(doc)
-                    .filter(|v| !matches!(v, Value::String(s) if s.trim().is_empty()))
+                p.first(doc).filter(|v| match v {
+                    Value::String(s) => !(s.trim().is_empty() || placeholders && is_placeholder(s)),
+                    _ => true,
+                })
             })
             .cloned()
             .or_else(|| self.default.clone())
     }
+}
+
+/// `{name}` (letters, digits, `-`, `_`): what Moodle's Event Trigger plugin
+/// sends for a placeholder its event has no value for.
+fn is_placeholder(s: &str) -> bool {
+    s.len() > 2
+        && s.starts_with('{')
+        && s.ends_with('}')
+        && s[1..s.len() - 1]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Canonical fields a source can map and require.
@@ -340,6 +354,9 @@ pub struct Mapping {
     /// ones win on a clash; anything but an object adds nothing).
     pub attributes_from: Option<FieldSpec>,
     pub required: Vec<Field>,
+    /// A value that is a template placeholder (`{other_completionstate}`)
+    /// counts as absent.
+    pub unfilled_placeholders_absent: bool,
 }
 
 /// The canonical event every source's payload is mapped to.
@@ -407,7 +424,7 @@ pub fn map_event(
 
     let id = |spec: &Option<FieldSpec>, field: Field, err: &mut MappingError| {
         spec.as_ref()
-            .and_then(|s| s.resolve(doc))
+            .and_then(|s| s.resolve(doc, mapping.unfilled_placeholders_absent))
             .and_then(|v| id_string(&v, field.name(), err))
     };
     let mapped_id = id(&mapping.event_id, Field::EventId, &mut err);
@@ -415,11 +432,10 @@ pub fn map_event(
     let course_id = id(&mapping.course_id, Field::CourseId, &mut err);
     let object_id = id(&mapping.object_id, Field::ObjectId, &mut err);
 
-    let occurred = match mapping
-        .occurred_at
-        .as_ref()
-        .and_then(|s| s.resolve(doc).map(|v| (s, v)))
-    {
+    let occurred = match mapping.occurred_at.as_ref().and_then(|s| {
+        s.resolve(doc, mapping.unfilled_placeholders_absent)
+            .map(|v| (s, v))
+    }) {
         Some((spec, v)) => match parse_time(&v, spec.format) {
             Some(t) => Some(t),
             None => {
@@ -433,7 +449,7 @@ pub fn map_event(
 
     let mut attributes = Map::new();
     for (name, spec) in &mapping.attributes {
-        if let Some(v) = spec.resolve(doc) {
+        if let Some(v) = spec.resolve(doc, mapping.unfilled_placeholders_absent) {
             match coerce(&v, spec) {
                 Some(v) => {
                     attributes.insert(name.clone(), v);
@@ -447,7 +463,7 @@ pub fn map_event(
     if let Some(Value::Object(extra)) = mapping
         .attributes_from
         .as_ref()
-        .and_then(|spec| spec.resolve(doc))
+        .and_then(|spec| spec.resolve(doc, mapping.unfilled_placeholders_absent))
     {
         for (k, v) in extra {
             if !v.is_null() {
@@ -728,6 +744,7 @@ mod tests {
             )],
             attributes_from: None,
             required: vec![Field::UserId, Field::EventType],
+            unfilled_placeholders_absent: false,
         }
     }
 
@@ -926,6 +943,22 @@ mod tests {
         );
         assert_eq!(map(base(json!({"x": 0, "courseid": "c9"}))), (None, None));
         assert_eq!(map(base(json!({"courseid": "c1"}))), (None, None));
+    }
+
+    #[test]
+    fn unfilled_placeholders_count_as_absent_when_the_source_says_so() {
+        let mut m = moodle();
+        let doc = json!({"eventname": "x", "relateduserid": "{relateduserid}", "userid": "5",
+            "other": {"completiontime": "{other_completiontime}"}});
+        let err = map_event("s", &m, &doc, b"", now()).unwrap_err();
+        assert_eq!(err.invalid_fields, vec!["completion"]);
+        m.unfilled_placeholders_absent = true;
+        let ev = map_event("s", &m, &doc, b"", now()).unwrap();
+        assert_eq!(ev.user_id.as_deref(), Some("5"));
+        assert!(ev.attributes.get("completion").is_none());
+        assert!(!is_placeholder("{}"));
+        assert!(!is_placeholder("{a b}"));
+        assert!(is_placeholder("{other_x-1}"));
     }
 
     #[test]
