@@ -3,8 +3,16 @@
 # Rocket Learning Rewards: a multi-stage build.
 #   docker build -t rocket-rewards .
 #   docker run -p 8080:8080 -v rocket-data:/app/data \
-#     -e ROCKET_ADMIN_TOKEN=... -e ROCKET_MOODLE_TOKEN=... rocket-rewards
-# Secrets come from the environment only; none are baked into the image.
+#     -v "$PWD/secrets:/run/secrets:ro" \
+#     -e ROCKET_ADMIN_TOKEN_FILE=/run/secrets/admin_token \
+#     -e ROCKET_MOODLE_TOKEN_FILE=/run/secrets/moodle_token rocket-rewards
+# Secrets are best kept as files in /run/secrets (ROCKET_SECRETS_DIR), one
+# value per line, mode 600, owned by uid 10001 (or set
+# ROCKET_SECRETS_ALLOW_SHARED=on where the platform cannot set modes): every
+# secret variable NAME also reads the file NAME_FILE names, and a source file
+# can say `secret: <name>` for /run/secrets/<name>. A changed file takes
+# effect with SIGHUP or POST /api/admin/reload, without a restart (and by
+# itself with ROCKET_WATCH_CONFIG=on). None are baked into the image.
 
 # ---- builder ---------------------------------------------------------------
 FROM rust:1-bookworm AS builder
@@ -50,7 +58,8 @@ VOLUME ["/app/data"]
 
 ENV ROCKET_LISTEN=0.0.0.0:8080 \
     ROCKET_DATABASE_URL=sqlite:///app/data/rocket.db \
-    ROCKET_CONFIG_DIR=/app
+    ROCKET_CONFIG_DIR=/app \
+    ROCKET_SECRETS_DIR=/run/secrets
 
 USER 10001:10001
 EXPOSE 8080

@@ -21,7 +21,7 @@ use crate::levels::LevelCurve;
 use crate::metrics::Metrics;
 use crate::net::GuardedAcceptor;
 use crate::pipeline::limits::{self, ProxyHeader, Refusal, ServerLimits, Standing};
-use crate::pipeline::verify::{bearer_token, check_bearer, token_digest};
+use crate::pipeline::verify::{bearer_token, check_bearer};
 use crate::settings::Settings;
 use crate::store::Store;
 
@@ -69,18 +69,10 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Wakes the async workers when an event is queued.
     pub queue_ready: tokio::sync::Notify,
-    admin_digests: Vec<[u8; 32]>,
-    test_digests: Vec<[u8; 32]>,
 }
 
 impl AppState {
     pub fn new(settings: Settings, config: Config, store: Store) -> Arc<AppState> {
-        let digest = |tokens: Vec<crate::settings::Secret>| -> Vec<[u8; 32]> {
-            tokens
-                .iter()
-                .map(|t| token_digest(t.expose().as_bytes()))
-                .collect()
-        };
         let levels = LevelCurve::new(settings.level_base, settings.level_coefficient);
         let metrics = Metrics::new();
         for collector in store.collectors() {
@@ -96,8 +88,6 @@ impl AppState {
             .with_label_values(&["startup", "success"])
             .inc();
         Arc::new(AppState {
-            admin_digests: digest(settings.admin_tokens()),
-            test_digests: digest(settings.test_tokens()),
             limits: ServerLimits::new(settings.rate_global, settings.rate_ip),
             settings,
             config: ArcSwap::from_pointee(config),
@@ -110,10 +100,14 @@ impl AppState {
         })
     }
 
-    /// Checks the admin token; unset means every call is refused.
+    /// Checks the admin token (the loaded config's: it rotates with a
+    /// reload); unset means every call is refused.
     pub fn require_admin(&self, auth: &AdminToken) -> Result<(), ApiError> {
-        check_bearer(&self.admin_digests, auth.0.token.as_bytes())
-            .map_err(|_| ApiError::unauthorized("invalid or missing admin token"))
+        check_bearer(
+            &self.config.load().admin_token.digests,
+            auth.0.token.as_bytes(),
+        )
+        .map_err(|_| ApiError::unauthorized("invalid or missing admin token"))
     }
 
     /// Checks for the test token (or, when `admin_too`, the admin token).
@@ -124,8 +118,9 @@ impl AppState {
     ) -> Result<(), ApiError> {
         let token = bearer_token(headers)
             .map_err(|_| ApiError::unauthorized("a bearer token is required"))?;
-        let ok = check_bearer(&self.test_digests, token.as_bytes()).is_ok()
-            || (admin_too && check_bearer(&self.admin_digests, token.as_bytes()).is_ok());
+        let config = self.config.load();
+        let ok = check_bearer(&config.test_token.digests, token.as_bytes()).is_ok()
+            || (admin_too && check_bearer(&config.admin_token.digests, token.as_bytes()).is_ok());
         if ok {
             Ok(())
         } else {
@@ -320,12 +315,12 @@ pub enum StartError {
 impl App {
     /// Loads the config (refusing on any error), connects the store, binds.
     pub async fn build(settings: Settings) -> Result<App, StartError> {
-        let fingerprint = config::fingerprint(&settings.config_dir);
         let config = config::load(
             &settings.config_dir,
             &settings.secrets,
             settings.rate_source,
         )?;
+        let fingerprint = config::fingerprint(&settings.config_dir, &config.secret_files);
         for w in &config.warnings {
             tracing::warn!("{w}");
         }
@@ -405,8 +400,9 @@ impl App {
     }
 }
 
-/// Polls the config directory's fingerprint and reloads when it changes
-/// (a broken edit is refused like any reload). Stops with the server.
+/// Polls the fingerprint of the config directory and of the secret files
+/// the running config read, and reloads when it changes (a broken edit is
+/// refused like any reload). Stops with the server.
 async fn watch_config(state: std::sync::Weak<AppState>, mut last: u64) {
     let dir = match state.upgrade() {
         Some(s) => s.settings.config_dir.clone(),
@@ -419,7 +415,7 @@ async fn watch_config(state: std::sync::Weak<AppState>, mut last: u64) {
         if state.draining.load(Ordering::Relaxed) {
             return;
         }
-        let now = config::fingerprint(&dir);
+        let now = config::fingerprint(&dir, &state.config.load().secret_files);
         if now != last {
             last = now;
             let _ = state.reload("watch");

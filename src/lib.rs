@@ -22,6 +22,7 @@ pub mod levels;
 pub mod metrics;
 pub mod net;
 pub mod pipeline;
+pub mod secrets;
 pub mod settings;
 pub mod store;
 pub mod worker;

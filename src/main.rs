@@ -223,7 +223,8 @@ fn main() -> ExitCode {
 
 fn check(dir: &std::path::Path) -> ExitCode {
     use rocket_rewards::config::{self, selftest};
-    let config = match config::load(dir, &SecretEnv::from_process(), DEFAULT_SOURCE) {
+    // Secret files may live only where the server runs: their problems warn.
+    let config = match config::load(dir, &SecretEnv::from_process().lenient(), DEFAULT_SOURCE) {
         Ok(c) => c,
         Err(errors) => {
             eprint!("{errors}");
@@ -430,14 +431,16 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
                 source.name, args.auth_scheme
             )
         })?;
+    // The newest value: during a rotation, the last one listed.
     let secret = secrets
-        .list(scheme.env())
-        .into_iter()
-        .next()
+        .resolve(&scheme.secret().reference, &args.config_dir)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .values
+        .pop()
         .with_context(|| {
             format!(
-                "{} is unset: export the source's secret first",
-                scheme.env()
+                "{} is unset: set the source's secret first",
+                scheme.secret().origin
             )
         })?;
     let body =

@@ -20,9 +20,9 @@ use crate::pipeline::mapping::{
     CompiledPath, EventCase, EventTypeSpec, Field, FieldSpec, FieldType, Mapping, TimeFormat,
 };
 use crate::pipeline::rules::{self, Rule};
-use crate::pipeline::verify::{digests, AuthScheme};
-use crate::settings::SecretEnv;
-use raw::{Processing, RawAuth, RawField, RawSource};
+use crate::pipeline::verify::{digests, AuthScheme, SecretSource, SigEncoding};
+use crate::secrets::{Origin, SecretEnv, SecretRef};
+use raw::{Processing, RawField, RawSource};
 
 /// Default body limit: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
@@ -136,6 +136,49 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// Test cases of rules, from `rules/<rule>.tests.yaml`.
     pub rule_tests: Vec<(Arc<Rule>, Vec<raw::RuleCase>)>,
+    /// The admin token (`ROCKET_ADMIN_TOKEN` or its `_FILE`), read with
+    /// the rest of the config so that it rotates with a reload.
+    pub admin_token: OperatorToken,
+    /// The test token (`ROCKET_TEST_TOKEN` or its `_FILE`).
+    pub test_token: OperatorToken,
+    /// Every secret file this config read: watched for changes with the
+    /// config files.
+    pub secret_files: Vec<PathBuf>,
+}
+
+/// An operator token's digests (several while it rotates) and origin.
+#[derive(Debug, Clone)]
+pub struct OperatorToken {
+    pub digests: Vec<[u8; 32]>,
+    pub origin: Origin,
+}
+
+/// The environment variables of the operator tokens.
+pub const ADMIN_TOKEN: &str = "ROCKET_ADMIN_TOKEN";
+pub const TEST_TOKEN: &str = "ROCKET_TEST_TOKEN";
+
+/// Resolves an operator token; a problem with its file is a config error.
+fn operator_token(
+    name: &str,
+    dir: &Path,
+    secrets: &SecretEnv,
+    errors: &mut Vec<ConfigError>,
+) -> OperatorToken {
+    match secrets.resolve(&SecretRef::Env(name.to_string()), dir) {
+        Ok(r) => OperatorToken {
+            digests: digests(&r.values),
+            origin: r.origin,
+        },
+        Err(message) => {
+            if !secrets.is_lenient() {
+                errors.push(err(Path::new(name), None, "", &message));
+            }
+            OperatorToken {
+                digests: Vec::new(),
+                origin: Origin::Env(name.to_string()),
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Config {
@@ -192,12 +235,27 @@ fn files_with(dir: &Path, exts: &[&str]) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// A fingerprint of the config files (names, sizes, modification times):
-/// it changes when a file in `sources.d/` or `rules/` is added, removed or
-/// written. The watcher compares it to decide when to reload.
-pub fn fingerprint(dir: &Path) -> u64 {
+/// A fingerprint of the config files (names, sizes, modification times)
+/// and of the secret files a config read (also their inodes: a mounted
+/// secret is replaced by a new file): it changes when a file in `sources.d/`
+/// or `rules/` is added, removed or written, or a secret file changes. The
+/// watcher compares it to decide when to reload.
+pub fn fingerprint(dir: &Path, secret_files: &[PathBuf]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    for file in secret_files {
+        let meta = std::fs::metadata(file).ok();
+        #[cfg(unix)]
+        let inode = meta.as_ref().map(std::os::unix::fs::MetadataExt::ino);
+        #[cfg(not(unix))]
+        let inode: Option<u64> = None;
+        (
+            file,
+            meta.as_ref().map(|m| (m.len(), m.modified().ok())),
+            inode,
+        )
+            .hash(&mut h);
+    }
     for sub in ["sources.d", "rules"] {
         let Ok(rd) = std::fs::read_dir(dir.join(sub)) else {
             continue;
@@ -377,6 +435,17 @@ pub fn load(
         )),
     }
 
+    let admin_token = operator_token(ADMIN_TOKEN, dir, secrets, &mut errors);
+    let test_token = operator_token(TEST_TOKEN, dir, secrets, &mut errors);
+    let mut secret_files: Vec<PathBuf> = sources
+        .values()
+        .flat_map(|s| s.auth.iter())
+        .map(|a| &a.secret().origin)
+        .chain([&admin_token.origin, &test_token.origin])
+        .filter_map(|o| o.file().map(Path::to_path_buf))
+        .collect();
+    secret_files.sort();
+    secret_files.dedup();
     // A source with two schemes on one secret would warn twice.
     let mut seen = std::collections::HashSet::new();
     warnings.retain(|w| seen.insert(w.clone()));
@@ -388,6 +457,9 @@ pub fn load(
             engine: Arc::new(engine),
             warnings,
             rule_tests,
+            admin_token,
+            test_token,
+            secret_files,
         })
     } else {
         Err(ConfigErrors(errors))
@@ -423,6 +495,10 @@ pub fn compile_source(
             message: e.to_string(),
         }]
     })?;
+    let base = file
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
     let mut errors = Vec::new();
     let mut fail = |keys: &[&str], message: String| {
         let at = locate_at(text, keys);
@@ -453,133 +529,20 @@ pub fn compile_source(
     }
 
     let mut auth = Vec::new();
-    let configured = |env: &str, warnings: &mut Vec<String>| {
-        let values = secrets.list(env);
-        if values.is_empty() {
-            warnings.push(format!(
-                "source {name}: {env} is unset; every request to it is refused (401)"
-            ));
-        }
-        values
-    };
     let raw_auth = raw.auth.into_vec();
     let auth_declared = raw_auth.len();
-    for a in raw_auth {
-        match a {
-            RawAuth::Bearer { secret_env } => {
-                let tokens = configured(&secret_env, warnings);
-                auth.push(AuthScheme::bearer(&secret_env, &tokens));
-            }
-            RawAuth::Header {
-                secret_env,
-                header,
-                prefix,
-            } => {
-                let values = configured(&secret_env, warnings);
-                match HeaderName::from_bytes(header.as_bytes()) {
-                    Ok(header) => auth.push(AuthScheme::Header {
-                        digests: digests(&values),
-                        env: secret_env,
-                        header,
-                        prefix,
-                    }),
-                    Err(_) => fail(
-                        &["auth", "header"],
-                        format!("{header:?} is not a valid header name"),
-                    ),
-                }
-            }
-            RawAuth::Basic { secret_env } => {
-                let values = configured(&secret_env, warnings);
-                auth.push(AuthScheme::basic(&secret_env, &values));
-            }
-            RawAuth::BodyToken { secret_env, field } => {
-                let values = configured(&secret_env, warnings);
-                match member_path(&field) {
-                    Some(keys) if !raw.batch && !raw.xapi => auth.push(AuthScheme::BodyField {
-                        digests: digests(&values),
-                        env: secret_env,
-                        field: keys,
-                    }),
-                    Some(_) => fail(
-                        &["auth", "field"],
-                        "a body token cannot authenticate a batch source".into(),
-                    ),
-                    None => fail(
-                        &["auth", "field"],
-                        format!("{field:?} must be a path of member names, such as $.token"),
-                    ),
-                }
-            }
-            RawAuth::QueryToken { secret_env, param } => {
-                let values = configured(&secret_env, warnings);
-                if param.is_empty() {
-                    fail(&["auth", "param"], "must not be empty".into());
-                }
-                auth.push(AuthScheme::Query {
-                    digests: digests(&values),
-                    env: secret_env,
-                    param,
-                });
-            }
-            RawAuth::Hmac {
-                secret_env,
-                header,
-                prefix,
-                encoding,
-                algorithm,
-                timestamp_header,
-                tolerance_seconds,
-            } => {
-                if !algorithm.eq_ignore_ascii_case("sha256") {
-                    fail(
-                        &["auth", "algorithm"],
-                        format!("unsupported algorithm {algorithm:?}; only sha256"),
-                    );
-                }
-                let header = match HeaderName::from_bytes(header.as_bytes()) {
-                    Ok(h) => h,
-                    Err(_) => {
-                        fail(
-                            &["auth", "header"],
-                            format!("{header:?} is not a valid header name"),
-                        );
-                        continue;
-                    }
-                };
-                let keys = configured(&secret_env, warnings);
-                let mut scheme = AuthScheme::hmac(&secret_env, header, prefix, encoding, &keys);
-                if let Some(ts) = timestamp_header {
-                    match HeaderName::from_bytes(ts.as_bytes()) {
-                        Ok(h) => scheme = scheme.with_timestamp(h, tolerance_seconds),
-                        Err(_) => fail(
-                            &["auth", "timestamp_header"],
-                            format!("{ts:?} is not a valid header name"),
-                        ),
-                    }
-                }
-                if tolerance_seconds <= 0 {
-                    fail(&["auth", "tolerance_seconds"], "must be at least 1".into());
-                }
-                auth.push(scheme);
-            }
-            RawAuth::StandardWebhooks {
-                secret_env,
-                tolerance_seconds,
-            } => {
-                let secrets = configured(&secret_env, warnings);
-                if tolerance_seconds <= 0 {
-                    fail(&["auth", "tolerance_seconds"], "must be at least 1".into());
-                }
-                match AuthScheme::standard_webhooks(&secret_env, &secrets, tolerance_seconds) {
-                    Ok(s) => auth.push(s),
-                    Err(i) => fail(
-                        &["auth", "secret_env"],
-                        format!(
-                            "value {} of {secret_env} is not a whsec_<base64> secret",
-                            i + 1
-                        ),
-                    ),
+    for (n, a) in raw_auth.into_iter().enumerate() {
+        match compile_auth(a, &name, raw.batch || raw.xapi, base, secrets, warnings) {
+            Ok(scheme) => auth.push(scheme),
+            Err(problems) => {
+                for (key, message) in problems {
+                    let keys = ["auth", key];
+                    let message = if auth_declared > 1 {
+                        format!("scheme {}: {message}", n + 1)
+                    } else {
+                        message
+                    };
+                    fail(&keys, message);
                 }
             }
         }
@@ -812,6 +775,190 @@ pub fn compile_source(
     })
 }
 
+/// Compiles one auth scheme: its secret resolved (a problem with an env
+/// variable that is unset is a warning, the source then refuses every
+/// request; one with a file is an error), its keys checked against its
+/// kind. Errors are `(key, message)`.
+fn compile_auth(
+    a: raw::RawAuth,
+    source: &str,
+    batch: bool,
+    base: &Path,
+    secrets: &SecretEnv,
+    warnings: &mut Vec<String>,
+) -> Result<AuthScheme, Vec<(&'static str, String)>> {
+    use raw::AuthKind;
+    let mut problems: Vec<(&'static str, String)> = Vec::new();
+    for key in a.keys_set() {
+        if !a.kind.keys().contains(&key) {
+            problems.push((key, format!("{key} does not apply to type {:?}", a.kind)));
+        }
+    }
+    let reference = match (&a.secret_env, &a.secret_file, &a.secret) {
+        (Some(env), None, None) => SecretRef::Env(env.clone()),
+        (None, Some(file), None) => SecretRef::File(file.clone()),
+        (None, None, Some(name)) => SecretRef::Dir(name.clone()),
+        _ => {
+            problems.push((
+                "secret_env",
+                "give exactly one of secret_env, secret_file and secret".into(),
+            ));
+            return Err(problems);
+        }
+    };
+    let key_of_ref = match reference {
+        SecretRef::Env(_) => "secret_env",
+        SecretRef::File(_) => "secret_file",
+        SecretRef::Dir(_) => "secret",
+    };
+    let (values, origin) = match secrets.resolve(&reference, base) {
+        Ok(r) => {
+            if r.values.is_empty() {
+                warnings.push(format!(
+                    "source {source}: {} is unset; every request to it is refused (401)",
+                    r.origin
+                ));
+            }
+            (r.values, r.origin)
+        }
+        Err(message) if secrets.is_lenient() => {
+            warnings.push(format!("source {source}: {message}"));
+            let origin = match &reference {
+                SecretRef::Env(name) => Origin::Env(name.clone()),
+                SecretRef::File(path) => Origin::File(base.join(path)),
+                SecretRef::Dir(name) => Origin::SecretsDir(PathBuf::from(name)),
+            };
+            (Vec::new(), origin)
+        }
+        Err(message) => {
+            problems.push((key_of_ref, format!("source {source}: {message}")));
+            return Err(problems);
+        }
+    };
+    let secret = SecretSource { reference, origin };
+    let header_name =
+        |h: &str, problems: &mut Vec<(&'static str, String)>| match HeaderName::from_bytes(
+            h.as_bytes(),
+        ) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                problems.push(("header", format!("{h:?} is not a valid header name")));
+                None
+            }
+        };
+    let tolerance = a.tolerance_seconds.unwrap_or(300);
+    if tolerance <= 0 {
+        problems.push(("tolerance_seconds", "must be at least 1".into()));
+    }
+    let scheme = match a.kind {
+        AuthKind::Bearer => Some(AuthScheme::bearer(secret, &values)),
+        AuthKind::Basic => Some(AuthScheme::basic(secret, &values)),
+        AuthKind::Header => match a.header.as_deref() {
+            None => {
+                problems.push(("header", "a header scheme names its header".into()));
+                None
+            }
+            Some(h) => header_name(h, &mut problems).map(|header| AuthScheme::Header {
+                secret,
+                header,
+                prefix: a.prefix.unwrap_or_default(),
+                digests: digests(&values),
+            }),
+        },
+        AuthKind::BodyToken => match a.field.as_deref().map(|f| (f, member_path(f))) {
+            None => {
+                problems.push(("field", "a body_token scheme names its field".into()));
+                None
+            }
+            Some((_, Some(_))) if batch => {
+                problems.push((
+                    "field",
+                    "a body token cannot authenticate a batch source".into(),
+                ));
+                None
+            }
+            Some((_, Some(field))) => Some(AuthScheme::BodyField {
+                secret,
+                field,
+                digests: digests(&values),
+            }),
+            Some((f, None)) => {
+                problems.push((
+                    "field",
+                    format!("{f:?} must be a path of member names, such as $.token"),
+                ));
+                None
+            }
+        },
+        AuthKind::QueryToken => {
+            let param = a.param.unwrap_or_else(|| "token".into());
+            if param.is_empty() {
+                problems.push(("param", "must not be empty".into()));
+            }
+            Some(AuthScheme::Query {
+                secret,
+                param,
+                digests: digests(&values),
+            })
+        }
+        AuthKind::Hmac => {
+            let algorithm = a.algorithm.unwrap_or_else(|| "sha256".into());
+            if !algorithm.eq_ignore_ascii_case("sha256") {
+                problems.push((
+                    "algorithm",
+                    format!("unsupported algorithm {algorithm:?}; only sha256"),
+                ));
+            }
+            let header = header_name(a.header.as_deref().unwrap_or("X-Signature"), &mut problems);
+            let timestamp = match a.timestamp_header.as_deref() {
+                None => None,
+                Some(ts) => match HeaderName::from_bytes(ts.as_bytes()) {
+                    Ok(h) => Some(h),
+                    Err(_) => {
+                        problems.push((
+                            "timestamp_header",
+                            format!("{ts:?} is not a valid header name"),
+                        ));
+                        None
+                    }
+                },
+            };
+            header.map(|header| {
+                let scheme = AuthScheme::hmac(
+                    secret,
+                    header,
+                    a.prefix.unwrap_or_else(|| "sha256=".into()),
+                    a.encoding.unwrap_or(SigEncoding::Hex),
+                    &values,
+                );
+                match timestamp {
+                    Some(ts) => scheme.with_timestamp(ts, tolerance),
+                    None => scheme,
+                }
+            })
+        }
+        AuthKind::StandardWebhooks => {
+            match AuthScheme::standard_webhooks(secret, &values, tolerance) {
+                Ok(s) => Some(s),
+                Err(i) => {
+                    problems.push((
+                        key_of_ref,
+                        format!(
+                            "value {} of the secret is not a whsec_<base64> secret",
+                            i + 1
+                        ),
+                    ));
+                    None
+                }
+            }
+        }
+    };
+    match scheme {
+        Some(s) if problems.is_empty() => Ok(s),
+        _ => Err(problems),
+    }
+}
+
 /// `$.a.b` as its member names; `None` for anything richer.
 fn member_path(path: &str) -> Option<Vec<String>> {
     let rest = path.strip_prefix("$.")?;
@@ -993,6 +1140,31 @@ mod tests {
         let e = errs[0].to_string();
         assert!(e.starts_with("sources.d/x.yaml:5:"), "{e}");
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn auth_keys_must_apply_to_their_kind_and_name_one_secret() {
+        let text = "auth:\n  - type: bearer\n    secret_env: X\n    header: X-Nope\n  - type: body_token\n    secret_env: X\n    secret: y\n    field: $.t\n  - type: header\n    secret_env: X\nevent_type: {paths: $.t}\n";
+        let errs = compile(text).unwrap_err();
+        let got: Vec<_> = errs
+            .iter()
+            .map(|e| (e.key.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "auth.header",
+                    "scheme 1: header does not apply to type Bearer"
+                ),
+                (
+                    "auth.secret_env",
+                    "scheme 2: give exactly one of secret_env, secret_file and secret"
+                ),
+                ("auth.header", "scheme 3: a header scheme names its header"),
+            ],
+            "{errs:#?}"
+        );
     }
 
     #[test]

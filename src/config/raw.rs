@@ -148,81 +148,106 @@ pub enum Processing {
     Async,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum RawAuth {
-    /// `Authorization: Bearer <token>`, tokens from `secret_env` (comma-separated).
-    Bearer { secret_env: String },
+/// The kinds of auth scheme a source may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    /// `Authorization: Bearer <token>`.
+    Bearer,
     /// HMAC-SHA256 of the raw body in `header` after `prefix`.
-    Hmac {
-        secret_env: String,
-        #[serde(default = "default_sig_header")]
-        header: String,
-        #[serde(default = "default_sig_prefix")]
-        prefix: String,
-        #[serde(default = "default_encoding")]
-        encoding: SigEncoding,
-        #[serde(default = "default_algorithm")]
-        algorithm: String,
-        /// A header carrying Unix seconds; when set, the signed content is
-        /// `<timestamp>.<body>` and the timestamp must be within the tolerance.
-        timestamp_header: Option<String>,
-        #[serde(default = "default_tolerance")]
-        tolerance_seconds: i64,
-    },
-    /// A pre-shared value in a header, after an optional prefix: the value
+    Hmac,
+    /// A pre-shared value in `header`, after an optional `prefix`: the value
     /// itself is compared, not a signature of the body (LearnWorlds'
     /// `Learnworlds-Webhook-Signature: v1=<value>`).
-    Header {
-        secret_env: String,
-        header: String,
-        #[serde(default)]
-        prefix: String,
-    },
-    /// HTTP Basic, as LRS clients send it: the secret's values are
-    /// `user:password` pairs (a value without a colon is a password any
-    /// user name may present).
-    Basic { secret_env: String },
-    /// A token in a body field (`$.token`, `$.auth.key`: member names only),
-    /// for plugins that cannot set headers. The field is removed before the
+    Header,
+    /// HTTP Basic, as LRS clients send it: values are `user:password`
+    /// pairs (a value without a colon is a password for any user name).
+    Basic,
+    /// A token in a body `field` (`$.token`, `$.auth.key`: member names
+    /// only), for plugins that cannot set headers; removed before the
     /// payload is mapped or stored.
-    BodyToken { secret_env: String, field: String },
-    /// A token in a query parameter (default `token`), for platforms whose
-    /// webhook form takes only a URL. Never logged; but proxies in between
-    /// may log URLs, so prefer a header where the platform allows one.
-    QueryToken {
-        secret_env: String,
-        #[serde(default = "default_query_param")]
-        param: String,
-    },
-    /// Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`),
-    /// secrets `whsec_<base64>`.
-    StandardWebhooks {
-        secret_env: String,
-        #[serde(default = "default_tolerance")]
-        tolerance_seconds: i64,
-    },
+    BodyToken,
+    /// A token in a query parameter (`param`, default `token`), for
+    /// platforms whose webhook form takes only a URL. Never logged; but
+    /// proxies may log URLs, so prefer a header where the platform allows one.
+    QueryToken,
+    /// Standard Webhooks (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`), secrets `whsec_<base64>`.
+    StandardWebhooks,
 }
 
-fn default_query_param() -> String {
-    "token".into()
+impl AuthKind {
+    /// The keys besides `type` and the secret's that this kind takes.
+    pub fn keys(self) -> &'static [&'static str] {
+        match self {
+            AuthKind::Bearer | AuthKind::Basic => &[],
+            AuthKind::Hmac => &[
+                "header",
+                "prefix",
+                "encoding",
+                "algorithm",
+                "timestamp_header",
+                "tolerance_seconds",
+            ],
+            AuthKind::Header => &["header", "prefix"],
+            AuthKind::BodyToken => &["field"],
+            AuthKind::QueryToken => &["param"],
+            AuthKind::StandardWebhooks => &["tolerance_seconds"],
+        }
+    }
 }
 
-fn default_tolerance() -> i64 {
-    300
+/// One auth scheme of a source: its kind, where its secret is (exactly one
+/// of `secret_env`, `secret_file`, `secret`; several values rotate), and
+/// the keys of its kind. A key that does not apply to the kind is an error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    #[serde(rename = "type")]
+    pub kind: AuthKind,
+    /// An environment variable (comma-separated values), or the file its
+    /// `<NAME>_FILE` variable names.
+    pub secret_env: Option<String>,
+    /// A file, one value per line; relative to the config directory.
+    pub secret_file: Option<std::path::PathBuf>,
+    /// A file of this name in `ROCKET_SECRETS_DIR` (a mounted `/run/secrets`).
+    pub secret: Option<String>,
+    /// The header (hmac: default `X-Signature`; header: required).
+    pub header: Option<String>,
+    /// Before the value in the header (hmac: default `sha256=`).
+    pub prefix: Option<String>,
+    /// How an HMAC signature is written (default hex).
+    pub encoding: Option<SigEncoding>,
+    /// The HMAC's hash: only `sha256`.
+    pub algorithm: Option<String>,
+    /// An HMAC header carrying Unix seconds; when set, the signed content is
+    /// `<timestamp>.<body>` and the timestamp must be within the tolerance.
+    pub timestamp_header: Option<String>,
+    /// Seconds a timestamp may be off, past or future (default 300).
+    pub tolerance_seconds: Option<i64>,
+    /// body_token: the field, `$.token`.
+    pub field: Option<String>,
+    /// query_token: the parameter (default `token`).
+    pub param: Option<String>,
 }
 
-fn default_sig_header() -> String {
-    "X-Signature".into()
-}
-fn default_sig_prefix() -> String {
-    "sha256=".into()
-}
-fn default_encoding() -> SigEncoding {
-    SigEncoding::Hex
-}
-fn default_algorithm() -> String {
-    "sha256".into()
+impl RawAuth {
+    /// The keys set besides `type` and the secret's.
+    pub fn keys_set(&self) -> Vec<&'static str> {
+        [
+            ("header", self.header.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("encoding", self.encoding.is_some()),
+            ("algorithm", self.algorithm.is_some()),
+            ("timestamp_header", self.timestamp_header.is_some()),
+            ("tolerance_seconds", self.tolerance_seconds.is_some()),
+            ("field", self.field.is_some()),
+            ("param", self.param.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -22,13 +22,29 @@ pub struct SourceView {
     pub processing: String,
     /// Auth schemes, e.g. `bearer` or `hmac`.
     pub auth: Vec<String>,
-    /// Whether every auth scheme has its secret set.
+    /// Whether some auth scheme has its secret set.
     pub configured: bool,
+    /// Where each scheme's secret comes from, in the order of `auth`.
+    pub secrets: Vec<SecretView>,
     pub content_types: Vec<String>,
     pub max_body_bytes: i64,
     pub rules: Vec<String>,
     pub dry_run: bool,
     pub file: String,
+}
+
+/// Where a secret comes from and how many values it holds: never a value
+/// or a length.
+#[derive(Debug, Object)]
+pub struct SecretView {
+    /// `env`, `file` or `secrets_dir`.
+    pub from: String,
+    /// The environment variable, or the file's path.
+    pub name: String,
+    /// The secret holds at least one value.
+    pub configured: bool,
+    /// How many values are active (more than one while it rotates).
+    pub values: i64,
 }
 
 #[derive(Debug, Object)]
@@ -81,6 +97,19 @@ impl AdminApi {
                 processing: format!("{:?}", s.processing).to_lowercase(),
                 auth: s.auth.iter().map(|a| a.kind().to_string()).collect(),
                 configured: s.auth.iter().any(|a| a.is_configured()),
+                secrets: s
+                    .auth
+                    .iter()
+                    .map(|a| {
+                        let origin = &a.secret().origin;
+                        SecretView {
+                            from: origin.kind().into(),
+                            name: origin.name(),
+                            configured: a.is_configured(),
+                            values: a.values() as i64,
+                        }
+                    })
+                    .collect(),
                 content_types: s.content_types.clone(),
                 max_body_bytes: s.max_body_bytes as i64,
                 rules: s.rules.iter().map(|r| r.name.to_string()).collect(),

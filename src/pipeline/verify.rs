@@ -10,7 +10,25 @@ use poem::http::{HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::settings::Secret;
+use crate::secrets::{Origin, Secret, SecretRef};
+
+/// Where a scheme's secret is (as the config says), and where its values
+/// were found at the last load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretSource {
+    pub reference: SecretRef,
+    pub origin: Origin,
+}
+
+impl From<&str> for SecretSource {
+    /// An environment variable's.
+    fn from(name: &str) -> Self {
+        SecretSource {
+            reference: SecretRef::Env(name.to_string()),
+            origin: Origin::Env(name.to_string()),
+        }
+    }
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -49,11 +67,14 @@ impl<'a> Presented<'a> {
 #[derive(Clone)]
 pub enum AuthScheme {
     /// `Authorization: Bearer <token>`; any token of the list.
-    Bearer { env: String, digests: Vec<[u8; 32]> },
+    Bearer {
+        secret: SecretSource,
+        digests: Vec<[u8; 32]>,
+    },
     /// A pre-shared value in `header`, after `prefix` (LearnWorlds'
     /// `Learnworlds-Webhook-Signature: v1=<value>`).
     Header {
-        env: String,
+        secret: SecretSource,
         header: HeaderName,
         prefix: String,
         digests: Vec<[u8; 32]>,
@@ -62,14 +83,14 @@ pub enum AuthScheme {
     /// secret value `user:password` must match whole; a value without a
     /// colon is a password that any user name may present.
     Basic {
-        env: String,
+        secret: SecretSource,
         pairs: Vec<[u8; 32]>,
         passwords: Vec<[u8; 32]>,
     },
     /// A token in a body field (plugins that cannot set headers); the field
     /// is removed before the event is mapped or stored.
     BodyField {
-        env: String,
+        secret: SecretSource,
         /// The field's path as member names from the top (`$.a.b`: a, b).
         field: Vec<String>,
         digests: Vec<[u8; 32]>,
@@ -77,7 +98,7 @@ pub enum AuthScheme {
     /// A token in a query parameter (platforms whose webhook form takes only
     /// a URL); never logged.
     Query {
-        env: String,
+        secret: SecretSource,
         param: String,
         digests: Vec<[u8; 32]>,
     },
@@ -85,7 +106,7 @@ pub enum AuthScheme {
     /// timestamp header, the signed content is `<timestamp>.<body>` and the
     /// timestamp must be within the tolerance of now (replay protection).
     Hmac {
-        env: String,
+        secret: SecretSource,
         header: HeaderName,
         prefix: String,
         encoding: SigEncoding,
@@ -96,7 +117,7 @@ pub enum AuthScheme {
     /// within the tolerance, past or future) and `webhook-signature`
     /// (space-separated `v1,<base64>`) over `<id>.<timestamp>.<body>`.
     StandardWebhooks {
-        env: String,
+        secret: SecretSource,
         keys: Vec<HmacSha256>,
         tolerance: i64,
     },
@@ -105,55 +126,55 @@ pub enum AuthScheme {
 impl std::fmt::Debug for AuthScheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AuthScheme::Bearer { env, digests } => f
+            AuthScheme::Bearer { secret, digests } => f
                 .debug_struct("Bearer")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("tokens", &digests.len())
                 .finish(),
             AuthScheme::Basic {
-                env,
+                secret,
                 pairs,
                 passwords,
             } => f
                 .debug_struct("Basic")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("pairs", &pairs.len())
                 .field("passwords", &passwords.len())
                 .finish(),
             AuthScheme::Header {
-                env,
+                secret,
                 header,
                 prefix,
                 digests,
             } => f
                 .debug_struct("Header")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("header", header)
                 .field("prefix", prefix)
                 .field("values", &digests.len())
                 .finish(),
             AuthScheme::BodyField {
-                env,
+                secret,
                 field,
                 digests,
             } => f
                 .debug_struct("BodyField")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("field", &field.join("."))
                 .field("tokens", &digests.len())
                 .finish(),
             AuthScheme::Query {
-                env,
+                secret,
                 param,
                 digests,
             } => f
                 .debug_struct("Query")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("param", param)
                 .field("tokens", &digests.len())
                 .finish(),
             AuthScheme::Hmac {
-                env,
+                secret,
                 header,
                 prefix,
                 encoding,
@@ -161,7 +182,7 @@ impl std::fmt::Debug for AuthScheme {
                 timestamp,
             } => f
                 .debug_struct("Hmac")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("header", header)
                 .field("prefix", prefix)
                 .field("encoding", encoding)
@@ -169,12 +190,12 @@ impl std::fmt::Debug for AuthScheme {
                 .field("timestamp", timestamp)
                 .finish(),
             AuthScheme::StandardWebhooks {
-                env,
+                secret,
                 keys,
                 tolerance,
             } => f
                 .debug_struct("StandardWebhooks")
-                .field("env", env)
+                .field("secret", &secret.origin)
                 .field("secrets", &keys.len())
                 .field("tolerance", tolerance)
                 .finish(),
@@ -226,27 +247,27 @@ pub fn digests(values: &[Secret]) -> Vec<[u8; 32]> {
 impl AuthScheme {
     /// HTTP Basic: values with a colon are `user:password` pairs, others
     /// passwords for any user name.
-    pub fn basic(env: &str, values: &[Secret]) -> Self {
+    pub fn basic(secret: impl Into<SecretSource>, values: &[Secret]) -> Self {
         let (pairs, passwords): (Vec<Secret>, Vec<Secret>) = values
             .iter()
             .cloned()
             .partition(|v| v.expose().contains(':'));
         AuthScheme::Basic {
-            env: env.to_string(),
+            secret: secret.into(),
             pairs: digests(&pairs),
             passwords: digests(&passwords),
         }
     }
 
-    pub fn bearer(env: &str, tokens: &[Secret]) -> Self {
+    pub fn bearer(secret: impl Into<SecretSource>, tokens: &[Secret]) -> Self {
         AuthScheme::Bearer {
-            env: env.to_string(),
+            secret: secret.into(),
             digests: digests(tokens),
         }
     }
 
     pub fn hmac(
-        env: &str,
+        secret: impl Into<SecretSource>,
         header: HeaderName,
         prefix: String,
         encoding: SigEncoding,
@@ -257,7 +278,7 @@ impl AuthScheme {
             .filter_map(|s| HmacSha256::new_from_slice(s.expose().as_bytes()).ok())
             .collect();
         AuthScheme::Hmac {
-            env: env.to_string(),
+            secret: secret.into(),
             header,
             prefix,
             encoding,
@@ -277,7 +298,11 @@ impl AuthScheme {
 
     /// A Standard Webhooks scheme. Secrets are `whsec_<base64>` (or plain
     /// base64); `Err` names the index of a secret that does not decode.
-    pub fn standard_webhooks(env: &str, secrets: &[Secret], tolerance: i64) -> Result<Self, usize> {
+    pub fn standard_webhooks(
+        secret: impl Into<SecretSource>,
+        secrets: &[Secret],
+        tolerance: i64,
+    ) -> Result<Self, usize> {
         use base64::Engine as _;
         let mut keys = Vec::with_capacity(secrets.len());
         for (i, s) in secrets.iter().enumerate() {
@@ -289,22 +314,36 @@ impl AuthScheme {
             keys.push(HmacSha256::new_from_slice(&raw).map_err(|_| i)?);
         }
         Ok(AuthScheme::StandardWebhooks {
-            env: env.to_string(),
+            secret: secret.into(),
             keys,
             tolerance,
         })
     }
 
-    /// The env var that holds this scheme's secrets.
-    pub fn env(&self) -> &str {
+    /// Where this scheme's secret is, and where its values were found.
+    pub fn secret(&self) -> &SecretSource {
         match self {
-            AuthScheme::Bearer { env, .. }
-            | AuthScheme::Header { env, .. }
-            | AuthScheme::Basic { env, .. }
-            | AuthScheme::BodyField { env, .. }
-            | AuthScheme::Query { env, .. }
-            | AuthScheme::Hmac { env, .. }
-            | AuthScheme::StandardWebhooks { env, .. } => env,
+            AuthScheme::Bearer { secret, .. }
+            | AuthScheme::Header { secret, .. }
+            | AuthScheme::Basic { secret, .. }
+            | AuthScheme::BodyField { secret, .. }
+            | AuthScheme::Query { secret, .. }
+            | AuthScheme::Hmac { secret, .. }
+            | AuthScheme::StandardWebhooks { secret, .. } => secret,
+        }
+    }
+
+    /// How many values the secret holds (rotation), never what they are.
+    pub fn values(&self) -> usize {
+        match self {
+            AuthScheme::Basic {
+                pairs, passwords, ..
+            } => pairs.len() + passwords.len(),
+            AuthScheme::Bearer { digests, .. }
+            | AuthScheme::Header { digests, .. }
+            | AuthScheme::BodyField { digests, .. }
+            | AuthScheme::Query { digests, .. } => digests.len(),
+            AuthScheme::Hmac { keys, .. } | AuthScheme::StandardWebhooks { keys, .. } => keys.len(),
         }
     }
 
@@ -1065,7 +1104,7 @@ mod tests {
                 .with_timestamp(HeaderName::from_static("x-ts"), 60),
             AuthScheme::standard_webhooks("E", &one, 60).unwrap(),
             AuthScheme::Header {
-                env: "E".into(),
+                secret: "E".into(),
                 header: HeaderName::from_static("x-token"),
                 prefix: "v1=".into(),
                 digests: digests(&one),
@@ -1073,12 +1112,12 @@ mod tests {
             AuthScheme::basic("E", &one),
             AuthScheme::basic("E", &[Secret::new(format!("key:{secret}"))]),
             AuthScheme::Query {
-                env: "E".into(),
+                secret: "E".into(),
                 param: "token".into(),
                 digests: digests(&one),
             },
             AuthScheme::BodyField {
-                env: "E".into(),
+                secret: "E".into(),
                 field: vec!["auth".into(), "token".into()],
                 digests: digests(&one),
             },
@@ -1120,7 +1159,7 @@ mod tests {
         }
         // A body token for a form body is appended as a field.
         let form = AuthScheme::BodyField {
-            env: "E".into(),
+            secret: "E".into(),
             field: vec!["token".into()],
             digests: Vec::new(),
         };
@@ -1130,7 +1169,7 @@ mod tests {
     #[test]
     fn pre_shared_header_values_compare_whole_after_their_prefix() {
         let scheme = AuthScheme::Header {
-            env: "E".into(),
+            secret: "E".into(),
             header: HeaderName::from_static("learnworlds-webhook-signature"),
             prefix: "v1=".into(),
             digests: digests(&[Secret::new("old-value"), Secret::new("new-value")]),
@@ -1188,7 +1227,7 @@ mod tests {
     #[test]
     fn tokens_in_the_query_or_the_body() {
         let query = AuthScheme::Query {
-            env: "E".into(),
+            secret: "E".into(),
             param: "token".into(),
             digests: digests(&[Secret::new("t0k en")]),
         };
@@ -1212,7 +1251,7 @@ mod tests {
             assert_eq!(query.verify_request(&with_query(q), 0), want, "{q:?}");
         }
         let body = AuthScheme::BodyField {
-            env: "E".into(),
+            secret: "E".into(),
             field: vec!["token".into()],
             digests: digests(&[Secret::new("abc")]),
         };

@@ -6,6 +6,28 @@ use std::process::Command;
 
 use crate::helpers::*;
 
+/// The shell blocks of the guide preceded by `<!-- run -->`.
+fn guide_scripts() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_dir().join("docs/adding-a-source.md")).unwrap();
+    let mut out = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line == "<!-- run -->" {
+            assert_eq!(
+                lines.next(),
+                Some("```bash"),
+                "a bash block follows the run marker"
+            );
+            let body: Vec<&str> = lines
+                .by_ref()
+                .take_while(|l| !l.starts_with("```"))
+                .collect();
+            out.push(body.join("\n") + "\n");
+        }
+    }
+    out
+}
+
 /// The blocks of the guide preceded by `<!-- file: PATH -->`.
 fn guide_files() -> Vec<(String, String)> {
     let text = std::fs::read_to_string(repo_dir().join("docs/adding-a-source.md")).unwrap();
@@ -32,9 +54,11 @@ fn guide_files() -> Vec<(String, String)> {
 }
 
 #[tokio::test]
-async fn the_guide_adds_a_source_without_a_rebuild() {
+async fn the_guide_adds_a_source_without_a_rebuild_or_a_restart() {
     const SECRET: &str = "talentlms-guide-secret";
-    let app = spawn_custom(|_| {}, |s| s.secrets.set("ROCKET_TALENTLMS_SECRET", SECRET)).await;
+    let secrets_dir = tempfile::tempdir().unwrap();
+    let dir = secrets_dir.path().to_str().unwrap().to_string();
+    let app = spawn_custom(|_| {}, |s| s.secrets.set("ROCKET_SECRETS_DIR", &dir)).await;
     let files = guide_files();
     assert_eq!(
         files.len(),
@@ -75,12 +99,27 @@ async fn the_guide_adds_a_source_without_a_rebuild() {
         "{out}"
     );
     assert!(out.contains(", 0 failed"), "{out}");
-    // 4: reload.
+    // 4: the secret in a file, then reload.
+    let scripts = guide_scripts();
+    assert_eq!(scripts.len(), 1, "the guide writes the secret file");
+    let run = Command::new("bash")
+        .arg("-ec")
+        .arg(&scripts[0])
+        .env("ROCKET_SECRETS_DIR", &dir)
+        .env("TALENTLMS_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let reload = app.reload().await;
     assert_eq!(reload.status, 200, "{}", reload.text);
     // 5: send, then the points.
     let send = tokio::task::spawn_blocking({
-        let (dir, url, payload) = (app.config_dir.clone(), app.url(""), payload.unwrap());
+        let (config_dir, url, payload) = (app.config_dir.clone(), app.url(""), payload.unwrap());
+        let secrets = dir.clone();
         move || {
             Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
                 .args(["send", "--source", "talentlms", "--file"])
@@ -88,8 +127,8 @@ async fn the_guide_adds_a_source_without_a_rebuild() {
                 .arg("--url")
                 .arg(url)
                 .arg("--config-dir")
-                .arg(dir)
-                .env("ROCKET_TALENTLMS_SECRET", SECRET)
+                .arg(config_dir)
+                .env("ROCKET_SECRETS_DIR", secrets)
                 .output()
                 .unwrap()
         }

@@ -14,4 +14,5 @@ mod platforms;
 mod queue;
 mod rescore;
 mod scale;
+mod secrets;
 mod surface;
