@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use poem::http::HeaderName;
 use rhai::Engine;
 
-use crate::pipeline::limits::{Bucket, ProxyHeader, RateSpec};
+use crate::pipeline::limits::{ProxyHeader, RateSpec};
 use crate::pipeline::mapping::{
     CompiledPath, EventCase, EventTypeSpec, Field, FieldSpec, FieldType, Mapping, TimeFormat,
 };
@@ -87,10 +87,11 @@ pub struct Source {
     /// Takes xAPI statements (see `raw::RawSource::xapi`).
     pub xapi: bool,
     pub max_body_bytes: usize,
-    /// This source's bucket (all its hooks).
-    pub rate: Bucket,
-    /// Buckets per canonical event type.
-    pub event_type_rates: HashMap<String, Bucket>,
+    /// This source's rate (all its hooks); the bucket lives in the server's
+    /// limits, keyed by the source's name, so a reload keeps its state.
+    pub rate: RateSpec,
+    /// Rates per canonical event type.
+    pub event_type_rates: HashMap<String, RateSpec>,
     pub allow_ips: Vec<IpNet>,
     pub proxy_headers: Vec<ProxyHeader>,
     pub mapping: Mapping,
@@ -556,7 +557,7 @@ pub fn compile_source(
     for (kind, spec) in &raw.event_type_rate_limits {
         match spec.validate() {
             Ok(()) => {
-                event_type_rates.insert(kind.clone(), Bucket::new(*spec));
+                event_type_rates.insert(kind.clone(), *spec);
             }
             Err(e) => fail(&["event_type_rate_limits", kind], e),
         }
@@ -752,7 +753,7 @@ pub fn compile_source(
         batch: raw.batch || raw.xapi,
         xapi: raw.xapi,
         max_body_bytes,
-        rate: Bucket::new(rate_spec),
+        rate: rate_spec,
         event_type_rates,
         allow_ips,
         proxy_headers,

@@ -372,7 +372,10 @@ pub(super) async fn ingest_into(
         let ip_bucket = state.limits.ip_bucket(ip);
         let checked = limits::check_all([
             (Scope::Ip, &*ip_bucket),
-            (Scope::Source, &src.rate),
+            (
+                Scope::Source,
+                &*state.limits.source_bucket(&src.name, "", src.rate),
+            ),
             (Scope::Global, &state.limits.global),
         ]);
         state.rate_outcome(req, &src.name, ip, checked)?;
@@ -415,12 +418,10 @@ pub(super) async fn ingest_into(
     let prepared = prepare(state, config, src, mapped, !queued).await?;
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {
-            if let Some(bucket) = p
-                .event
-                .event_type
-                .as_deref()
-                .and_then(|t| src.event_type_rates.get(t))
-            {
+            if let Some(bucket) = p.event.event_type.as_deref().and_then(|t| {
+                let spec = src.event_type_rates.get(t)?;
+                Some(state.limits.source_bucket(&src.name, t, *spec))
+            }) {
                 state.rate_outcome(req, &src.name, ip, bucket.check(Scope::EventType).map(Some))?;
             }
         }

@@ -254,11 +254,15 @@ impl Bucket {
 /// Most client addresses whose buckets are kept at once.
 pub const MAX_TRACKED_IPS: u64 = 100_000;
 
-/// The server-wide buckets: all hooks, and one per client address.
+/// The server's buckets: all hooks, one per client address, one per source
+/// and one per (source, event type). Source buckets are keyed by name and
+/// outlive the config: a reload keeps their state, and only a changed rate
+/// starts a bucket afresh.
 pub struct ServerLimits {
     pub global: Bucket,
     ip_spec: RateSpec,
     ips: moka::sync::Cache<IpAddr, Arc<Bucket>>,
+    keyed: std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Bucket>>>,
 }
 
 impl ServerLimits {
@@ -275,7 +279,28 @@ impl ServerLimits {
                 .max_capacity(MAX_TRACKED_IPS)
                 .time_to_idle(refill.max(Duration::from_secs(1)))
                 .build(),
+            keyed: Default::default(),
         }
+    }
+
+    /// The bucket of a source (`event_type` empty) or of one of its event
+    /// types, at `spec`: the one it had, unless its rate changed.
+    pub fn source_bucket(&self, source: &str, event_type: &str, spec: RateSpec) -> Arc<Bucket> {
+        let key = (source.to_string(), event_type.to_string());
+        if let Ok(map) = self.keyed.read() {
+            if let Some(b) = map.get(&key).filter(|b| b.spec() == spec) {
+                return b.clone();
+            }
+        }
+        let mut map = self.keyed.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(key)
+            .and_modify(|b| {
+                if b.spec() != spec {
+                    *b = Arc::new(Bucket::new(spec));
+                }
+            })
+            .or_insert_with(|| Arc::new(Bucket::new(spec)))
+            .clone()
     }
 
     pub fn ip_bucket(&self, ip: IpAddr) -> Arc<Bucket> {

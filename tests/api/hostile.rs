@@ -454,3 +454,48 @@ async fn connections_over_the_limit_wait_until_one_closes() {
     let r = app.send(app.client.get(app.url("/health/live"))).await;
     assert_eq!(r.status, 200);
 }
+
+/// Rate buckets live outside the config: a reload (or a watched file saved
+/// again) keeps a source's and an event type's spent cells; only a changed
+/// rate starts a bucket afresh.
+#[tokio::test]
+async fn a_reload_keeps_rate_limit_state_and_a_changed_rate_starts_afresh() {
+    let app = spawn_with(|dir| {
+        append_to_source(dir, "custom", "rate_limit: { per_minute: 1, burst: 2 }");
+        append_to_source(
+            dir,
+            "moodle",
+            "event_type_rate_limits:\n  course.completed: { per_minute: 1, burst: 1 }",
+        );
+    })
+    .await;
+    let ev = |i: i32| json!({"event_id": format!("r{i}"), "event_type": "lesson.completed", "user_id": "u"});
+    for i in 0..2 {
+        assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev(i)).await.status, 200);
+    }
+    assert_eq!(
+        app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 1))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.reload().await.status, 200);
+    let r = app.bearer("custom", CUSTOM_TOKEN, &ev(2)).await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "source");
+    let r = app
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(2, 2))
+        .await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "event_type");
+    // A new rate for the source: a new bucket.
+    let p = app.config_dir.join("sources.d/custom.yaml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(
+        &p,
+        text.replace("per_minute: 1, burst: 2", "per_minute: 1, burst: 3"),
+    )
+    .unwrap();
+    assert_eq!(app.reload().await.status, 200);
+    assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev(3)).await.status, 200);
+}
