@@ -362,10 +362,12 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
                 awards.push(a);
             }
             let new_points: i64 = awards.iter().map(|a| a.points).sum();
-            let old: Vec<(String, i64)> = store.awards_of(&ev).await?;
-            let new: Vec<(String, i64)> = awards
+            // The once keys count: a ledger written before they existed is
+            // rewritten with them.
+            let old = store.awards_of(&ev).await?;
+            let new: Vec<(String, i64, Option<String>)> = awards
                 .iter()
-                .map(|a| (a.rule.to_string(), a.points))
+                .map(|a| (a.rule.to_string(), a.points, a.once.clone()))
                 .collect();
             if old == new && ev.status == "processed" {
                 continue;
@@ -381,7 +383,7 @@ async fn rescore(args: RescoreArgs) -> anyhow::Result<ExitCode> {
                 ev.points,
                 new_points,
                 new.iter()
-                    .map(|(r, p)| format!("{r} {p}"))
+                    .map(|(r, p, _)| format!("{r} {p}"))
                     .collect::<Vec<_>>()
                     .join(", ")
             );

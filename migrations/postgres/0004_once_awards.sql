@@ -2,5 +2,32 @@
 -- a lesson's points per learner and lesson whatever the event ids: the key
 -- is kept on the ledger row, and this index refuses a second one.
 ALTER TABLE ledger ADD COLUMN once_key TEXT;
+
+-- The shipped rules' awards already in the ledger get the keys those rules
+-- give from now on (the earliest award of each key only: a learner who
+-- earned one twice before keeps both, and earns it no more), so that an
+-- upgraded server does not award them again.
+WITH keyed AS (
+    SELECT l.id, l.namespace, l.user_id, l.rule,
+        CASE
+            WHEN l.rule = 'course_completed' THEN e.canonical::jsonb ->> 'course_id'
+            WHEN l.rule IN ('lesson_completed', 'lesson_capped', 'quiz_passed')
+                THEN e.canonical::jsonb ->> 'object_id'
+            WHEN l.rule = 'xapi_verbs' AND e.canonical::jsonb ->> 'event_type' = 'xapi.completed'
+                THEN 'completed:' || (e.canonical::jsonb ->> 'object_id')
+            WHEN l.rule = 'xapi_verbs' AND e.canonical::jsonb ->> 'event_type' = 'xapi.passed'
+                THEN 'passed:' || (e.canonical::jsonb ->> 'object_id')
+        END AS once_key
+    FROM ledger l JOIN events e ON e.id = l.event_id
+),
+firsts AS (
+    SELECT id, once_key FROM (
+        SELECT id, once_key, ROW_NUMBER() OVER (
+            PARTITION BY namespace, user_id, rule, once_key ORDER BY id) AS n
+        FROM keyed WHERE once_key IS NOT NULL
+    ) ranked WHERE n = 1
+)
+UPDATE ledger SET once_key = firsts.once_key FROM firsts WHERE ledger.id = firsts.id;
+
 CREATE UNIQUE INDEX ledger_once ON ledger (namespace, user_id, rule, once_key)
     WHERE once_key IS NOT NULL;

@@ -549,6 +549,14 @@ pub fn compile_source(
         }
     }
 
+    let body_tokens = auth
+        .iter()
+        .filter(|a| matches!(a, AuthScheme::BodyField { .. }))
+        .count();
+    if body_tokens > 1 {
+        fail(&["auth"], "at most one body_token scheme per source".into());
+    }
+
     let rate_spec = raw.rate_limit.unwrap_or(source_rate);
     if let Err(e) = rate_spec.validate() {
         fail(&["rate_limit"], e);

@@ -100,15 +100,16 @@ impl XapiApi {
         req: &Request,
         body: HookBody,
     ) -> Result<StatementPut, ApiError> {
-        let id = statement_id.0.trim();
-        if uuid::Uuid::parse_str(id).is_err() {
+        // Stored in the hyphenated lower-case form, however it was written.
+        let Ok(id) = uuid::Uuid::parse_str(statement_id.0.trim()) else {
             return Err(ApiError::bad_request(
                 "INVALID_REQUEST",
                 "statementId must be a UUID",
                 None,
             ));
-        }
-        let (version, _) = statements(&state, &source.0, req, body, Some(id)).await?;
+        };
+        let id = id.hyphenated().to_string();
+        let (version, _) = statements(&state, &source.0, req, body, Some(&id)).await?;
         Ok(StatementPut::NoContent(version.into()))
     }
 }

@@ -86,10 +86,12 @@ pub struct RequestParts<'a> {
 }
 
 /// Authenticates a request against the source's schemes (any one that
-/// verifies). A source that takes a token in a body field has its body
-/// decoded first and the token taken out of it: the decoded body, or why it
-/// does not decode, comes back for [`map_verified`], so a body is decoded
-/// once and the token never reaches the mapping or the store.
+/// verifies). A source that takes a token in a body field has the token
+/// looked for only when no other scheme verifies, by a scan of the body
+/// that builds nothing (see [`decode::find_token`]); once authenticated,
+/// its body is decoded and the token field taken out whichever scheme
+/// verified, and comes back for [`map_verified`], so the token never
+/// reaches the mapping or the store.
 pub fn authenticate(
     source: &Source,
     parts: RequestParts<'_>,
@@ -100,24 +102,44 @@ pub fn authenticate(
         verify::AuthScheme::BodyField { field, .. } => Some(field),
         _ => None,
     });
-    let (decoded, token) = match field {
-        None => (None, None),
-        Some(field) => match decode_body(source, parts.content_type, body) {
-            Ok(mut d) => {
-                let token = d.take_token(field);
-                (Some(Ok(d)), token)
-            }
-            Err(e) => (Some(Err(e)), None),
-        },
-    };
     let presented = verify::Presented {
         headers: parts.headers,
         query: parts.query,
         body,
-        body_token: token.as_deref(),
+        body_token: None,
     };
-    verify::verify_any(&source.auth, &presented, now)?;
-    Ok(decoded)
+    let verified = verify::verify_any(&source.auth, &presented, now);
+    let Some(field) = field else {
+        return verified.map(|()| None);
+    };
+    if let Err(first) = verified {
+        let token = candidate_formats(source, parts.content_type)
+            .into_iter()
+            .find_map(|format| decode::find_token(format, body, field));
+        let with_token = verify::Presented {
+            body_token: token.as_deref(),
+            ..presented
+        };
+        verify::verify_any(&source.auth, &with_token, now).map_err(|e| verify::rank(first, e))?;
+    }
+    Ok(Some(decode_body(source, parts.content_type, body).map(
+        |mut d| {
+            d.take_token(field);
+            d
+        },
+    )))
+}
+
+/// The formats a body may be in, in the order they are tried.
+fn candidate_formats(source: &Source, content_type: Option<&str>) -> Vec<decode::BodyFormat> {
+    let declared = content_type.and_then(decode::format_of);
+    let untyped = declared.is_none() || declared == Some(decode::BodyFormat::Form);
+    if untyped && !source.fallback_formats.is_empty() {
+        source.fallback_formats.clone()
+    } else {
+        let ct = source.content_type_of(content_type);
+        decode::format_of(ct).into_iter().collect()
+    }
 }
 
 /// Maps an authenticated body: decoded by [`authenticate`], or now.
@@ -153,7 +175,7 @@ impl Decoded {
     /// which takes that id, or already carries it (xAPI 1.0.3, Communication
     /// 2.1.1: "the id property of the Statement MUST match the statementId").
     pub fn pin_statement_id(&mut self, id: &str) -> Result<(), PrepareError> {
-        let [statement] = self.docs.as_mut_slice() else {
+        let ([statement], false) = (self.docs.as_mut_slice(), self.array) else {
             return Err(PrepareError::Statement(
                 "PUT takes one statement, not an array".into(),
             ));
@@ -168,7 +190,7 @@ impl Decoded {
                 map.insert("id".into(), serde_json::Value::String(id.to_string()));
                 Ok(())
             }
-            Some(serde_json::Value::String(own)) if own == id => Ok(()),
+            Some(serde_json::Value::String(own)) if own.eq_ignore_ascii_case(id) => Ok(()),
             Some(_) => Err(PrepareError::Statement(
                 "the statement's id differs from statementId".into(),
             )),
@@ -199,37 +221,27 @@ pub fn decode_body(
             content_type.unwrap_or("").to_string(),
         ));
     }
-    let untyped =
-        content_type.is_none_or(|ct| decode::format_of(ct) == Some(decode::BodyFormat::Form));
-    let (format, mut docs) = match content_type {
-        _ if untyped && !source.fallback_formats.is_empty() => {
-            let mut last = None;
-            let mut found = None;
-            for format in &source.fallback_formats {
-                match decode::decode(*format, body, source.batch) {
-                    Ok(docs) => {
-                        found = Some((*format, docs));
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
+    let formats = candidate_formats(source, content_type);
+    if formats.is_empty() {
+        let ct = source.content_type_of(content_type);
+        return Err(PrepareError::UnsupportedMediaType(ct.to_string()));
+    }
+    let mut failure = DecodeError::Empty;
+    let mut found = None;
+    for &format in &formats {
+        match decode::decode(format, body, source.batch) {
+            Ok(docs) => {
+                found = Some((format, docs));
+                break;
             }
-            match (found, last) {
-                (Some(found), _) => found,
-                (None, Some(DecodeError::Empty)) => return Err(DecodeError::Empty.into()),
-                (None, _) => {
-                    return Err(
-                        DecodeError::Untyped(decode::names(&source.fallback_formats)).into(),
-                    )
-                }
-            }
+            Err(e) => failure = e,
         }
-        _ => {
-            let ct = source.content_type_of(content_type);
-            let format = decode::format_of(ct)
-                .ok_or_else(|| PrepareError::UnsupportedMediaType(ct.to_string()))?;
-            (format, decode::decode(format, body, source.batch)?)
-        }
+    }
+    let (format, mut docs) = match found {
+        Some(found) => found,
+        // One format says why; several, that the body is none of them.
+        None if formats.len() == 1 || failure == DecodeError::Empty => return Err(failure.into()),
+        None => return Err(DecodeError::Untyped(decode::names(&formats)).into()),
     };
     if source.xapi {
         docs.iter_mut().for_each(decode::normalise_statement);

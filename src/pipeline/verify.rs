@@ -615,7 +615,8 @@ pub fn verify_any(
     Err(worst)
 }
 
-fn rank(a: AuthError, b: AuthError) -> AuthError {
+/// The more telling of two failures.
+pub fn rank(a: AuthError, b: AuthError) -> AuthError {
     fn weight(e: AuthError) -> u8 {
         match e {
             AuthError::NotConfigured => 0,

@@ -677,6 +677,84 @@ where
 mod tests {
     use super::*;
 
+    /// Migration 0006 keys the shipped rules' awards already in a ledger:
+    /// the earliest of each key only, so the index holds and nothing
+    /// earned before is earned again.
+    #[test]
+    fn upgrading_keys_the_awards_already_earned() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        for sql in [
+            include_str!("../../migrations/sqlite/0001_init.sql"),
+            include_str!("../../migrations/sqlite/0002_queue.sql"),
+            include_str!("../../migrations/sqlite/0003_leaner_indexes.sql"),
+            include_str!("../../migrations/sqlite/0004_write_path_indexes.sql"),
+            include_str!("../../migrations/sqlite/0005_stats_counters.sql"),
+        ] {
+            conn.execute_batch(sql).unwrap();
+        }
+        let event = |id: &str, canonical: &str| {
+            conn.execute(
+                "INSERT INTO events (id, source, dedupe_key, namespace, occurred_at, received_at, status, canonical, raw) \
+                 VALUES (?1, 'm', ?1, 'm', 0, 0, 'processed', ?2, x'')",
+                [id, canonical],
+            )
+            .unwrap();
+        };
+        let award = |event: &str, user: &str, rule: &str| {
+            conn.execute(
+                "INSERT INTO ledger (event_id, namespace, user_id, rule, points, occurred_at, created_at) \
+                 VALUES (?1, 'm', ?2, ?3, 10, 0, 0)",
+                [event, user, rule],
+            )
+            .unwrap();
+        };
+        event(
+            "e1",
+            r#"{"course_id":"c1","object_id":"cm1","event_type":"lesson.completed"}"#,
+        );
+        event(
+            "e2",
+            r#"{"course_id":"c1","object_id":"cm1","event_type":"lesson.completed"}"#,
+        );
+        event(
+            "e3",
+            r#"{"course_id":"c1","object_id":"http://x/1","event_type":"xapi.passed"}"#,
+        );
+        event(
+            "e4",
+            r#"{"course_id":"c1","object_id":null,"event_type":"badge"}"#,
+        );
+        award("e1", "u", "lesson_completed");
+        award("e2", "u", "lesson_completed");
+        award("e1", "u", "course_completed");
+        award("e3", "u", "xapi_verbs");
+        award("e4", "u", "my_rule");
+        award("e4", "u", "lesson_completed");
+        conn.execute_batch(include_str!("../../migrations/sqlite/0006_once_awards.sql"))
+            .unwrap();
+        let keys: Vec<(String, String, Option<String>)> = conn
+            .prepare("SELECT event_id, rule, once_key FROM ledger ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let k = |e: &str, r: &str, o: Option<&str>| {
+            (e.to_string(), r.to_string(), o.map(str::to_string))
+        };
+        assert_eq!(
+            keys,
+            vec![
+                k("e1", "lesson_completed", Some("cm1")),
+                k("e2", "lesson_completed", None),
+                k("e1", "course_completed", Some("c1")),
+                k("e3", "xapi_verbs", Some("passed:http://x/1")),
+                k("e4", "my_rule", None),
+                k("e4", "lesson_completed", None),
+            ]
+        );
+    }
+
     async fn plan(pool: &SqlitePool, sql: &str, binds: usize) -> Vec<String> {
         let sql = format!("EXPLAIN QUERY PLAN {sql}");
         let mut q = sqlx::query_as::<_, (i64, i64, i64, String)>(&sql);

@@ -40,7 +40,7 @@ const DELETE_LEDGER: &str =
 const ONCE_HOLDER: &str = "SELECT event_id FROM ledger WHERE namespace = $1 AND user_id = $2 \
     AND rule = $3 AND once_key = $4";
 pub(super) const AWARDS: &str =
-    "SELECT rule, points FROM ledger WHERE namespace = $1 AND user_id = $2 \
+    "SELECT rule, points, once_key FROM ledger WHERE namespace = $1 AND user_id = $2 \
     AND event_id = $3 ORDER BY id";
 
 impl Store {
@@ -79,15 +79,18 @@ impl Store {
         })
     }
 
-    /// An event's ledger entries as (rule, points).
-    pub async fn awards_of(&self, ev: &Stored) -> Result<Vec<(String, i64)>, StoreError> {
+    /// An event's ledger entries as (rule, points, once key).
+    pub async fn awards_of(
+        &self,
+        ev: &Stored,
+    ) -> Result<Vec<(String, i64, Option<String>)>, StoreError> {
         let Some(user) = &ev.user_id else {
             return Ok(Vec::new());
         };
         with_pool!(&self.pool, p => {
             let rows = sqlx::query(AWARDS).bind(&ev.namespace).bind(user).bind(&ev.id).fetch_all(p).await?;
             rows.iter()
-                .map(|r| Ok((r.try_get("rule")?, r.try_get("points")?)))
+                .map(|r| Ok((r.try_get("rule")?, r.try_get("points")?, r.try_get("once_key")?)))
                 .collect::<Result<Vec<_>, sqlx::Error>>()
                 .map_err(StoreError::from)
         })

@@ -85,7 +85,7 @@ async fn a_tool_trigger_form_post_without_a_content_type_earns_the_lesson_points
         r.body["message"]
             .as_str()
             .unwrap()
-            .contains("no Content-Type"),
+            .contains("neither JSON nor form data"),
         "{}",
         r.text
     );
@@ -413,4 +413,26 @@ async fn the_statements_resource_answers_as_an_lrs_does() {
         )
         .await;
     assert_error(&r, 404, "UNKNOWN_SOURCE");
+}
+
+/// cmi5 sends `completed` and then `passed` for one activity: two awards,
+/// each once (the rule keys them apart).
+#[tokio::test]
+async fn an_xapi_completion_and_pass_of_one_activity_both_earn_once() {
+    let app = spawn_platforms().await;
+    let st = |verb: &str, at: &str| {
+        json!({"actor": {"account": {"homePage": "https://lms.example.com", "name": "ada"}},
+            "verb": {"id": format!("http://adlnet.gov/expapi/verbs/{verb}")},
+            "object": {"id": "https://lms.example.com/au/1", "definition": {"type": "http://adlnet.gov/expapi/activities/lesson"}},
+            "timestamp": at})
+    };
+    let batch = json!([
+        st("completed", "2025-01-01T10:00:00Z"),
+        st("passed", "2025-01-01T10:00:01Z"),
+        st("completed", "2025-01-02T10:00:00Z"),
+        st("passed", "2025-01-02T10:00:01Z")
+    ]);
+    let r = app.send(lrs_post(&app, &batch)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(app.user_points("valamis", "ada").await, 25 + 20);
 }

@@ -196,3 +196,34 @@ async fn a_queued_event_survives_a_kill_9_before_processing() {
         "the restarted instance picked the queued event up"
     );
 }
+
+/// Workers keep to once-awards as the writer does: a completion re-sent
+/// under new ids to an async source earns once, and the event that lost
+/// shows 0 points (its stored points match its ledger rows).
+#[tokio::test]
+async fn an_async_source_awards_a_once_award_once() {
+    let app = spawn_with(|d| make_async(d, "rules: [course_completed]")).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let ev = json!({"event_id": format!("o{i}"), "event_type": "course.completed", "user_id": "qo", "course_id": "c1"});
+        let r = app.bearer("queued", CUSTOM_TOKEN, &ev).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        ids.push(r.body["event_id"].as_str().unwrap().to_string());
+    }
+    let mut points = Vec::new();
+    for id in &ids {
+        let done = settled(&app, id).await;
+        assert_eq!(done["status"], "processed");
+        let awarded: i64 = done["awards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["points"].as_i64().unwrap())
+            .sum();
+        assert_eq!(done["points"], awarded, "{done}");
+        points.push(awarded);
+    }
+    points.sort();
+    assert_eq!(points, [0, 0, 50]);
+    assert_eq!(app.user_points("queued", "qo").await, 50);
+}
