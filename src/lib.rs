@@ -16,12 +16,14 @@
 #![allow(clippy::result_large_err)]
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod levels;
 pub mod metrics;
 pub mod net;
 pub mod pipeline;
+pub mod scoring;
 pub mod secrets;
 pub mod settings;
 pub mod store;

@@ -12,8 +12,9 @@ use crate::pipeline::limits::{RateSpec, DEFAULT_GLOBAL, DEFAULT_IP, DEFAULT_SOUR
 pub use crate::secrets::{Secret, SecretEnv};
 
 /// How log lines are written under `serve`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    #[default]
     Json,
     Text,
 }

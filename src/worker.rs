@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::pipeline::mapping::CanonicalEvent;
-use crate::pipeline::rules::{self, History};
+use crate::scoring;
 use crate::store::Claimed;
 
 /// Events one worker claims at a time.
@@ -56,26 +56,17 @@ async fn process(state: &AppState, c: Claimed) {
         (None, _) => Err(format!("source {:?} is no longer configured", c.source)),
         (_, Err(e)) => Err(format!("the stored canonical event cannot be read: {e}")),
         (Some(src), Ok(ev)) => {
-            let history = if src.rules.iter().any(|r| r.uses_history) {
-                match state.store.history(&src.namespace, &ev).await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::error!(event_id = %c.id, error = %e, "history read failed; retrying later");
-                        state.metrics.store_errors.inc();
-                        return; // the claim expires and the event is taken again
-                    }
+            let history = match scoring::history(&state.store, src, &ev).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(event_id = %c.id, error = %e, "history read failed; retrying later");
+                    state.metrics.store_errors.inc();
+                    return; // the claim expires and the event is taken again
                 }
-            } else {
-                History::default()
             };
-            let scored = rules::score(&config.engine, &src.rules, &ev, &history);
+            let scored = scoring::score(&config, src, &ev, &history);
             if let Err(e) = &scored {
-                state
-                    .metrics
-                    .rule_errors
-                    .with_label_values(&[&*e.rule])
-                    .inc();
-                tracing::error!(source = %src.name, event_id = %c.id, rule = %e.rule, error = %e.message, "rule failed");
+                scoring::rule_failed(&state.metrics, &src.name, Some(&c.id), e);
             }
             scored
                 .map_err(|e| e.to_string())

@@ -23,8 +23,8 @@ use crate::app::AppState;
 use crate::config::raw::Processing;
 use crate::config::{Config, Source};
 use crate::pipeline::limits::{self, Scope};
-use crate::pipeline::rules::History;
 use crate::pipeline::{self, PrepareError, Prepared};
+use crate::scoring;
 use crate::store::{EventStatus, Persisted};
 
 /// The raw request body, left unread until the source is known and its
@@ -428,12 +428,7 @@ pub(super) async fn ingest_into(
     }
     for p in &prepared {
         if let Err(e) = &p.outcome {
-            state
-                .metrics
-                .rule_errors
-                .with_label_values(&[&*e.rule])
-                .inc();
-            tracing::error!(source = %src.name, rule = %e.rule, error = %e.message, "rule failed; event stored as failed");
+            scoring::rule_failed(&state.metrics, &src.name, None, e);
         }
     }
     let labels: Vec<String> = prepared
@@ -636,7 +631,6 @@ pub async fn prepare(
             ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
         }
     })?;
-    let wants_history = src.rules.iter().any(|r| r.uses_history);
     let mut out = Vec::with_capacity(mapped.len());
     for (event, raw) in mapped {
         if !score {
@@ -647,16 +641,10 @@ pub async fn prepare(
             });
             continue;
         }
-        let history = if wants_history && event.event_type.is_some() {
-            state
-                .store
-                .history(&src.namespace, &event)
-                .await
-                .map_err(|e| state.store_failed(&e, "history read"))?
-        } else {
-            History::default()
-        };
-        let outcome = pipeline::rules::score(&config.engine, &src.rules, &event, &history);
+        let history = scoring::history(&state.store, src, &event)
+            .await
+            .map_err(|e| state.store_failed(&e, "history read"))?;
+        let outcome = scoring::score(config, src, &event, &history);
         out.push(Prepared {
             event,
             raw,

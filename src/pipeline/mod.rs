@@ -67,7 +67,7 @@ pub fn prepare(
     Ok(mapped
         .into_iter()
         .map(|(event, raw)| {
-            let outcome = rules::score(&config.engine, &source.rules, &event, &History::default());
+            let outcome = crate::scoring::score(config, source, &event, &History::default());
             Prepared {
                 event,
                 raw,

@@ -259,3 +259,49 @@ async fn with_watching_on_a_new_source_file_goes_live_by_itself() {
         "{m}"
     );
 }
+
+/// `send` is a library function: it signs as the source's scheme says,
+/// reports every answer, and retries a 429 after its Retry-After.
+#[tokio::test]
+async fn the_deliver_function_signs_reports_and_retries() {
+    use rocket_rewards::cli::send::{deliver, Delivery};
+    let app = spawn_with(|dir| {
+        let p = dir.join("sources.d/moodle.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            format!("{text}\nrate_limit: {{ per_minute: 60, burst: 1 }}\n"),
+        )
+        .unwrap();
+    })
+    .await;
+    let config = app.server.state.config.load_full();
+    let moodle = config.source("moodle").unwrap();
+    let delivery = |scheme: usize, id: i64| Delivery {
+        url: app.url("/api/public/hook/moodle/event"),
+        scheme: &moodle.auth[scheme],
+        secret: rocket_rewards::secrets::Secret::new(MOODLE_TOKEN),
+        body: serde_json::to_vec(&moodle_completion(id, id)).unwrap(),
+        content_type: "application/json".into(),
+        max_retries: 2,
+        max_wait: std::time::Duration::from_secs(2),
+    };
+    let mut seen = Vec::new();
+    // The body token scheme puts the token into the JSON body.
+    let first = deliver(&delivery(1, 1), &mut |a| seen.push(a.status))
+        .await
+        .unwrap();
+    assert_eq!((first.status, first.attempts), (200, 1), "{}", first.body);
+    // The burst is spent: a 429, then, after Retry-After, a 200.
+    let second = deliver(&delivery(2, 2), &mut |a| seen.push(a.status))
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.status, second.attempts),
+        (200, 2),
+        "{}",
+        second.body
+    );
+    assert_eq!(seen, [200, 429, 200]);
+    assert_eq!(app.user_points("moodle", "2").await, 50);
+}

@@ -117,3 +117,51 @@ async fn rescore_after_a_rule_change_equals_fresh_ingestion() {
     let text = rescore_cli(&app, false).await;
     assert!(text.contains("0 changed"), "{text}");
 }
+
+/// Rescoring is a library function: called on a running server's config
+/// and store, a dry run lists the changes and writes nothing, and a scope
+/// keeps to one source.
+#[tokio::test]
+async fn the_rescore_function_scopes_and_dry_runs() {
+    use rocket_rewards::cli::rescore::{rescore, Summary};
+    use rocket_rewards::store::rescore::Scope;
+    let app = spawn_app().await;
+    ingest_all(&app).await;
+    change_rules(&app.config_dir);
+    assert_eq!(app.reload().await.status, 200);
+    let before = standings(&app).await;
+    let state = &app.server.state;
+    let config = state.config.load_full();
+    let moodle = Scope {
+        source: Some("moodle".into()),
+        since_ms: None,
+    };
+    let mut out = Vec::new();
+    let dry = rescore(&config, &state.store, &moodle, true, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(
+        dry,
+        Summary {
+            checked: 3,
+            changed: 2,
+            skipped: 0,
+            delta: 20
+        },
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(String::from_utf8_lossy(&out).lines().count(), 2);
+    assert_eq!(standings(&app).await, before, "a dry run writes nothing");
+    let mut out = Vec::new();
+    let done = rescore(&config, &state.store, &moodle, false, &mut out)
+        .await
+        .unwrap();
+    assert_eq!(done, dry);
+    assert_eq!(app.user_points("moodle", "8775").await, 60);
+    assert_eq!(
+        app.user_points("custom", "u1").await,
+        10 + 20,
+        "another source is left alone"
+    );
+}

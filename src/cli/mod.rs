@@ -1,0 +1,109 @@
+//! The `rocket-rewards` binary's subcommands, one file each; `main` parses
+//! [`Cli`] and hands it to [`run`].
+
+pub mod check;
+pub mod rescore;
+pub mod send;
+pub mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rocket-rewards",
+    version,
+    about = "LMS webhooks in, learning rewards out."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Run the server.
+    Serve(Box<serve::ServeArgs>),
+    /// Load and compile the config directory, run its test cases; exit
+    /// non-zero on any error or failure.
+    Check {
+        /// The folder holding sources.d/ and rules/.
+        #[arg(long, env = "ROCKET_CONFIG_DIR", default_value = ".")]
+        config_dir: PathBuf,
+    },
+    /// Print the OpenAPI spec.
+    Openapi {
+        /// YAML instead of JSON.
+        #[arg(long)]
+        yaml: bool,
+    },
+    /// Print a new random secret: 32 bytes as hex.
+    Token,
+    /// Replay stored events through the current rules and rewrite the ledger
+    /// and totals where the points changed; safe while the server serves.
+    Rescore(rescore::RescoreArgs),
+    /// Sign a payload file with a source's scheme (its secret as the server
+    /// reads it) and post it, retrying with exponential backoff that
+    /// honours Retry-After.
+    Send(send::SendArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.cmd {
+        Cmd::Token => {
+            println!("{}", new_token());
+            ExitCode::SUCCESS
+        }
+        Cmd::Openapi { yaml } => {
+            let svc = crate::http::service();
+            println!("{}", if yaml { svc.spec_yaml() } else { svc.spec() });
+            ExitCode::SUCCESS
+        }
+        Cmd::Check { config_dir } => check::run(&config_dir),
+        Cmd::Rescore(args) => report(on_runtime(rescore::run(args))),
+        Cmd::Send(args) => report(on_runtime(send::run(args))),
+        Cmd::Serve(args) => report(serve::run(*args)),
+    }
+}
+
+/// 32 random bytes as hex.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn on_runtime<F: std::future::Future<Output = anyhow::Result<ExitCode>>>(
+    f: F,
+) -> anyhow::Result<ExitCode> {
+    tokio::runtime::Runtime::new()?.block_on(f)
+}
+
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {}", causes(&e));
+        ExitCode::FAILURE
+    })
+}
+
+/// An error and its causes, `: `-separated, without repeating a cause that
+/// the message before it already quotes (our errors' messages name their
+/// source, and anyhow's `{:#}` would print it twice).
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}

@@ -1,0 +1,41 @@
+//! Scoring an event: its source's rules, with the learner's history when a
+//! rule reads it. The hook, the queue workers, rescoring and `check` all
+//! score through [`score`], so `check` scores exactly as the server does
+//! (with an empty history: its cases state theirs).
+
+use crate::config::{Config, Source};
+use crate::metrics::Metrics;
+use crate::pipeline::mapping::CanonicalEvent;
+use crate::pipeline::rules::{self, Award, History, RuleError};
+use crate::store::{Store, StoreError};
+
+/// The learner's history, read from the store only when one of the
+/// source's rules reads `history` and the event has a canonical type.
+pub async fn history(
+    store: &Store,
+    source: &Source,
+    event: &CanonicalEvent,
+) -> Result<History, StoreError> {
+    if event.event_type.is_some() && source.rules.iter().any(|r| r.uses_history) {
+        store.history(&source.namespace, event).await
+    } else {
+        Ok(History::default())
+    }
+}
+
+/// Runs the source's rules on the event: every award, or the rule that
+/// failed (then nothing is awarded).
+pub fn score(
+    config: &Config,
+    source: &Source,
+    event: &CanonicalEvent,
+    history: &History,
+) -> Result<Vec<Award>, RuleError> {
+    rules::score(&config.engine, &source.rules, event, history)
+}
+
+/// Counts and logs a rule's failure (the event is stored as failed).
+pub fn rule_failed(metrics: &Metrics, source: &str, event_id: Option<&str>, e: &RuleError) {
+    metrics.rule_errors.with_label_values(&[&*e.rule]).inc();
+    tracing::error!(source, event_id, rule = %e.rule, error = %e.message, "rule failed; event stored as failed");
+}
