@@ -172,7 +172,7 @@ async fn bench(label: &str, url: &str, rows: i64) {
         let s = store.clone();
         let ev = CanonicalEvent {
             source: "moodle".into(),
-            event_id: "x".into(),
+            dedupe_key: "x".into(),
             event_type: Some("lesson.completed".into()),
             vendor_event_type: None,
             user_id: Some(((i as i64 * 7919) % USERS / 2 * 2).to_string()),

@@ -76,7 +76,7 @@ fn run_rule_case(config: &Config, rule: &std::sync::Arc<Rule>, case: &RuleCase) 
     };
     let event = CanonicalEvent {
         source: "rule-test".into(),
-        event_id: "rule-test".into(),
+        dedupe_key: "rule-test".into(),
         event_type: text("event_type"),
         vendor_event_type: text("event_type"),
         user_id: text("user_id"),

@@ -162,7 +162,9 @@ impl AnalyticsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
-        source: Path<String>,
+        /// The user's namespace (a source's name unless its YAML sets another).
+        #[oai(name = "source")]
+        namespace: Path<String>,
         user_id: Path<String>,
         /// How many recent ledger entries to return (1–200, default 20).
         limit: Query<Option<i64>>,
@@ -171,7 +173,7 @@ impl AnalyticsApi {
         let limit = limit.0.unwrap_or(20).clamp(1, 200);
         let rec = state
             .store
-            .user(&source.0, &user_id.0, limit)
+            .user(&namespace.0, &user_id.0, limit)
             .await
             .map_err(|e| state.store_failed(&e, "store read"))?;
         // An unknown user of a known namespace has 0 points; a namespace no
@@ -182,9 +184,9 @@ impl AnalyticsApi {
             .load()
             .sources
             .values()
-            .any(|s| s.namespace == source.0);
+            .any(|s| s.namespace == namespace.0);
         if !known && rec.events == 0 && rec.total_points == 0 && rec.recent.is_empty() {
-            let shown: String = source.0.chars().take(64).collect();
+            let shown: String = namespace.0.chars().take(64).collect();
             return Err(ApiError::not_found(
                 "UNKNOWN_SOURCE",
                 format!("no loaded source has the namespace {shown:?}"),
@@ -192,7 +194,7 @@ impl AnalyticsApi {
         }
         let curve = &state.levels;
         Ok(Json(UserView {
-            source: source.0,
+            source: namespace.0,
             user_id: user_id.0,
             total_points: rec.total_points,
             level: curve.level(rec.total_points),
@@ -251,7 +253,8 @@ impl AnalyticsApi {
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
         /// Only users of this namespace.
-        source: Query<Option<String>>,
+        #[oai(name = "source")]
+        namespace: Query<Option<String>>,
         /// Only points earned in this course.
         course_id: Query<Option<String>>,
         /// Only points for events at or after this time (RFC 3339 or Unix seconds).
@@ -263,7 +266,7 @@ impl AnalyticsApi {
     ) -> Result<Json<Leaderboard>, ApiError> {
         state.require_admin(&auth)?;
         let q = LeaderboardQuery {
-            namespace: source.0,
+            namespace: namespace.0,
             course_id: course_id.0,
             since_ms: parse_time("since", &since.0)?,
             until_ms: parse_time("until", &until.0)?,

@@ -436,7 +436,10 @@ pub(super) async fn ingest_into(
         .map(|p| type_label(src, p).to_string())
         .collect();
     let batch = prepared.len() > 1 || src.batch;
-    let keys: Vec<String> = prepared.iter().map(|p| p.event.event_id.clone()).collect();
+    let keys: Vec<String> = prepared
+        .iter()
+        .map(|p| p.event.dedupe_key.clone())
+        .collect();
     let stored = state
         .store
         .ingest(&src.namespace, prepared, queued)

@@ -364,7 +364,10 @@ pub struct Mapping {
 pub struct CanonicalEvent {
     pub source: String,
     /// The dedupe key: the mapped id, else `sha256:<hex>` of the raw bytes.
-    pub event_id: String,
+    /// Named `event_id` on the wire and to rules, as the canonical event's
+    /// contract says; the stored event's own id is the `evt_…` one.
+    #[serde(rename = "event_id")]
+    pub dedupe_key: String,
     /// The canonical type, or `None` when the vendor's name has no mapping.
     pub event_type: Option<String>,
     /// The vendor's own event name, as sent.
@@ -533,11 +536,11 @@ pub fn map_event(
         return Err(err);
     }
 
-    let event_id =
+    let dedupe_key =
         mapped_id.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))));
     Ok(CanonicalEvent {
         source: source.to_string(),
-        event_id,
+        dedupe_key,
         event_type,
         vendor_event_type: vendor,
         user_id,
@@ -799,7 +802,7 @@ mod tests {
             json!({"id": 9194694.0, "eventname": "\\core\\event\\course_completed", "userid": 8774.0, "courseid": 987, "timecreated": 1662013333}),
         ] {
             let ev = map_event("moodle", &m, &doc, b"raw", now()).unwrap();
-            assert_eq!(ev.event_id, "9194694");
+            assert_eq!(ev.dedupe_key, "9194694");
             assert_eq!(ev.user_id.as_deref(), Some("8774"));
             assert_eq!(ev.course_id.as_deref(), Some("987"));
             assert_eq!(ev.event_type.as_deref(), Some("course.completed"));
@@ -981,7 +984,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            ev.event_id,
+            ev.dedupe_key,
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(ev.occurred_at, now());

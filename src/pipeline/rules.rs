@@ -245,7 +245,7 @@ fn event_map(ev: &CanonicalEvent) -> RhaiMap {
     let mut m = RhaiMap::new();
     let opt = |s: &Option<String>| s.clone().map(Dynamic::from).unwrap_or(Dynamic::UNIT);
     m.insert("source".into(), ev.source.clone().into());
-    m.insert("event_id".into(), ev.event_id.clone().into());
+    m.insert("event_id".into(), ev.dedupe_key.clone().into());
     m.insert("event_type".into(), opt(&ev.event_type));
     m.insert("vendor_event_type".into(), opt(&ev.vendor_event_type));
     m.insert("user_id".into(), opt(&ev.user_id));
@@ -309,7 +309,7 @@ mod tests {
     fn ev(kind: &str) -> CanonicalEvent {
         CanonicalEvent {
             source: "moodle".into(),
-            event_id: "1".into(),
+            dedupe_key: "1".into(),
             event_type: Some(kind.into()),
             vendor_event_type: None,
             user_id: Some("u1".into()),

@@ -423,7 +423,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                 let fresh = insert.execute(params![
                     it.id,
                     ev.source,
-                    ev.event_id,
+                    ev.dedupe_key,
                     ns,
                     ev.event_type,
                     ev.vendor_event_type,
@@ -509,7 +509,7 @@ fn redelivered(
     let ev = &it.prepared.event;
     let read = |tx: &rusqlite::Transaction<'_>| {
         tx.prepare_cached(EXISTING)?
-            .query_row(params![ev.source, ev.event_id], |r| {
+            .query_row(params![ev.source, ev.dedupe_key], |r| {
                 Ok(Persisted {
                     event_id: r.get(0)?,
                     status: status_of(&r.get::<_, String>(1)?),

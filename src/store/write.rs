@@ -376,7 +376,7 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
             let ev = &it.prepared.event;
             b.push_bind(&it.id)
                 .push_bind(&ev.source)
-                .push_bind(&ev.event_id)
+                .push_bind(&ev.dedupe_key)
                 .push_bind(*ns)
                 .push_bind(&ev.event_type)
                 .push_bind(&ev.vendor_event_type)
@@ -414,7 +414,7 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
             } else {
                 let row = sqlx::query(EXISTING)
                     .bind(&ev.source)
-                    .bind(&ev.event_id)
+                    .bind(&ev.dedupe_key)
                     .fetch_one(&mut *tx)
                     .await?;
                 let id: String = row.try_get("id")?;
@@ -437,7 +437,7 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                     let row = if status == "failed" {
                         sqlx::query(EXISTING)
                             .bind(&ev.source)
-                            .bind(&ev.event_id)
+                            .bind(&ev.dedupe_key)
                             .fetch_one(&mut *tx)
                             .await?
                     } else {
