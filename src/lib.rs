@@ -1,14 +1,20 @@
 //! Rocket Learning Rewards: LMS webhooks in, learning rewards out.
 //!
-//! A request's path through the crate:
-//! - [`http`]: poem-openapi operations; the hook reads the raw body within
-//!   the source's limit and answers with one success or error body.
-//! - [`config`]: `sources.d/*.yaml` and `rules/*.rhai`, compiled once.
-//! - [`pipeline`]: `verify` (bearer/HMAC on raw bytes), `decode`,
-//!   `mapping` (JSONPath to the canonical event), `rules` (rhai scoring).
+//! A hook request's path through the crate, from the socket to the commit:
+//! - [`net`]: the listener's connection limits; [`http`]: poem-openapi
+//!   operations. `http::hooks` finds the source, checks the allowlist and
+//!   rate limits (`http::context`), and reads the body within its limit.
+//! - [`ingest`]: the use case for one source, free of HTTP: authenticate,
+//!   decode, map, with the [`pipeline`]'s stages (`verify`, `decode`,
+//!   `mapping`, `rules`, `limits`) as [`config`] compiled them.
+//! - [`scoring`]: the source's rules with the learner's history.
 //! - [`store`]: the idempotent ledger on SQLite or PostgreSQL, written by a
-//!   group-commit writer.
-//! - [`metrics`], [`levels`], [`settings`]; [`app`] wires it all and runs it.
+//!   group-commit writer that answers after the commit is on disk.
+//! - Then `http::hooks` answers; [`metrics`] count it.
+//!
+//! Around it: [`state`] (what requests share), [`app`] (startup, reload,
+//! shutdown), [`worker`] (async sources), [`cli`] (the binary's
+//! subcommands), [`settings`] and [`secrets`], [`levels`].
 #![forbid(unsafe_code)]
 // `ApiError` is the poem-openapi response enum (every status with its body,
 // so the spec lists them); boxing it would hide it from the derive. It is
@@ -19,6 +25,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod ingest;
 pub mod levels;
 pub mod metrics;
 pub mod net;
@@ -26,5 +33,6 @@ pub mod pipeline;
 pub mod scoring;
 pub mod secrets;
 pub mod settings;
+pub mod state;
 pub mod store;
 pub mod worker;

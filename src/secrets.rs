@@ -244,9 +244,12 @@ impl SecretEnv {
     }
 
     fn allow_shared(&self) -> bool {
-        self.var(ALLOW_SHARED)
-            .and_then(|v| crate::settings::parse_switch(v).ok())
-            .unwrap_or(false)
+        self.var(ALLOW_SHARED).is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "on" | "true" | "1" | "yes"
+            )
+        })
     }
 
     /// The comma-separated list an environment variable holds (no files).

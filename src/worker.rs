@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::app::AppState;
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::scoring;
+use crate::state::AppState;
 use crate::store::Claimed;
 
 /// Events one worker claims at a time.

@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use crate::config::{self, selftest};
+use crate::config;
+use crate::ingest::selftest;
 use crate::pipeline::limits::DEFAULT_SOURCE;
 use crate::settings::SecretEnv;
 

@@ -4,7 +4,6 @@
 //! file, line and key; a config with any error is refused whole.
 
 pub mod raw;
-pub mod selftest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

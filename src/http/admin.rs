@@ -10,7 +10,7 @@ use poem_openapi::{Object, OpenApi};
 
 use super::error::ApiError;
 use super::{AdminToken, ApiTags};
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// A loaded source, without secrets.
 #[derive(Debug, Object)]

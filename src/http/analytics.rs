@@ -12,7 +12,7 @@ use poem_openapi::{Object, OpenApi};
 
 use super::error::ApiError;
 use super::{AdminToken, ApiTags};
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::store::{LeaderboardQuery, LedgerEntry};
 
 /// One ledger entry.

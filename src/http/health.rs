@@ -10,7 +10,7 @@ use poem_openapi::{ApiResponse, Object, OpenApi};
 
 use super::error::ApiError;
 use super::ApiTags;
-use crate::app::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Object)]
 pub struct Health {

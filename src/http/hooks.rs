@@ -19,12 +19,13 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::ApiTags;
-use crate::app::AppState;
 use crate::config::raw::Processing;
 use crate::config::{Config, Source};
+use crate::ingest;
 use crate::pipeline::limits::{self, Scope};
 use crate::pipeline::{self, PrepareError, Prepared};
 use crate::scoring;
+use crate::state::AppState;
 use crate::store::{EventStatus, Persisted};
 
 /// The raw request body, left unread until the source is known and its
@@ -259,7 +260,7 @@ impl HookApi {
         let config = state.config.load_full();
         state.require_test_or_admin(req.headers(), false)?;
         let (src, bytes) = chosen_or_detected(&state, &config, as_source.0, req, body).await?;
-        let mapped = pipeline::map_body(&src, req.content_type(), &bytes, Utc::now());
+        let mapped = ingest::map_body(&src, req.content_type(), &bytes, Utc::now());
         let prepared = prepare(&state, &config, &src, mapped, true).await?;
         Ok(Json(dry_run_result(&src, &prepared)))
     }
@@ -286,7 +287,7 @@ impl HookApi {
         let config = state.config.load_full();
         state.require_test_or_admin(req.headers(), true)?;
         let (src, bytes) = chosen_or_detected(&state, &config, source.0, req, body).await?;
-        let mapped = pipeline::map_body(&src, req.content_type(), &bytes, Utc::now());
+        let mapped = ingest::map_body(&src, req.content_type(), &bytes, Utc::now());
         let prepared = prepare(&state, &config, &src, mapped, true).await?;
         Ok(Json(ValidationResult {
             status: "success".into(),
@@ -332,7 +333,7 @@ async fn chosen_or_detected(
                 .filter(|n| *n != "test")
                 .filter_map(|n| config.source(n)),
         )
-        .find(|s| pipeline::map_body(s, req.content_type(), &bytes, now).is_ok())
+        .find(|s| ingest::map_body(s, req.content_type(), &bytes, now).is_ok())
         .cloned();
     Ok((detected.unwrap_or(src), bytes))
 }
@@ -381,12 +382,12 @@ pub(super) async fn ingest_into(
         state.rate_outcome(req, &src.name, ip, checked)?;
     }
     let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
-    let parts = pipeline::RequestParts {
+    let parts = ingest::RequestParts {
         headers: req.headers(),
         query: req.uri().query(),
         content_type: req.content_type(),
     };
-    let decoded = match pipeline::authenticate(src, parts, &bytes, Utc::now().timestamp()) {
+    let decoded = match ingest::authenticate(src, parts, &bytes, Utc::now().timestamp()) {
         Ok(decoded) => decoded,
         Err(e) => {
             state
@@ -409,12 +410,12 @@ pub(super) async fn ingest_into(
         return Err(unsupported(src, req.content_type().unwrap_or("")));
     }
     let queued = src.processing == Processing::Async;
-    let decoded = decoded.unwrap_or_else(|| pipeline::decode_body(src, req.content_type(), &bytes));
+    let decoded = decoded.unwrap_or_else(|| ingest::decode_body(src, req.content_type(), &bytes));
     let decoded = match statement_id {
         None => decoded,
         Some(id) => decoded.and_then(|mut d| d.pin_statement_id(id).map(|()| d)),
     };
-    let mapped = decoded.and_then(|d| pipeline::map_decoded(src, d, &bytes, Utc::now()));
+    let mapped = decoded.and_then(|d| ingest::map_decoded(src, d, &bytes, Utc::now()));
     let prepared = prepare(state, config, src, mapped, !queued).await?;
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod context;
 pub mod error;
 pub mod health;
 pub mod hooks;
@@ -16,7 +17,8 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::auth::Bearer;
 use poem_openapi::{OpenApiService, SecurityScheme, Tags};
 
-use crate::app::{AppState, RateSlot};
+use crate::state::AppState;
+use context::RateSlot;
 
 #[derive(Tags)]
 pub enum ApiTags {

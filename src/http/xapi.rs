@@ -18,7 +18,7 @@ use poem_openapi::{ApiResponse, OpenApi};
 use super::error::ApiError;
 use super::hooks::{ingest_into, unknown_source, HookBody, Ingested};
 use super::ApiTags;
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// The header every xAPI request and response carries.
 pub const VERSION_HEADER: &str = "x-experience-api-version";

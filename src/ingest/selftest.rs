@@ -7,8 +7,9 @@ use chrono::Utc;
 use poem::http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 
-use super::raw::{RuleCase, TestCase};
-use super::{Config, Source};
+use crate::config::raw::{RuleCase, TestCase};
+use crate::config::{Config, Source};
+use crate::ingest;
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, Rule};
 use crate::pipeline::{self, PrepareError};
@@ -169,15 +170,15 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
     };
     let ct = case.content_type.as_deref();
     let body = Bytes::from(body);
-    let parts = pipeline::RequestParts {
+    let parts = ingest::RequestParts {
         headers: &headers,
         query: query.as_deref(),
         content_type: ct,
     };
-    let outcome = pipeline::authenticate(source, parts, &body, now.timestamp())
+    let outcome = ingest::authenticate(source, parts, &body, now.timestamp())
         .map_err(|_| "AUTHENTICATION_FAILED".to_string())
         .and_then(|decoded| {
-            pipeline::prepare(config, source, decoded, ct, &body, now).map_err(|e| match e {
+            ingest::prepare(config, source, decoded, ct, &body, now).map_err(|e| match e {
                 PrepareError::UnsupportedMediaType(_) => "UNSUPPORTED_MEDIA_TYPE".to_string(),
                 PrepareError::Decode(_) | PrepareError::Statement(_) => {
                     "INVALID_PAYLOAD".to_string()

@@ -1,0 +1,161 @@
+//! What the HTTP layer adds to the shared state: operator tokens, the
+//! client's address, rate-limit outcomes and their response headers, and
+//! store failures as the opaque 500.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use poem::http::HeaderMap;
+use poem::Request;
+
+use super::error::ApiError;
+use super::AdminToken;
+use crate::config::Source;
+use crate::pipeline::limits::{self, ProxyHeader, Refusal, Standing};
+use crate::pipeline::verify::{bearer_token, check_bearer};
+use crate::state::AppState;
+
+const DEFAULT_PROXY_HEADERS: [ProxyHeader; 2] =
+    [ProxyHeader::XForwardedFor, ProxyHeader::Forwarded];
+
+/// The rate-limit standing of a hook request, for its response headers.
+#[derive(Clone, Copy, Debug)]
+pub struct RateHeaders {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset: u64,
+    pub retry_after: Option<u64>,
+}
+
+/// Filled by the hook handler, read by the middleware that writes the
+/// `X-RateLimit-*` and `Retry-After` headers. The last record wins (an
+/// event-type refusal after the request-level standing).
+#[derive(Default, Debug)]
+pub struct RateSlot(std::sync::Mutex<Option<RateHeaders>>);
+
+impl RateSlot {
+    pub fn record(&self, h: RateHeaders) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(h);
+        }
+    }
+    pub fn get(&self) -> Option<RateHeaders> {
+        self.0.lock().ok().and_then(|g| *g)
+    }
+}
+
+impl AppState {
+    /// Checks the admin token (the loaded config's: it rotates with a
+    /// reload); unset means every call is refused.
+    pub fn require_admin(&self, auth: &AdminToken) -> Result<(), ApiError> {
+        check_bearer(
+            &self.config.load().admin_token.digests,
+            auth.0.token.as_bytes(),
+        )
+        .map_err(|_| ApiError::unauthorized("invalid or missing admin token"))
+    }
+
+    /// Checks for the test token (or, when `admin_too`, the admin token).
+    pub fn require_test_or_admin(
+        &self,
+        headers: &HeaderMap,
+        admin_too: bool,
+    ) -> Result<(), ApiError> {
+        let token = bearer_token(headers)
+            .map_err(|_| ApiError::unauthorized("a bearer token is required"))?;
+        let config = self.config.load();
+        let ok = check_bearer(&config.test_token.digests, token.as_bytes()).is_ok()
+            || (admin_too && check_bearer(&config.admin_token.digests, token.as_bytes()).is_ok());
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(if admin_too {
+                "invalid test or admin token"
+            } else {
+                "invalid test token"
+            }))
+        }
+    }
+
+    /// The client's address for a request to `source`: the peer, or what a
+    /// trusted proxy's header says.
+    pub fn client_ip(&self, req: &Request, source: Option<&Source>) -> IpAddr {
+        let peer = match req.remote_addr().as_socket_addr() {
+            Some(a) => a.ip(),
+            None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        };
+        let headers = source
+            .map(|s| s.proxy_headers.as_slice())
+            .unwrap_or(&DEFAULT_PROXY_HEADERS);
+        limits::client_ip(peer, req.headers(), &self.settings.trusted_proxies, headers)
+    }
+
+    /// Records a rate-limit check: headers for the response, metrics, and
+    /// for a refusal the audit line and the 429.
+    pub fn rate_outcome(
+        &self,
+        req: &Request,
+        source: &str,
+        ip: IpAddr,
+        checked: Result<Option<Standing>, Refusal>,
+    ) -> Result<(), ApiError> {
+        let slot = req.extensions().get::<Arc<RateSlot>>();
+        match checked {
+            Ok(Some(s)) => {
+                self.metrics
+                    .rate_utilization
+                    .with_label_values(&[s.scope.label()])
+                    .set(s.utilization());
+                if let Some(slot) = slot {
+                    slot.record(RateHeaders {
+                        limit: s.limit,
+                        remaining: s.advertised_remaining(),
+                        reset: s.reset,
+                        retry_after: None,
+                    });
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(r) => {
+                let scope = r.scope.label();
+                self.metrics.rate_limited.with_label_values(&[scope]).inc();
+                self.metrics
+                    .rate_utilization
+                    .with_label_values(&[scope])
+                    .set(1.0);
+                tracing::warn!(source, client_ip = %ip, reason = "rate_limited", scope, "request refused");
+                if let Some(slot) = slot {
+                    slot.record(RateHeaders {
+                        limit: r.limit,
+                        remaining: 0,
+                        reset: r.reset,
+                        retry_after: Some(r.retry_after),
+                    });
+                }
+                Err(ApiError::rate_limited(scope, r.retry_after))
+            }
+        }
+    }
+
+    /// Rate-limit headers for a hook response whose handler answered before
+    /// the rate check (unknown source, refused address, wrong method, a dry
+    /// run): the client address's standing, read without charging it.
+    pub fn address_rate_headers(&self, ip: IpAddr) -> RateHeaders {
+        let s = self.limits.peek_ip(ip);
+        RateHeaders {
+            limit: s.limit,
+            remaining: s.advertised_remaining(),
+            reset: s.reset,
+            retry_after: None,
+        }
+    }
+
+    /// A store failure as the client sees it: counted, logged with its
+    /// cause, answered as an opaque 500.
+    pub fn store_failed(&self, e: &crate::store::StoreError, what: &str) -> ApiError {
+        self.metrics.store_errors.inc();
+        tracing::error!(error = %e, "{what} failed");
+        ApiError::internal(None)
+    }
+}

@@ -1,0 +1,265 @@
+//! The ingest use case for one source, free of HTTP: authenticate a
+//! request's credentials, decode its body (by Content-Type or the source's
+//! fallbacks), map each document to a canonical event, and score it.
+//! `http::hooks` reads the body and answers; `check` runs a source's test
+//! cases through the same functions ([`selftest`]).
+
+pub mod selftest;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, Source};
+use crate::pipeline::decode::{self, DecodeError};
+use crate::pipeline::mapping::{self, CanonicalEvent};
+use crate::pipeline::rules::History;
+use crate::pipeline::{verify, PrepareError, Prepared};
+
+/// Decodes (unless [`authenticate`] already did), maps and scores a
+/// verified body with `source`'s mapping and rules, with an empty history.
+pub fn prepare(
+    config: &Config,
+    source: &Source,
+    decoded: Option<Result<Decoded, PrepareError>>,
+    content_type: Option<&str>,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<Prepared>, PrepareError> {
+    let mapped = map_verified(source, decoded, content_type, body, now)?;
+    Ok(mapped
+        .into_iter()
+        .map(|(event, raw)| {
+            let outcome = crate::scoring::score(config, source, &event, &History::default());
+            Prepared {
+                event,
+                raw,
+                outcome,
+            }
+        })
+        .collect())
+}
+
+/// What a request presents besides its body.
+#[derive(Clone, Copy)]
+pub struct RequestParts<'a> {
+    pub headers: &'a poem::http::HeaderMap,
+    pub query: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+}
+
+/// Authenticates a request against the source's schemes (any one that
+/// verifies). A source that takes a token in a body field has the token
+/// looked for only when no other scheme verifies, by a scan of the body
+/// that builds nothing (see [`decode::find_token`]); once authenticated,
+/// its body is decoded and the token field taken out whichever scheme
+/// verified, and comes back for [`map_verified`], so the token never
+/// reaches the mapping or the store.
+pub fn authenticate(
+    source: &Source,
+    parts: RequestParts<'_>,
+    body: &[u8],
+    now: i64,
+) -> Result<Option<Result<Decoded, PrepareError>>, verify::AuthError> {
+    let field = source.auth.iter().find_map(|a| match a {
+        verify::AuthScheme::BodyField { field, .. } => Some(field),
+        _ => None,
+    });
+    let presented = verify::Presented {
+        headers: parts.headers,
+        query: parts.query,
+        body,
+        body_token: None,
+    };
+    let verified = verify::verify_any(&source.auth, &presented, now);
+    let Some(field) = field else {
+        return verified.map(|()| None);
+    };
+    if let Err(first) = verified {
+        let token = candidate_formats(source, parts.content_type)
+            .into_iter()
+            .find_map(|format| decode::find_token(format, body, field));
+        let with_token = verify::Presented {
+            body_token: token.as_deref(),
+            ..presented
+        };
+        verify::verify_any(&source.auth, &with_token, now).map_err(|e| verify::rank(first, e))?;
+    }
+    Ok(Some(decode_body(source, parts.content_type, body).map(
+        |mut d| {
+            d.take_token(field);
+            d
+        },
+    )))
+}
+
+/// The formats a body may be in, in the order they are tried.
+fn candidate_formats(source: &Source, content_type: Option<&str>) -> Vec<decode::BodyFormat> {
+    let declared = content_type.and_then(decode::format_of);
+    let untyped = declared.is_none() || declared == Some(decode::BodyFormat::Form);
+    if untyped && !source.fallback_formats.is_empty() {
+        source.fallback_formats.clone()
+    } else {
+        let ct = source.content_type_of(content_type);
+        decode::format_of(ct).into_iter().collect()
+    }
+}
+
+/// Maps an authenticated body: decoded by [`authenticate`], or now.
+pub fn map_verified(
+    source: &Source,
+    decoded: Option<Result<Decoded, PrepareError>>,
+    content_type: Option<&str>,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    let decoded = match decoded {
+        Some(d) => d?,
+        None => decode_body(source, content_type, body)?,
+    };
+    map_decoded(source, decoded, body, now)
+}
+
+/// A body decoded for a source: its documents, and how to tell the bytes
+/// each is stored as.
+#[derive(Debug)]
+pub struct Decoded {
+    pub format: decode::BodyFormat,
+    pub docs: Vec<serde_json::Value>,
+    /// The body was a JSON array: each statement is stored on its own.
+    array: bool,
+    /// A field was taken out (a body token): documents are stored
+    /// re-encoded, without it.
+    redacted: bool,
+}
+
+impl Decoded {
+    /// For `PUT …/statements?statementId=`: the body must be one statement,
+    /// which takes that id, or already carries it (xAPI 1.0.3, Communication
+    /// 2.1.1: "the id property of the Statement MUST match the statementId").
+    pub fn pin_statement_id(&mut self, id: &str) -> Result<(), PrepareError> {
+        let ([statement], false) = (self.docs.as_mut_slice(), self.array) else {
+            return Err(PrepareError::Statement(
+                "PUT takes one statement, not an array".into(),
+            ));
+        };
+        let Some(map) = statement.as_object_mut() else {
+            return Err(PrepareError::Statement(
+                "a statement is a JSON object".into(),
+            ));
+        };
+        match map.get("id") {
+            None => {
+                map.insert("id".into(), serde_json::Value::String(id.to_string()));
+                Ok(())
+            }
+            Some(serde_json::Value::String(own)) if own.eq_ignore_ascii_case(id) => Ok(()),
+            Some(_) => Err(PrepareError::Statement(
+                "the statement's id differs from statementId".into(),
+            )),
+        }
+    }
+
+    /// Takes a body token out of the (first) document; see
+    /// [`verify::take_body_token`].
+    pub fn take_token(&mut self, field: &[String]) -> Option<String> {
+        let token = verify::take_body_token(self.docs.first_mut()?, field);
+        self.redacted |= token.is_some();
+        token
+    }
+}
+
+/// Decodes a body for `source`: by its `Content-Type`; or, when the request
+/// has none or says form data (which some plugins put on JSON), by the
+/// source's fallback formats in order; else as its first content type. xAPI
+/// sources get their statements normalised (see
+/// [`decode::normalise_statement`]).
+pub fn decode_body(
+    source: &Source,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Decoded, PrepareError> {
+    if !source.accepts(content_type) {
+        return Err(PrepareError::UnsupportedMediaType(
+            content_type.unwrap_or("").to_string(),
+        ));
+    }
+    let formats = candidate_formats(source, content_type);
+    if formats.is_empty() {
+        let ct = source.content_type_of(content_type);
+        return Err(PrepareError::UnsupportedMediaType(ct.to_string()));
+    }
+    let mut failure = DecodeError::Empty;
+    let mut found = None;
+    for &format in &formats {
+        match decode::decode(format, body, source.batch) {
+            Ok(docs) => {
+                found = Some((format, docs));
+                break;
+            }
+            Err(e) => failure = e,
+        }
+    }
+    let (format, mut docs) = match found {
+        Some(found) => found,
+        // One format says why; several, that the body is none of them.
+        None if formats.len() == 1 || failure == DecodeError::Empty => return Err(failure.into()),
+        None => return Err(DecodeError::Untyped(decode::names(&formats)).into()),
+    };
+    if source.xapi {
+        docs.iter_mut().for_each(decode::normalise_statement);
+    }
+    let array = source.batch && body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    Ok(Decoded {
+        format,
+        docs,
+        array,
+        redacted: false,
+    })
+}
+
+/// Maps decoded documents: each event with the bytes it is stored as (the
+/// body as received; a batch's statements each on their own; a redacted
+/// document re-encoded).
+pub fn map_decoded(
+    source: &Source,
+    decoded: Decoded,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    let mut decoded = decoded;
+    if source.xapi {
+        for doc in &mut decoded.docs {
+            decode::assign_statement_id(doc);
+        }
+    }
+    let single = decoded.docs.len() == 1;
+    let mut out = Vec::with_capacity(decoded.docs.len());
+    for (i, doc) in decoded.docs.iter().enumerate() {
+        let raw = if decoded.redacted {
+            Bytes::from(decode::encode(decoded.format, doc))
+        } else if decoded.array {
+            Bytes::from(serde_json::to_vec(doc).unwrap_or_default())
+        } else {
+            body.clone()
+        };
+        let event =
+            mapping::map_event(&source.name, &source.mapping, doc, &raw, now).map_err(|error| {
+                PrepareError::Mapping {
+                    index: (!single).then_some(i),
+                    error,
+                }
+            })?;
+        out.push((event, raw));
+    }
+    Ok(out)
+}
+
+/// Decodes and maps a verified body: each event with the raw bytes it came from.
+pub fn map_body(
+    source: &Source,
+    content_type: Option<&str>,
+    body: &Bytes,
+    now: DateTime<Utc>,
+) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
+    map_decoded(source, decode_body(source, content_type, body)?, body, now)
+}
