@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use poem::web::Data;
+use poem::Request;
 
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
@@ -83,8 +84,9 @@ impl AdminApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
     ) -> Result<Json<SourceList>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         let config = state.config.load_full();
         let sources = config
             .source_names()
@@ -133,9 +135,10 @@ impl AdminApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
         event_id: Path<String>,
     ) -> Result<Json<RetryResult>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         match state.store.retry(&event_id.0).await {
             Ok(true) => {
                 state.queue_ready.notify_waiters();
@@ -166,8 +169,9 @@ impl AdminApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
     ) -> Result<Json<ReloadResult>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         match state.reload("api") {
             Ok(config) => Ok(Json(ReloadResult {
                 status: "success".into(),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use poem::web::Data;
+use poem::Request;
 
 use chrono::{DateTime, TimeZone, Utc};
 use poem_openapi::param::{Path, Query};
@@ -162,6 +163,7 @@ impl AnalyticsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
         /// The user's namespace (a source's name unless its YAML sets another).
         #[oai(name = "source")]
         namespace: Path<String>,
@@ -169,7 +171,7 @@ impl AnalyticsApi {
         /// How many recent ledger entries to return (1–200, default 20).
         limit: Query<Option<i64>>,
     ) -> Result<Json<UserView>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         let limit = limit.0.unwrap_or(20).clamp(1, 200);
         let rec = state
             .store
@@ -214,9 +216,10 @@ impl AnalyticsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
         event_id: Path<String>,
     ) -> Result<Json<EventView>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         let rec = state
             .store
             .event(&event_id.0)
@@ -252,6 +255,7 @@ impl AnalyticsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
         /// Only users of this namespace.
         #[oai(name = "source")]
         namespace: Query<Option<String>>,
@@ -264,7 +268,7 @@ impl AnalyticsApi {
         /// How many entries (1–1000, default 10).
         limit: Query<Option<i64>>,
     ) -> Result<Json<Leaderboard>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         let q = LeaderboardQuery {
             namespace: namespace.0,
             course_id: course_id.0,
@@ -301,11 +305,12 @@ impl AnalyticsApi {
         &self,
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
+        req: &Request,
         /// Days of points history (1–366, default 30): points awarded per
         /// UTC day, from the day `days` days ago through today.
         days: Query<Option<i64>>,
     ) -> Result<Json<StatsView>, ApiError> {
-        state.require_admin(&auth)?;
+        state.require_admin(req, &auth)?;
         let days = days.0.unwrap_or(30).clamp(1, 366);
         let since = Utc::now().timestamp_millis() - days * 86_400_000;
         let s = state

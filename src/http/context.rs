@@ -5,7 +5,6 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use poem::http::HeaderMap;
 use poem::Request;
 
 use super::error::ApiError;
@@ -46,35 +45,52 @@ impl RateSlot {
 
 impl AppState {
     /// Checks the admin token (the loaded config's: it rotates with a
-    /// reload); unset means every call is refused.
-    pub fn require_admin(&self, auth: &AdminToken) -> Result<(), ApiError> {
-        check_bearer(
+    /// reload); unset means every call is refused. Failures are throttled
+    /// per address (see [`Self::operator_login`]).
+    pub fn require_admin(&self, req: &Request, auth: &AdminToken) -> Result<(), ApiError> {
+        let ok = check_bearer(
             &self.config.load().admin_token.digests,
             auth.0.token.as_bytes(),
         )
-        .map_err(|_| ApiError::unauthorized("invalid or missing admin token"))
+        .is_ok();
+        self.operator_login(req, ok, "invalid or missing admin token")
     }
 
     /// Checks for the test token (or, when `admin_too`, the admin token).
-    pub fn require_test_or_admin(
-        &self,
-        headers: &HeaderMap,
-        admin_too: bool,
-    ) -> Result<(), ApiError> {
-        let token = bearer_token(headers)
-            .map_err(|_| ApiError::unauthorized("a bearer token is required"))?;
+    pub fn require_test_or_admin(&self, req: &Request, admin_too: bool) -> Result<(), ApiError> {
         let config = self.config.load();
-        let ok = check_bearer(&config.test_token.digests, token.as_bytes()).is_ok()
-            || (admin_too && check_bearer(&config.admin_token.digests, token.as_bytes()).is_ok());
-        if ok {
-            Ok(())
+        let ok = bearer_token(req.headers()).is_ok_and(|token| {
+            check_bearer(&config.test_token.digests, token.as_bytes()).is_ok()
+                || (admin_too
+                    && check_bearer(&config.admin_token.digests, token.as_bytes()).is_ok())
+        });
+        let refusal = if admin_too {
+            "invalid or missing test or admin token"
         } else {
-            Err(ApiError::unauthorized(if admin_too {
-                "invalid test or admin token"
-            } else {
-                "invalid test token"
-            }))
+            "invalid or missing test token"
+        };
+        self.operator_login(req, ok, refusal)
+    }
+
+    /// An operator token's check, throttled per client address: an address
+    /// whose failed logins used up their bucket (10 a minute, 20 at once) is
+    /// answered 429 until it refills, so tokens cannot be guessed at speed.
+    fn operator_login(&self, req: &Request, ok: bool, refusal: &str) -> Result<(), ApiError> {
+        let ip = self.client_ip(req, None);
+        if let Err(r) = self.limits.login_allowed(ip) {
+            self.metrics
+                .rate_limited
+                .with_label_values(&["login"])
+                .inc();
+            tracing::warn!(client_ip = %ip, reason = "login_failures", "request refused");
+            return Err(ApiError::rate_limited("login", r.retry_after));
         }
+        if ok {
+            return Ok(());
+        }
+        self.limits.login_failed(ip);
+        tracing::warn!(client_ip = %ip, reason = "operator_token", "authentication failed");
+        Err(ApiError::unauthorized(refusal))
     }
 
     /// The client's address for a request to `source`: the peer, or what a
@@ -91,14 +107,14 @@ impl AppState {
     }
 
     /// Records a rate-limit check: headers for the response, metrics, and
-    /// for a refusal the audit line and the 429.
+    /// for a refusal the audit line and the 429; passes the standing on.
     pub fn rate_outcome(
         &self,
         req: &Request,
         source: &str,
         ip: IpAddr,
         checked: Result<Option<Standing>, Refusal>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<Standing>, ApiError> {
         let slot = req.extensions().get::<Arc<RateSlot>>();
         match checked {
             Ok(Some(s)) => {
@@ -114,9 +130,9 @@ impl AppState {
                         retry_after: None,
                     });
                 }
-                Ok(())
+                Ok(Some(s))
             }
-            Ok(None) => Ok(()),
+            Ok(None) => Ok(None),
             Err(r) => {
                 let scope = r.scope.label();
                 self.metrics.rate_limited.with_label_values(&[scope]).inc();

@@ -61,9 +61,9 @@ pub enum ApiError {
     /// The content type is not accepted by the source.
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
-    /// Rate limited; see `Retry-After`.
+    /// Rate limited; `Retry-After` says when to come back (seconds).
     #[oai(status = 429)]
-    TooManyRequests(Json<ErrorBody>),
+    TooManyRequests(Json<ErrorBody>, #[oai(header = "Retry-After")] u64),
     /// Internal error; the cause is logged, not returned.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
@@ -93,11 +93,14 @@ impl ApiError {
         ))
     }
     pub fn rate_limited(scope: &str, retry_after: u64) -> Self {
-        ApiError::TooManyRequests(Self::body(
-            "RATE_LIMITED",
-            format!("rate limit exceeded ({scope}); retry after {retry_after} s"),
-            Some(serde_json::json!({ "scope": scope, "retry_after": retry_after })),
-        ))
+        ApiError::TooManyRequests(
+            Self::body(
+                "RATE_LIMITED",
+                format!("rate limit exceeded ({scope}); retry after {retry_after} s"),
+                Some(serde_json::json!({ "scope": scope, "retry_after": retry_after })),
+            ),
+            retry_after,
+        )
     }
     pub fn body_timeout() -> Self {
         ApiError::RequestTimeout(Self::body(
@@ -141,7 +144,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -156,7 +159,7 @@ impl ApiError {
             | ApiError::RequestTimeout(b)
             | ApiError::PayloadTooLarge(b)
             | ApiError::UnsupportedMediaType(b)
-            | ApiError::TooManyRequests(b)
+            | ApiError::TooManyRequests(b, _)
             | ApiError::Internal(b)
             | ApiError::Unavailable(b) => &b.0.error,
         }

@@ -258,7 +258,7 @@ impl HookApi {
         body: HookBody,
     ) -> Result<Json<DryRunResult>, ApiError> {
         let config = state.config.load_full();
-        state.require_test_or_admin(req.headers(), false)?;
+        state.require_test_or_admin(req, false)?;
         let (src, bytes) = chosen_or_detected(&state, &config, as_source.0, req, body).await?;
         let mapped = ingest::map_body(&src, req.content_type(), &bytes, Utc::now());
         let prepared = prepare(&state, &config, &src, mapped, true).await?;
@@ -285,7 +285,7 @@ impl HookApi {
         body: HookBody,
     ) -> Result<Json<ValidationResult>, ApiError> {
         let config = state.config.load_full();
-        state.require_test_or_admin(req.headers(), true)?;
+        state.require_test_or_admin(req, true)?;
         let (src, bytes) = chosen_or_detected(&state, &config, source.0, req, body).await?;
         let mapped = ingest::map_body(&src, req.content_type(), &bytes, Utc::now());
         let prepared = prepare(&state, &config, &src, mapped, true).await?;
@@ -369,18 +369,16 @@ pub(super) async fn ingest_into(
         tracing::warn!(source = %src.name, client_ip = %ip, reason = "ip_not_allowed", "request refused");
         return Err(ApiError::ip_not_allowed());
     }
-    if state.settings.rate_limits {
-        let ip_bucket = state.limits.ip_bucket(ip);
-        let checked = limits::check_all([
-            (Scope::Ip, &*ip_bucket),
-            (
-                Scope::Source,
-                &*state.limits.source_bucket(&src.name, "", src.rate),
-            ),
-            (Scope::Global, &state.limits.global),
-        ]);
-        state.rate_outcome(req, &src.name, ip, checked)?;
-    }
+    // Before authentication only the client address's bucket is spent:
+    // strangers cannot use up what the source's senders need.
+    let address = match state.settings.rate_limits {
+        false => None,
+        true => {
+            let ip_bucket = state.limits.ip_bucket(ip);
+            let checked = limits::check_all([(Scope::Ip, &*ip_bucket)]);
+            state.rate_outcome(req, &src.name, ip, checked)?
+        }
+    };
     let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
     let parts = ingest::RequestParts {
         headers: req.headers(),
@@ -404,6 +402,15 @@ pub(super) async fn ingest_into(
             }));
         }
     };
+    if state.settings.rate_limits {
+        let source_bucket = state.limits.source_bucket(&src.name, "", src.rate);
+        let checked = limits::check_all([
+            (Scope::Source, &*source_bucket),
+            (Scope::Global, &state.limits.global),
+        ])
+        .map(|s| limits::tighter(s, address));
+        state.rate_outcome(req, &src.name, ip, checked)?;
+    }
     // The content type is checked with decoding, after authentication (the
     // pipeline's order): a stranger learns nothing about the source.
     if !src.accepts(req.content_type()) {

@@ -263,7 +263,15 @@ pub struct ServerLimits {
     ip_spec: RateSpec,
     ips: moka::sync::Cache<IpAddr, Arc<Bucket>>,
     keyed: std::sync::RwLock<std::collections::HashMap<(String, String), Arc<Bucket>>>,
+    /// Failed operator logins (admin and test tokens) per address.
+    login_failures: moka::sync::Cache<IpAddr, Arc<Bucket>>,
 }
+
+/// Failed admin or test logins an address may make: 10 a minute, 20 at once.
+pub const LOGIN_FAILURES: RateSpec = RateSpec {
+    per_minute: 10,
+    burst: 20,
+};
 
 impl ServerLimits {
     pub fn new(global: RateSpec, per_ip: RateSpec) -> Self {
@@ -280,7 +288,34 @@ impl ServerLimits {
                 .time_to_idle(refill.max(Duration::from_secs(1)))
                 .build(),
             keyed: Default::default(),
+            login_failures: moka::sync::Cache::builder()
+                .max_capacity(MAX_TRACKED_IPS)
+                .time_to_idle(Duration::from_secs(120))
+                .build(),
         }
+    }
+
+    /// Whether an address may try an operator token now: `Err` once its
+    /// failures have used up [`LOGIN_FAILURES`], until they refill.
+    pub fn login_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
+        match self.login_failures.get(&ip) {
+            Some(b) if b.peek(Scope::Ip).remaining == 0 => Err(Refusal {
+                scope: Scope::Ip,
+                limit: LOGIN_FAILURES.per_minute,
+                burst: LOGIN_FAILURES.burst,
+                retry_after: ceil_secs(LOGIN_FAILURES.quota().replenish_interval()).max(1),
+                reset: unix_now() + ceil_secs(LOGIN_FAILURES.quota().replenish_interval()),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed operator login of an address.
+    pub fn login_failed(&self, ip: IpAddr) {
+        let bucket = self
+            .login_failures
+            .get_with(ip, || Arc::new(Bucket::peekable(LOGIN_FAILURES)));
+        let _ = bucket.check(Scope::Ip);
     }
 
     /// The bucket of a source (`event_type` empty) or of one of its event
@@ -337,6 +372,15 @@ pub fn check_all<'a>(
         }
     }
     Ok(tightest)
+}
+
+/// The tighter of two standings (fewer advertised cells left).
+pub fn tighter(a: Option<Standing>, b: Option<Standing>) -> Option<Standing> {
+    match (a, b) {
+        (Some(x), Some(y)) if y.advertised_remaining() < x.advertised_remaining() => Some(y),
+        (Some(x), _) => Some(x),
+        (None, y) => y,
+    }
 }
 
 /// Proxy headers a source may take the client address from.

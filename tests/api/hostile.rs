@@ -499,3 +499,78 @@ async fn a_reload_keeps_rate_limit_state_and_a_changed_rate_starts_afresh() {
     assert_eq!(app.reload().await.status, 200);
     assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev(3)).await.status, 200);
 }
+
+/// Behind a trusted proxy, wrong tokens from many forged addresses spend
+/// only those addresses' buckets: the source's and the global bucket are
+/// spent by requests that passed authentication, so a valid sender still
+/// gets through.
+#[tokio::test]
+async fn strangers_cannot_spend_a_sources_or_the_global_bucket() {
+    let app = spawn_custom(
+        |dir| append_to_source(dir, "custom", "rate_limit: { per_minute: 1, burst: 3 }"),
+        |s| {
+            s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+            s.rate_global = RateSpec::new(1, 3);
+        },
+    )
+    .await;
+    let ev = |i: i32| json!({"event_id": format!("s{i}"), "event_type": "lesson.completed", "user_id": "u"});
+    for i in 0..40 {
+        let r = app
+            .send(
+                app.client
+                    .post(app.url("/api/public/hook/custom/event"))
+                    .bearer_auth("a-wrong-token")
+                    .header("x-forwarded-for", format!("198.51.100.{}", i % 5))
+                    .json(&ev(i)),
+            )
+            .await;
+        assert_error(&r, 401, "AUTHENTICATION_FAILED");
+    }
+    let r = app.bearer("custom", CUSTOM_TOKEN, &ev(100)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// Failed admin and test logins are throttled per address: after 20, the
+/// address gets 429 (even with the right token) until its bucket refills;
+/// another address is not affected.
+#[tokio::test]
+async fn failed_operator_logins_are_throttled_per_address() {
+    let app = spawn_custom(
+        |_| {},
+        |s| s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()],
+    )
+    .await;
+    let get = |token: &str, from: &str| {
+        app.send(
+            app.client
+                .get(app.url("/api/admin/sources"))
+                .bearer_auth(token)
+                .header("x-forwarded-for", from),
+        )
+    };
+    for _ in 0..20 {
+        assert_error(
+            &get("guess", "203.0.113.7").await,
+            401,
+            "AUTHENTICATION_FAILED",
+        );
+    }
+    let r = get("guess", "203.0.113.7").await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "login");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_error(&get(ADMIN_TOKEN, "203.0.113.7").await, 429, "RATE_LIMITED");
+    assert_eq!(get(ADMIN_TOKEN, "203.0.113.8").await.status, 200);
+    // The dry-run and validation endpoints count failures on the same bucket.
+    let dry = app
+        .send(
+            app.client
+                .post(app.url("/api/public/hook/test/event"))
+                .bearer_auth("guess")
+                .header("x-forwarded-for", "203.0.113.7")
+                .json(&json!({"event_type": "lesson.completed", "user_id": "u"})),
+        )
+        .await;
+    assert_error(&dry, 429, "RATE_LIMITED");
+}
