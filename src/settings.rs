@@ -65,6 +65,34 @@ pub struct Settings {
     pub level_coefficient: f64,
 }
 
+/// The server's own settings variables: never a source's secret.
+pub const SETTING_VARS: &[&str] = &[
+    "ROCKET_LISTEN",
+    "ROCKET_DATABASE_URL",
+    "ROCKET_CONFIG_DIR",
+    "ROCKET_RATE_LIMITS",
+    "ROCKET_LOG",
+    "ROCKET_LOG_FORMAT",
+    "ROCKET_RATE_LIMIT_GLOBAL",
+    "ROCKET_RATE_LIMIT_SOURCE",
+    "ROCKET_RATE_LIMIT_IP",
+    "ROCKET_TRUSTED_PROXIES",
+    "ROCKET_TLS_CERT",
+    "ROCKET_TLS_KEY",
+    "ROCKET_MAX_CONNECTIONS",
+    "ROCKET_HEADER_TIMEOUT",
+    "ROCKET_MAX_HEADER_BYTES",
+    "ROCKET_BODY_TIMEOUT",
+    "ROCKET_IDLE_TIMEOUT",
+    "ROCKET_WATCH_CONFIG",
+    "ROCKET_WORKERS",
+    "ROCKET_LEVEL_BASE",
+    "ROCKET_LEVEL_COEFFICIENT",
+    "ROCKET_SECRETS_DIR",
+    "ROCKET_SECRETS_ALLOW_SHARED",
+    "ROCKET_URL",
+];
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/rocket.db";
 

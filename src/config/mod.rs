@@ -302,8 +302,9 @@ pub fn load(
                     ));
                     continue;
                 }
-                match std::fs::read_to_string(&file) {
-                    Ok(text) => match rules::compile(&engine, &name, &file, &text) {
+                let before = errors.len();
+                match read_config_file(dir, &file) {
+                    Ok((text, linked)) => match rules::compile(&engine, &name, &file, &text) {
                         Ok(rule) => {
                             rules.insert(name, Arc::new(rule));
                         }
@@ -316,9 +317,12 @@ pub fn load(
                                 key: String::new(),
                                 message: e.0.to_string(),
                             });
+                            if linked {
+                                redact_quotes(&mut errors[before..]);
+                            }
                         }
                     },
-                    Err(e) => errors.push(err(&file, None, "", &format!("cannot read: {e}"))),
+                    Err(e) => errors.push(err(&file, None, "", &e)),
                 }
             }
         }
@@ -356,10 +360,11 @@ pub fn load(
                     ));
                     continue;
                 };
-                let text = match std::fs::read_to_string(&file) {
+                let before = errors.len();
+                let (text, linked) = match read_config_file(dir, &file) {
                     Ok(t) => t,
                     Err(e) => {
-                        errors.push(err(&file, None, "", &format!("cannot read: {e}")));
+                        errors.push(err(&file, None, "", &e));
                         continue;
                     }
                 };
@@ -375,6 +380,9 @@ pub fn load(
                             message: e.to_string(),
                         });
                     }
+                }
+                if linked {
+                    redact_quotes(&mut errors[before..]);
                 }
             }
         }
@@ -399,13 +407,14 @@ pub fn load(
                 ));
             }
             for file in files {
-                let text = match std::fs::read_to_string(&file) {
+                let (text, linked) = match read_config_file(dir, &file) {
                     Ok(t) => t,
                     Err(e) => {
-                        errors.push(err(&file, None, "", &format!("cannot read: {e}")));
+                        errors.push(err(&file, None, "", &e));
                         continue;
                     }
                 };
+                let before = errors.len();
                 match compile_source(&file, &text, &rules, secrets, source_rate, &mut warnings) {
                     Ok(src) => {
                         if let Some(prev) = sources.get(&src.name) {
@@ -424,6 +433,9 @@ pub fn load(
                         }
                     }
                     Err(mut es) => errors.append(&mut es),
+                }
+                if linked {
+                    redact_quotes(&mut errors[before..]);
                 }
             }
         }
@@ -463,6 +475,49 @@ pub fn load(
         })
     } else {
         Err(ConfigErrors(errors))
+    }
+}
+
+/// A config file's text, and whether it is a symlink. A symlink to a file
+/// outside the config folder is refused (a config file must not be a way
+/// to read, and echo, any file the server can read).
+fn read_config_file(dir: &Path, file: &Path) -> Result<(String, bool), String> {
+    let linked = std::fs::symlink_metadata(file).is_ok_and(|m| m.file_type().is_symlink());
+    if linked {
+        let inside = match (std::fs::canonicalize(dir), std::fs::canonicalize(file)) {
+            (Ok(d), Ok(f)) => f.starts_with(d),
+            _ => false,
+        };
+        if !inside {
+            return Err("a symlink to a file outside the config folder; refused".into());
+        }
+    }
+    std::fs::read_to_string(file)
+        .map(|t| (t, linked))
+        .map_err(|e| format!("cannot read: {}", e.kind()))
+}
+
+/// Errors of a symlinked file quote nothing of it: a parser's quoted
+/// excerpts become `"…"`.
+fn redact_quotes(errors: &mut [ConfigError]) {
+    for e in errors {
+        let mut out = String::with_capacity(e.message.len());
+        let mut quoted = false;
+        for c in e.message.chars() {
+            match (c, quoted) {
+                ('"' | '`', false) => {
+                    quoted = true;
+                    out.push_str("\"…");
+                }
+                ('"' | '`', true) => {
+                    quoted = false;
+                    out.push('"');
+                }
+                (_, false) => out.push(c),
+                (_, true) => {}
+            }
+        }
+        e.message = out;
     }
 }
 
@@ -532,7 +587,11 @@ pub fn compile_source(
     let raw_auth = raw.auth.into_vec();
     let auth_declared = raw_auth.len();
     for (n, a) in raw_auth.into_iter().enumerate() {
-        match compile_auth(a, &name, raw.batch || raw.xapi, base, secrets, warnings) {
+        let kind = SourceKind {
+            batch: raw.batch || raw.xapi,
+            dry_run: raw.dry_run,
+        };
+        match compile_auth(a, &name, kind, base, secrets, warnings) {
             Ok(scheme) => auth.push(scheme),
             Err(problems) => {
                 for (key, message) in problems {
@@ -783,6 +842,15 @@ pub fn compile_source(
     })
 }
 
+/// What an auth scheme needs to know of its source.
+#[derive(Clone, Copy)]
+struct SourceKind {
+    /// Takes arrays of documents (no body token then).
+    batch: bool,
+    /// Serves dry runs (its secret is the test token).
+    dry_run: bool,
+}
+
 /// Compiles one auth scheme: its secret resolved (a problem with an env
 /// variable that is unset is a warning, the source then refuses every
 /// request; one with a file is an error), its keys checked against its
@@ -790,7 +858,7 @@ pub fn compile_source(
 fn compile_auth(
     a: raw::RawAuth,
     source: &str,
-    batch: bool,
+    kind: SourceKind,
     base: &Path,
     secrets: &SecretEnv,
     warnings: &mut Vec<String>,
@@ -803,7 +871,13 @@ fn compile_auth(
         }
     }
     let reference = match (&a.secret_env, &a.secret_file, &a.secret) {
-        (Some(env), None, None) => SecretRef::Env(env.clone()),
+        (Some(env), None, None) => {
+            if let Err(why) = secret_name_check(env, a.any_secret_name, kind.dry_run) {
+                problems.push(("secret_env", format!("{env}: {why}")));
+                return Err(problems);
+            }
+            SecretRef::Env(env.clone())
+        }
         (None, Some(file), None) => SecretRef::File(file.clone()),
         (None, None, Some(name)) => SecretRef::Dir(name.clone()),
         _ => {
@@ -878,7 +952,7 @@ fn compile_auth(
                 problems.push(("field", "a body_token scheme names its field".into()));
                 None
             }
-            Some((_, Some(_))) if batch => {
+            Some((_, Some(_))) if kind.batch => {
                 problems.push((
                     "field",
                     "a body token cannot authenticate a batch source".into(),
@@ -965,6 +1039,31 @@ fn compile_auth(
         Some(s) if problems.is_empty() => Ok(s),
         _ => Err(problems),
     }
+}
+
+/// Whether a variable may hold a source's secret: the server reads only
+/// `ROCKET_*` variables, its own settings and the operator tokens are never
+/// one (the dry-run source takes the test token), and the name must say it is a secret (unless the source file takes
+/// any name, `any_secret_name: true`), so that a slip such as
+/// `secret_env: ROCKET_LOG_FORMAT` cannot make `Bearer json` valid.
+fn secret_name_check(name: &str, any_name: bool, dry_run: bool) -> Result<(), &'static str> {
+    if !name.starts_with("ROCKET_") {
+        return Err("the server reads secrets only from ROCKET_* variables");
+    }
+    // The dry-run source is the test token's own.
+    if name == ADMIN_TOKEN || (name == TEST_TOKEN && !dry_run) {
+        return Err("the admin and test tokens cannot be a source's secret");
+    }
+    if crate::settings::SETTING_VARS.contains(&name) {
+        return Err("a server setting cannot be a source's secret");
+    }
+    let says_secret = ["TOKEN", "SECRET", "KEY", "PASSWORD"]
+        .iter()
+        .any(|w| name.contains(w));
+    if !says_secret && !any_name {
+        return Err("a secret's variable has TOKEN, SECRET, KEY or PASSWORD in its name (or set any_secret_name: true)");
+    }
+    Ok(())
 }
 
 /// `$.a.b` as its member names; `None` for anything richer.
@@ -1142,7 +1241,7 @@ mod tests {
 
     #[test]
     fn an_unknown_key_names_file_line_and_key() {
-        let text = "auth: {type: bearer, secret_env: X}\nevent_type: {paths: $.t}\nfields:\n  user_id: $.u\n  colour: $.c\n";
+        let text = "auth: {type: bearer, secret_env: ROCKET_X_TOKEN}\nevent_type: {paths: $.t}\nfields:\n  user_id: $.u\n  colour: $.c\n";
         let errs = compile(text).unwrap_err();
         assert_eq!(errs.len(), 1);
         let e = errs[0].to_string();
@@ -1152,7 +1251,7 @@ mod tests {
 
     #[test]
     fn auth_keys_must_apply_to_their_kind_and_name_one_secret() {
-        let text = "auth:\n  - type: bearer\n    secret_env: X\n    header: X-Nope\n  - type: body_token\n    secret_env: X\n    secret: y\n    field: $.t\n  - type: header\n    secret_env: X\nevent_type: {paths: $.t}\n";
+        let text = "auth:\n  - type: bearer\n    secret_env: ROCKET_X_TOKEN\n    header: X-Nope\n  - type: body_token\n    secret_env: ROCKET_X_TOKEN\n    secret: y\n    field: $.t\n  - type: header\n    secret_env: ROCKET_X_TOKEN\n  - type: bearer\n    secret_env: ROCKET_LOG_FORMAT\n  - type: bearer\n    secret_env: ROCKET_ADMIN_TOKEN\n  - type: bearer\n    secret_env: HOME\n  - type: bearer\n    secret_env: ROCKET_MYLMS\n  - type: bearer\n    secret_env: ROCKET_MYLMS\n    any_secret_name: true\nevent_type: {paths: $.t}\n";
         let errs = compile(text).unwrap_err();
         let got: Vec<_> = errs
             .iter()
@@ -1170,6 +1269,10 @@ mod tests {
                     "scheme 2: give exactly one of secret_env, secret_file and secret"
                 ),
                 ("auth.header", "scheme 3: a header scheme names its header"),
+                ("auth.secret_env", "scheme 4: ROCKET_LOG_FORMAT: a server setting cannot be a source's secret"),
+                ("auth.secret_env", "scheme 5: ROCKET_ADMIN_TOKEN: the admin and test tokens cannot be a source's secret"),
+                ("auth.secret_env", "scheme 6: HOME: the server reads secrets only from ROCKET_* variables"),
+                ("auth.secret_env", "scheme 7: ROCKET_MYLMS: a secret's variable has TOKEN, SECRET, KEY or PASSWORD in its name (or set any_secret_name: true)"),
             ],
             "{errs:#?}"
         );
@@ -1177,7 +1280,7 @@ mod tests {
 
     #[test]
     fn every_semantic_error_is_reported() {
-        let text = "name: Bad Name\nauth: {type: hmac, secret_env: X, header: \"bad header\"}\nevent_type: {paths: \"$.[\"}\nfields:\n  user_id: [\"$.ok\", \"nope\"]\nrequired: [user_id, colour]\nrules: [missing]\n";
+        let text = "name: Bad Name\nauth: {type: hmac, secret_env: ROCKET_X_SECRET, header: \"bad header\"}\nevent_type: {paths: \"$.[\"}\nfields:\n  user_id: [\"$.ok\", \"nope\"]\nrequired: [user_id, colour]\nrules: [missing]\n";
         let errs = compile(text).unwrap_err();
         let keys: Vec<_> = errs.iter().map(|e| (e.key.as_str(), e.line)).collect();
         assert_eq!(

@@ -206,8 +206,14 @@ pub struct RawAuth {
     #[serde(rename = "type")]
     pub kind: AuthKind,
     /// An environment variable (comma-separated values), or the file its
-    /// `<NAME>_FILE` variable names.
+    /// `<NAME>_FILE` variable names. A `ROCKET_*` name with `TOKEN`,
+    /// `SECRET`, `KEY` or `PASSWORD` in it, not the server's own settings or
+    /// operator tokens.
     pub secret_env: Option<String>,
+    /// Takes a `secret_env` name without `TOKEN`, `SECRET`, `KEY` or
+    /// `PASSWORD` in it.
+    #[serde(default)]
+    pub any_secret_name: bool,
     /// A file, one value per line; relative to the config directory.
     pub secret_file: Option<std::path::PathBuf>,
     /// A file of this name in `ROCKET_SECRETS_DIR` (a mounted `/run/secrets`).

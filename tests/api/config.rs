@@ -298,3 +298,35 @@ async fn the_deliver_function_signs_reports_and_retries() {
     assert_eq!(seen, [200, 429, 200]);
     assert_eq!(app.user_points("moodle", "2").await, 50);
 }
+
+/// A source file that is a symlink out of the config folder is refused
+/// without a word of the file it points to; one inside the folder may be
+/// a symlink, but its errors quote none of it.
+#[tokio::test]
+async fn a_symlinked_config_file_never_has_its_contents_quoted() {
+    let app = spawn_app().await;
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("secret.txt");
+    std::fs::write(&target, "name: outside-secret-value\nauth: nope\n").unwrap();
+    let link = app.config_dir.join("sources.d/linked.yaml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let r = app.reload().await;
+    assert_error(&r, 400, "CONFIG_INVALID");
+    assert!(
+        r.text.contains("linked.yaml") && r.text.contains("outside the config folder"),
+        "{}",
+        r.text
+    );
+    assert!(!r.text.contains("outside-secret-value"), "{}", r.text);
+    std::fs::remove_file(&link).unwrap();
+    // Inside the folder: allowed, and a parse error quotes nothing.
+    let inside = app.config_dir.join("inside-secret.txt");
+    std::fs::write(&inside, "auth: inside-secret-value\n").unwrap();
+    std::os::unix::fs::symlink(&inside, &link).unwrap();
+    let r = app.reload().await;
+    assert_error(&r, 400, "CONFIG_INVALID");
+    assert!(r.text.contains("linked.yaml"), "{}", r.text);
+    assert!(!r.text.contains("inside-secret-value"), "{}", r.text);
+    std::fs::remove_file(&link).unwrap();
+    assert_eq!(app.reload().await.status, 200);
+}
