@@ -136,7 +136,14 @@ fn advance(phase: Phase, bytes: &[u8], max: usize) -> Result<Phase, ()> {
     Ok(Phase::Head { read, tail })
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+/// The answer to a request head over the limit, written on the raw stream
+/// before the connection closes: a 431 in the one error body.
+const HEADERS_TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n\
+content-type: application/json; charset=utf-8\r\nconnection: close\r\ncontent-length: 159\r\n\r\n\
+{\"status\":\"error\",\"error\":\"HEADERS_TOO_LARGE\",\"error_code\":\"HEADERS_TOO_LARGE\",\
+\"message\":\"the request headers are larger than the server accepts\",\"details\":{}}";
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -175,6 +182,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
             match advance(this.phase, new, this.limits.max_header_bytes) {
                 Ok(p) => this.phase = p,
                 Err(()) => {
+                    // Best effort: a fresh socket's buffer takes these few
+                    // bytes at once; the server has written nothing yet.
+                    let _ = Pin::new(&mut this.inner).poll_write(cx, HEADERS_TOO_LARGE);
+                    let _ = Pin::new(&mut this.inner).poll_flush(cx);
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "request headers too large",
@@ -248,6 +259,18 @@ mod tests {
         let p = advance(p, b"\n\r", 1000).unwrap();
         assert!(matches!(p, Phase::Head { .. }));
         assert_eq!(advance(p, b"\nbody", 1000), Ok(Phase::Rest));
+    }
+
+    #[test]
+    fn the_431_body_is_the_one_error_body_with_its_length() {
+        let text = std::str::from_utf8(HEADERS_TOO_LARGE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "HEADERS_TOO_LARGE");
     }
 
     #[test]

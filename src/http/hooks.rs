@@ -424,6 +424,20 @@ pub(super) async fn ingest_into(
     };
     let mapped = decoded.and_then(|d| ingest::map_decoded(src, d, &bytes, Utc::now()));
     let prepared = prepare(state, config, src, mapped, !queued).await?;
+    // A batch costs one unit per statement: the request paid for one.
+    let extra = u32::try_from(prepared.len().saturating_sub(1)).unwrap_or(u32::MAX);
+    if state.settings.rate_limits && extra > 0 {
+        let source_bucket = state.limits.source_bucket(&src.name, "", src.rate);
+        let checked = limits::check_all_n(
+            [
+                (Scope::Source, &*source_bucket),
+                (Scope::Global, &state.limits.global),
+            ],
+            extra,
+        )
+        .map(|s| limits::tighter(s, address));
+        state.rate_outcome(req, &src.name, ip, checked)?;
+    }
     if state.settings.rate_limits && !src.event_type_rates.is_empty() {
         for p in &prepared {
             if let Some(bucket) = p.event.event_type.as_deref().and_then(|t| {

@@ -468,6 +468,22 @@ mod tests {
     }
 
     #[test]
+    fn nesting_up_to_127_levels_is_taken_and_deeper_is_refused() {
+        // Every object and array counts as a level (serde_json's limit).
+        let nested = |depth: usize| {
+            format!(
+                "{{\"a\":{}1{}}}",
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        let max = (1..200)
+            .take_while(|d| decode(BodyFormat::Json, nested(*d).as_bytes(), false).is_ok())
+            .last();
+        assert_eq!(max, Some(127));
+    }
+
+    #[test]
     fn deep_nesting_is_an_error_not_a_crash() {
         let body = "[".repeat(100_000);
         assert!(matches!(

@@ -228,25 +228,36 @@ impl Bucket {
 
     /// Takes one request's cell, or says when to come back.
     pub fn check(&self, scope: Scope) -> Result<Standing, Refusal> {
-        match self.limiter.check() {
-            Ok(snap) => {
+        self.check_n(scope, 1)
+    }
+
+    /// Takes `n` cells at once (a batch of `n` statements), or says when to
+    /// come back; more than the burst can never pass, and says so with the
+    /// time a full bucket takes.
+    pub fn check_n(&self, scope: Scope, n: u32) -> Result<Standing, Refusal> {
+        let per_cell = self.spec.quota().replenish_interval();
+        let refuse = |retry_after: u64| Refusal {
+            scope,
+            limit: self.spec.per_minute,
+            burst: self.spec.burst,
+            retry_after: retry_after.max(1),
+            reset: unix_now() + ceil_secs(per_cell * self.spec.burst),
+        };
+        let Some(cells) = std::num::NonZeroU32::new(n) else {
+            return Ok(self.peek(scope));
+        };
+        match self.limiter.check_n(cells) {
+            Ok(Ok(snap)) => {
                 let remaining = snap.remaining_burst_capacity();
                 self.remember(remaining);
                 Ok(self.spec.standing(scope, remaining))
             }
-            Err(not_until) => {
+            Ok(Err(not_until)) => {
                 self.remember(0);
-                let per_cell = self.spec.quota().replenish_interval();
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                let retry_after = ceil_secs(wait).max(1);
-                Err(Refusal {
-                    scope,
-                    limit: self.spec.per_minute,
-                    burst: self.spec.burst,
-                    retry_after,
-                    reset: unix_now() + ceil_secs(per_cell * self.spec.burst),
-                })
+                Err(refuse(ceil_secs(wait)))
             }
+            Err(_) => Err(refuse(ceil_secs(per_cell * self.spec.burst))),
         }
     }
 }
@@ -364,9 +375,17 @@ impl ServerLimits {
 pub fn check_all<'a>(
     buckets: impl IntoIterator<Item = (Scope, &'a Bucket)>,
 ) -> Result<Option<Standing>, Refusal> {
+    check_all_n(buckets, 1)
+}
+
+/// [`check_all`] for `n` cells each (a batch).
+pub fn check_all_n<'a>(
+    buckets: impl IntoIterator<Item = (Scope, &'a Bucket)>,
+    n: u32,
+) -> Result<Option<Standing>, Refusal> {
     let mut tightest: Option<Standing> = None;
     for (scope, bucket) in buckets {
-        let s = bucket.check(scope)?;
+        let s = bucket.check_n(scope, n)?;
         if tightest.is_none_or(|t| s.advertised_remaining() < t.advertised_remaining()) {
             tightest = Some(s);
         }

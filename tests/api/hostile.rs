@@ -574,3 +574,51 @@ async fn failed_operator_logins_are_throttled_per_address() {
         .await;
     assert_error(&dry, 429, "RATE_LIMITED");
 }
+
+/// Headers over the limit are answered 431 in the one error body before
+/// the connection closes, not just cut off.
+#[tokio::test]
+async fn oversized_headers_get_a_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let mut s = tokio::net::TcpStream::connect(app.server.addr)
+        .await
+        .unwrap();
+    let big = "a".repeat(70 * 1024);
+    let head = format!("GET /health/live HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(text.contains("\"error\":\"HEADERS_TOO_LARGE\""), "{text}");
+}
+
+/// A batch costs one rate unit per statement: with a source burst of 5, a
+/// 4-statement batch leaves one unit, and the next batch of 3 is a 429
+/// (its first unit, paid when it authenticated, is spent).
+#[tokio::test]
+async fn a_batch_costs_one_rate_unit_per_statement() {
+    let app = spawn_with(|dir| {
+        append_to_source(dir, "valamis", "rate_limit: { per_minute: 1, burst: 5 }")
+    })
+    .await;
+    let st = |id: String| json!({"id": id, "actor": {"mbox": "mailto:b@x.y"}, "verb": {"id": "http://adlnet.gov/expapi/verbs/experienced"}, "object": {"id": "http://x/1"}});
+    let batch = |from: usize, n: usize| {
+        json!((from..from + n)
+            .map(|i| st(format!("b{i}")))
+            .collect::<Vec<_>>())
+    };
+    let r = app.bearer("valamis", VALAMIS_TOKEN, &batch(0, 4)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = app.bearer("valamis", VALAMIS_TOKEN, &batch(10, 3)).await;
+    assert_error(&r, 429, "RATE_LIMITED");
+    assert_eq!(r.body["details"]["scope"], "source");
+    assert_eq!(app.user_points("valamis", "mailto:b@x.y").await, 0);
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(stats["events"][0]["count"], 4, "{stats}");
+}
