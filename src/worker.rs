@@ -17,19 +17,37 @@ const CLAIM: i64 = 16;
 /// How often an idle worker looks for due events (retries, other instances).
 const POLL: Duration = Duration::from_millis(500);
 
-/// Runs until the server stops or drains.
+/// The longest wait between claims while they keep failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs until the server stops or drains. While claims keep failing (a
+/// store that cannot be written), waits twice as long each time, up to
+/// [`MAX_BACKOFF`], and logs the failure once and the recovery once.
 pub async fn run(state: Weak<AppState>) {
+    let mut failures = 0u32;
     loop {
         let Some(s) = state.upgrade() else { return };
         if s.draining.load(Ordering::Relaxed) {
             return;
         }
         let claimed = match s.store.claim(CLAIM).await {
-            Ok(c) => c,
+            Ok(c) => {
+                if failures > 0 {
+                    tracing::info!(failures, "queue claims succeed again");
+                    failures = 0;
+                }
+                c
+            }
             Err(e) => {
                 s.metrics.store_errors.inc();
-                tracing::error!(error = %e, "queue claim failed");
-                Vec::new()
+                if failures == 0 {
+                    tracing::error!(error = %e, "queue claim failed; backing off until claims succeed");
+                }
+                failures = failures.saturating_add(1);
+                drop(s);
+                let wait = POLL.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF);
+                tokio::time::sleep(wait).await;
+                continue;
             }
         };
         if !claimed.is_empty() {

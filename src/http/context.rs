@@ -168,10 +168,16 @@ impl AppState {
     }
 
     /// A store failure as the client sees it: counted, logged with its
-    /// cause, answered as an opaque 500.
+    /// cause, answered 503 with a short reason when the store cannot take
+    /// writes for now (the sender retries; nothing was acknowledged), else
+    /// as an opaque 500.
     pub fn store_failed(&self, e: &crate::store::StoreError, what: &str) -> ApiError {
         self.metrics.store_errors.inc();
         tracing::error!(error = %e, "{what} failed");
-        ApiError::internal(None)
+        if e.is_unavailable() {
+            ApiError::store_unavailable(e.reason())
+        } else {
+            ApiError::internal(None)
+        }
     }
 }

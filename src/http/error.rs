@@ -134,6 +134,14 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError::Unavailable(Self::body("NOT_READY", message, None))
     }
+    /// The store cannot take writes now: nothing was stored, retry later.
+    pub fn store_unavailable(reason: &str) -> Self {
+        ApiError::Unavailable(Self::body(
+            "STORE_UNAVAILABLE",
+            format!("nothing was stored: {reason}"),
+            None,
+        ))
+    }
 
     pub fn status(&self) -> StatusCode {
         match self {

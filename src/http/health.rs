@@ -30,7 +30,9 @@ impl HealthApi {
         })
     }
 
-    /// Readiness: config loaded, the store answers, not draining.
+    /// Readiness: config loaded, the store answers and its last write did
+    /// not fail for want of a writable store (503 with the reason until one
+    /// succeeds), not draining.
     #[oai(path = "/health/ready", method = "get", operation_id = "ready")]
     async fn ready(&self, state: Data<&Arc<AppState>>) -> Result<Json<Health>, ApiError> {
         if state.draining.load(Ordering::Relaxed) {
@@ -40,8 +42,8 @@ impl HealthApi {
             return Err(ApiError::unavailable("the server is starting"));
         }
         if let Err(e) = state.store.ping().await {
-            tracing::warn!(error = %e, "readiness: store unreachable");
-            return Err(ApiError::unavailable("the store does not answer"));
+            tracing::warn!(error = %e, "readiness: the store cannot take writes");
+            return Err(ApiError::unavailable(e.reason()));
         }
         Ok(Json(Health {
             status: "ok".into(),

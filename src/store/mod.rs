@@ -53,6 +53,58 @@ pub enum StoreError {
     Thread(std::io::Error),
     #[error("the store writer has stopped")]
     WriterGone,
+    /// The SQLite file the server opened was deleted or replaced: what it
+    /// would write now, a restart would not find.
+    #[error("the database file {0} was deleted or replaced; restart the server")]
+    FileGone(String),
+    /// Writes failed for want of a writable store (see [`StoreError::reason`]).
+    #[error("{0}")]
+    Unwritable(&'static str),
+}
+
+impl StoreError {
+    /// A short reason for readiness and the 503, naming no path or query.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::FileGone(_) => {
+                "the database file was deleted or replaced; restart the server"
+            }
+            StoreError::Sync(_) => "syncing the write-ahead log failed; restart the server",
+            StoreError::WriterGone => "the store writer has stopped",
+            StoreError::Unwritable(why) => why,
+            e if e.is_unavailable() => {
+                "the database cannot be written (read-only, full or failing disk)"
+            }
+            _ => "the store does not answer",
+        }
+    }
+
+    /// Whether the store cannot take writes for now (its file is gone,
+    /// read-only or full, a sync failed, the writer stopped): answered 503
+    /// rather than 500, and readiness says so until a write succeeds.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode as C;
+        match self {
+            StoreError::Sync(_)
+            | StoreError::WriterGone
+            | StoreError::FileGone(_)
+            | StoreError::Unwritable(_) => true,
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(C::ReadOnly | C::DiskFull | C::SystemIoFailure | C::CannotOpen)
+            ),
+            StoreError::Db(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
+            StoreError::Db(sqlx::Error::Database(db)) => {
+                // SQLite's read-only, disk-full and I/O codes; PostgreSQL's
+                // disk-full, out-of-memory and read-only transaction.
+                matches!(
+                    db.code().as_deref(),
+                    Some("8" | "13" | "10" | "53100" | "53200" | "25006")
+                )
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -120,6 +172,12 @@ pub struct Store {
     wal: Option<WalMetrics>,
     /// Set for good when syncing the SQLite WAL failed (see `sqlite_writer`).
     sync_failed: Arc<AtomicBool>,
+    /// SQLite only: the database file the server opened, to notice it
+    /// deleted or replaced.
+    file: Option<Arc<sqlite_writer::FileIdentity>>,
+    /// Why the last write failed for want of a writable store; cleared by
+    /// the next write that succeeds.
+    write_failure: Arc<std::sync::Mutex<Option<&'static str>>>,
 }
 
 /// How the SQLite WAL keeps up: frames in it at the last checkpoint, and
@@ -289,7 +347,7 @@ impl Store {
         };
         let group_sizes = group_size_histogram();
         let sync_failed = Arc::new(AtomicBool::new(false));
-        let (pool, writer, backend, wal) = if let Some(opts) = sqlite {
+        let (pool, writer, backend, sqlite_parts) = if let Some(opts) = sqlite {
             if opts.get_filename().as_os_str().is_empty() {
                 return Err(StoreError::BadUrl(url.to_string()));
             }
@@ -315,13 +373,15 @@ impl Store {
                 .await?;
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
             let wal = WalMetrics::new();
+            let identity = Arc::new(sqlite_writer::FileIdentity::of(opts.get_filename())?);
             let writer = sqlite_writer::spawn(
                 opts.get_filename(),
                 group_sizes.clone(),
                 wal.clone(),
                 sync_failed.clone(),
+                identity.clone(),
             )?;
-            (Pool::Sqlite(pool), writer, "sqlite", Some(wal))
+            (Pool::Sqlite(pool), writer, "sqlite", Some((wal, identity)))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -334,6 +394,10 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
+        let (wal, file) = match sqlite_parts {
+            Some((wal, file)) => (Some(wal), Some(file)),
+            None => (None, None),
+        };
         Ok(Store {
             pool,
             writer,
@@ -341,6 +405,8 @@ impl Store {
             group_sizes,
             wal,
             sync_failed,
+            file,
+            write_failure: Default::default(),
         })
     }
 
@@ -370,11 +436,22 @@ impl Store {
     ) -> Result<Vec<Persisted>, StoreError> {
         let (reply, rx) = oneshot::channel();
         let job = write::Job::new(namespace, events, queued, reply);
-        self.writer
-            .send(job)
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        let result = match self.writer.send(job).await {
+            Err(_) => Err(StoreError::WriterGone),
+            Ok(()) => rx.await.unwrap_or(Err(StoreError::WriterGone)),
+        };
+        self.note_write(&result);
+        result
+    }
+
+    /// Records whether a write succeeded, for readiness.
+    pub(crate) fn note_write<T>(&self, result: &Result<T, StoreError>) {
+        let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(_) => *failure = None,
+            Err(e) if e.is_unavailable() => *failure = Some(e.reason()),
+            Err(_) => {}
+        }
     }
 
     /// Whether the store answers (and can still make writes durable).
@@ -386,6 +463,13 @@ impl Store {
         }
         if self.writer.is_closed() {
             return Err(StoreError::WriterGone);
+        }
+        if let Some(file) = &self.file {
+            file.check()?;
+        }
+        let failing = *self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = failing {
+            return Err(StoreError::Unwritable(why));
         }
         with_pool!(&self.pool, p => {
             sqlx::query("SELECT 1").execute(p).await?;

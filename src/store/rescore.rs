@@ -139,7 +139,7 @@ impl Store {
                     sqlx::query(SET_POINTS).bind(inserted).bind(&ev.id).execute(&mut *tx).await?;
                 }
                 // A failed event's points were never in the total, nor was it counted.
-                let (old, counted) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
+                let (old, counted): (i64, i64) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
                 sqlx::query(UPSERT_TOTAL)
                     .bind(&ev.namespace)
                     .bind(user)

@@ -91,6 +91,44 @@ const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespac
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
     ON CONFLICT (source, dedupe_key) DO NOTHING";
 
+/// The database file as the server opened it: its path, an open handle and
+/// its inode. Deleted (no link left) or replaced (the path names another
+/// inode), the file would take writes a restart would never find.
+#[derive(Debug)]
+pub(crate) struct FileIdentity {
+    path: PathBuf,
+    file: std::fs::File,
+    inode: (u64, u64),
+}
+
+impl FileIdentity {
+    pub(crate) fn of(path: &Path) -> Result<FileIdentity, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let file = std::fs::File::open(path)
+            .map_err(|e| StoreError::Folder(path.display().to_string(), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| StoreError::Folder(path.display().to_string(), e))?;
+        Ok(FileIdentity {
+            path: path.to_path_buf(),
+            file,
+            inode: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// `Err` when the file was deleted or replaced since it was opened.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let linked = self.file.metadata().is_ok_and(|m| m.nlink() > 0);
+        let same = std::fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
+        if linked && same {
+            Ok(())
+        } else {
+            Err(StoreError::FileGone(self.path.display().to_string()))
+        }
+    }
+}
+
 /// A request's answer, held until its batch is on disk.
 type Reply = (
     oneshot::Sender<Result<Vec<Persisted>, StoreError>>,
@@ -106,6 +144,7 @@ pub(super) fn spawn(
     group_sizes: prometheus::Histogram,
     metrics: WalMetrics,
     failed: Arc<AtomicBool>,
+    identity: Arc<FileIdentity>,
 ) -> Result<mpsc::Sender<Job>, StoreError> {
     let conn = open_writer(path)?;
     let ckpt_conn = open(path)?;
@@ -128,6 +167,7 @@ pub(super) fn spawn(
         conn,
         ckpt,
         checkpointer,
+        identity,
     };
     std::thread::Builder::new()
         .name("rocket-sqlite-writer".into())
@@ -218,6 +258,7 @@ struct Writer {
     conn: Connection,
     ckpt: Arc<Checkpoints>,
     checkpointer: std::thread::Thread,
+    identity: Arc<FileIdentity>,
 }
 
 impl Writer {
@@ -234,7 +275,18 @@ impl Writer {
             if self.ckpt.full.load(Ordering::Acquire) {
                 self.finish_checkpoint();
             }
-            let replies = run_group(&mut self.conn, jobs);
+            // One stat per group: a file deleted or replaced under the server
+            // takes no more writes (they would be lost at the next start).
+            let replies = match self.identity.check() {
+                Ok(()) => run_group(&mut self.conn, jobs),
+                Err(_) => jobs
+                    .into_iter()
+                    .map(|j| {
+                        let path = self.identity.path.display().to_string();
+                        (j.reply, Err(StoreError::FileGone(path)))
+                    })
+                    .collect(),
+            };
             if !self.ckpt.pending.swap(true, Ordering::AcqRel) {
                 self.checkpointer.unpark();
             }

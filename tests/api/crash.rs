@@ -101,3 +101,34 @@ async fn every_acknowledged_event_survives_a_sigkill_under_load() {
         acked.len()
     );
 }
+
+/// The SQLite files deleted under a running server: nothing more is
+/// acknowledged (a restart would not find it), hooks answer 503 and
+/// readiness says why, instead of 200s that a restart loses.
+#[tokio::test]
+async fn a_deleted_database_file_stops_acknowledgements() {
+    let app = spawn_app().await;
+    let Some(db) = app
+        .database_url
+        .strip_prefix("sqlite://")
+        .map(str::to_string)
+    else {
+        return; // PostgreSQL's files are the server's own business.
+    };
+    let r = app
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 1))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{db}{suffix}"));
+    }
+    let r = app
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(2, 2))
+        .await;
+    assert_error(&r, 503, "STORE_UNAVAILABLE");
+    assert!(r.text.contains("deleted or replaced"), "{}", r.text);
+    assert!(!r.text.contains(&db), "no path in the answer: {}", r.text);
+    let ready = app.send(app.client.get(app.url("/health/ready"))).await;
+    assert_error(&ready, 503, "NOT_READY");
+    assert!(ready.text.contains("deleted or replaced"), "{}", ready.text);
+}
