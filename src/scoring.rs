@@ -24,14 +24,27 @@ pub async fn history(
 }
 
 /// Runs the source's rules on the event: every award, or the rule that
-/// failed (then nothing is awarded).
+/// failed (then nothing is awarded). Rules that have lately been slow run
+/// with their worker thread handed over to the runtime's other tasks
+/// (`block_in_place`, on a multi-threaded runtime), so a slow rule (bounded
+/// by `rules::limits::MAX_TIME`) delays only its own event; quick ones run
+/// in place, which costs nothing.
 pub fn score(
     config: &Config,
     source: &Source,
     event: &CanonicalEvent,
     history: &History,
 ) -> Result<Vec<Award>, RuleError> {
-    rules::score(&config.engine, &source.rules, event, history)
+    let run = || rules::score(&config.engine, &source.rules, event, history);
+    if event.event_type.is_none() || !source.rules.iter().any(|r| r.is_slow()) {
+        return run();
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    }
 }
 
 /// Counts and logs a rule's failure (the event is stored as failed).

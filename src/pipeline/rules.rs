@@ -22,6 +22,13 @@ pub mod limits {
     pub const MAX_MAP_SIZE: usize = 10_000;
     /// Largest award (in absolute value) one rule may give one event.
     pub const MAX_POINTS: i64 = 1_000_000;
+    /// Wall-clock time all of a source's rules may take for one event.
+    pub const MAX_TIME: std::time::Duration = std::time::Duration::from_millis(100);
+}
+
+thread_local! {
+    /// When the rules running on this thread must stop (see [`score`]).
+    static DEADLINE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
 }
 
 /// What a rule may know of the user's past, as `history` in its scope:
@@ -85,6 +92,15 @@ pub fn engine() -> Engine {
         })
         .register_fn("streak", |h: &mut History| h.streak());
     e.set_max_operations(limits::MAX_OPERATIONS);
+    // The wall clock, read every 256 operations: an operation can be slow
+    // (a replace in a long string), so counting them does not bound time.
+    e.on_progress(|ops| {
+        if ops % 256 != 0 {
+            return None;
+        }
+        let late = DEADLINE.with(|d| d.get().is_some_and(|at| std::time::Instant::now() > at));
+        late.then_some(Dynamic::UNIT)
+    });
     e.set_max_call_levels(limits::MAX_CALL_LEVELS);
     e.set_max_expr_depths(limits::MAX_EXPR_DEPTH, limits::MAX_FN_EXPR_DEPTH);
     e.set_max_string_size(limits::MAX_STRING_SIZE);
@@ -104,6 +120,26 @@ pub struct Rule {
     pub ast: AST,
     /// The script reads `history`: the store is asked before it runs.
     pub uses_history: bool,
+    /// A moving average of its recent run times (ns): slow rules are run
+    /// off the async runtime's threads (see `crate::scoring::score`).
+    recent_nanos: std::sync::atomic::AtomicU64,
+}
+
+/// Run time above which a rule counts as slow.
+pub const SLOW_RULE: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl Rule {
+    /// Whether the rule has lately taken more than [`SLOW_RULE`] a run.
+    pub fn is_slow(&self) -> bool {
+        self.recent_nanos.load(std::sync::atomic::Ordering::Relaxed) > SLOW_RULE.as_nanos() as u64
+    }
+
+    fn note_run(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sample = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.recent_nanos.load(Relaxed);
+        self.recent_nanos.store(old - old / 8 + sample / 8, Relaxed);
+    }
 }
 
 /// One rule's award for one event.
@@ -129,7 +165,8 @@ pub struct RuleError {
     pub message: String,
 }
 
-/// Runs every rule on the event; all or nothing.
+/// Runs every rule on the event; all or nothing. All of them together may
+/// take [`limits::MAX_TIME`] of wall-clock time.
 pub fn score(
     engine: &Engine,
     rules: &[Arc<Rule>],
@@ -139,6 +176,18 @@ pub fn score(
     if rules.is_empty() || ev.event_type.is_none() {
         return Ok(Vec::new());
     }
+    DEADLINE.with(|d| d.set(Some(std::time::Instant::now() + limits::MAX_TIME)));
+    let result = score_all(engine, rules, ev, history);
+    DEADLINE.with(|d| d.set(None));
+    result
+}
+
+fn score_all(
+    engine: &Engine,
+    rules: &[Arc<Rule>],
+    ev: &CanonicalEvent,
+    history: &History,
+) -> Result<Vec<Award>, RuleError> {
     // One scope for all the rules: the event map is built once, and each
     // rule's own variables are dropped (rewind) before the next rule runs.
     let mut scope = Scope::new();
@@ -150,12 +199,18 @@ pub fn score(
         if rule.uses_history {
             scope.push_constant("history", history.clone());
         }
-        let out = engine
-            .eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast)
-            .map_err(|e| RuleError {
-                rule: rule.name.clone(),
-                message: e.to_string(),
-            })?;
+        let started = std::time::Instant::now();
+        let out = engine.eval_ast_with_scope::<Dynamic>(&mut scope, &rule.ast);
+        rule.note_run(started.elapsed());
+        let out = out.map_err(|e| RuleError {
+            rule: rule.name.clone(),
+            message: match *e {
+                rhai::EvalAltResult::ErrorTerminated(..) => {
+                    format!("the rules ran over {} ms", limits::MAX_TIME.as_millis())
+                }
+                other => other.to_string(),
+            },
+        })?;
         if let Some(award) = award_of(&rule.name, ev, out)? {
             awards.push(award);
         }
@@ -298,6 +353,7 @@ pub fn compile(
         file: file.to_path_buf(),
         ast,
         uses_history,
+        recent_nanos: Default::default(),
     })
 }
 
@@ -503,6 +559,41 @@ mod tests {
         );
         assert!(once("#{ points: 10, once: 5 }", &event).is_err());
         assert!(once(r#"#{ points: 10, once: "" }"#, &event).is_err());
+    }
+
+    /// A rule within its operation budget whose operations are slow stops
+    /// at the wall-clock limit.
+    #[test]
+    fn a_slow_rule_stops_at_the_time_limit() {
+        let e = engine();
+        let slow = rule(
+            &e,
+            "slow",
+            r#"let s = "x"; for i in 0..16 { s += s; } for i in 0..20000 { s.replace("y", "z"); s.replace("x", "x"); } 1"#,
+        );
+        let started = std::time::Instant::now();
+        let err = score(
+            &e,
+            std::slice::from_ref(&slow),
+            &ev("course.completed"),
+            &History::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.message.contains("ran over"),
+            "{err:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(slow.is_slow());
+        let quick = rule(&e, "quick", "1");
+        score(
+            &e,
+            std::slice::from_ref(&quick),
+            &ev("course.completed"),
+            &History::default(),
+        )
+        .unwrap();
+        assert!(!quick.is_slow());
     }
 
     #[test]
