@@ -358,11 +358,12 @@ impl Target {
             } => {
                 let n = next_id.fetch_add(1, Ordering::Relaxed);
                 body.clear();
+                // Every event a new course: each earns its points (a course
+                // is awarded once per learner), as a real stream mostly does.
                 write!(
                     body,
-                    r#"{{"id":"bench-{run}-{n}","topic":"course.completed","occurred_at":"2025-08-21T10:15:30Z","data":{{"user_id":"U-{}","course_id":"C-{}","progress":100}}}}"#,
+                    r#"{{"id":"bench-{run}-{n}","topic":"course.completed","occurred_at":"2025-08-21T10:15:30Z","data":{{"user_id":"U-{}","course_id":"C-{run}-{n}","progress":100}}}}"#,
                     n % 10_000,
-                    n % 50
                 )
                 .expect("write to a Vec");
                 let mut mac = key.clone();
