@@ -96,22 +96,36 @@ pub struct StatementResult {
     pub duplicate: bool,
 }
 
+/// Every hook answer carries the tightest rate-limit bucket's standing
+/// (written by the HTTP layer's middleware, so the variants leave them
+/// `None`): the sustained limit per minute, what is left of it, and when
+/// the bucket is full again (Unix seconds).
 #[derive(ApiResponse)]
 pub enum HookResponse {
     /// Processed and committed.
     #[oai(status = 200)]
-    Ok(Json<HookSuccess>),
+    Ok(
+        Json<HookSuccess>,
+        #[oai(header = "X-RateLimit-Limit")] Option<u32>,
+        #[oai(header = "X-RateLimit-Remaining")] Option<u32>,
+        #[oai(header = "X-RateLimit-Reset")] Option<u64>,
+    ),
     /// Stored durably and queued (async sources); its status shows at
     /// `GET /api/v1/events/{event_id}`.
     #[oai(status = 202)]
-    Accepted(Json<HookAccepted>),
+    Accepted(
+        Json<HookAccepted>,
+        #[oai(header = "X-RateLimit-Limit")] Option<u32>,
+        #[oai(header = "X-RateLimit-Remaining")] Option<u32>,
+        #[oai(header = "X-RateLimit-Reset")] Option<u64>,
+    ),
 }
 
 impl HookResponse {
     pub fn status(&self) -> u16 {
         match self {
-            HookResponse::Ok(_) => 200,
-            HookResponse::Accepted(_) => 202,
+            HookResponse::Ok(..) => 200,
+            HookResponse::Accepted(..) => 202,
         }
     }
 }
@@ -518,19 +532,24 @@ fn hook_response(ingested: Ingested) -> (HookResponse, Option<String>) {
     let first_id = stored.first().map(|p| p.event_id.clone());
     if stored.iter().any(|p| p.status == EventStatus::Queued) {
         return (
-            HookResponse::Accepted(Json(HookAccepted {
-                status: "success".into(),
-                event_id: first_id.clone().unwrap_or_default(),
-                processed_at: rfc3339_ms(stored.iter().map(|p| p.processed_at).max()),
-                points_awarded: 0,
-                queued: true,
-                duplicate: stored.iter().all(|p| p.duplicate).then_some(true),
-            })),
+            HookResponse::Accepted(
+                Json(HookAccepted {
+                    status: "success".into(),
+                    event_id: first_id.clone().unwrap_or_default(),
+                    processed_at: rfc3339_ms(stored.iter().map(|p| p.processed_at).max()),
+                    points_awarded: 0,
+                    queued: true,
+                    duplicate: stored.iter().all(|p| p.duplicate).then_some(true),
+                }),
+                None,
+                None,
+                None,
+            ),
             first_id,
         );
     }
     (
-        HookResponse::Ok(Json(success_body(&stored, &keys, batch))),
+        HookResponse::Ok(Json(success_body(&stored, &keys, batch)), None, None, None),
         first_id,
     )
 }
