@@ -53,11 +53,14 @@ impl App {
         }
         let store = Store::connect(&settings.database_url).await?;
         let tcp = TcpListener::bind(settings.listen.clone());
+        let conn = crate::net::ConnLimits {
+            trusted: settings.trusted_proxies.clone(),
+            ..settings.conn.clone()
+        };
         let bind_err = |e| StartError::Bind(settings.listen.clone(), e);
         let acceptor = match &settings.tls {
             None => {
-                GuardedAcceptor::new(tcp.into_acceptor().await.map_err(bind_err)?, settings.conn)
-                    .boxed()
+                GuardedAcceptor::new(tcp.into_acceptor().await.map_err(bind_err)?, conn).boxed()
             }
             Some(files) => {
                 let read = |p: &std::path::Path| {
@@ -68,8 +71,7 @@ impl App {
                     .cert(read(&files.cert)?)
                     .key(read(&files.key)?);
                 let tls = tcp.rustls(RustlsConfig::new().fallback(cert));
-                GuardedAcceptor::new(tls.into_acceptor().await.map_err(bind_err)?, settings.conn)
-                    .boxed()
+                GuardedAcceptor::new(tls.into_acceptor().await.map_err(bind_err)?, conn).boxed()
             }
         };
         let addr = acceptor

@@ -1,10 +1,13 @@
 //! Connection-level defences against slow and hostile clients, wrapped
 //! around poem's acceptor: a limit on open connections (a new one waits in
-//! the kernel backlog until one closes), a deadline for a request's headers
-//! to arrive once they have started, and a cap on their size. Bodies have
-//! their own read deadline in the hook handler.
+//! the kernel backlog until one closes), a cap on the connections one
+//! address may hold (more are closed at once; trusted proxies are exempt),
+//! a deadline for a new connection's first request to arrive and for a
+//! request's headers once they have started, and a cap on their size.
+//! Bodies have their own read deadline in the hook handler.
 
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -20,9 +23,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 /// Limits applied to every connection.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnLimits {
     pub max_connections: usize,
+    /// Connections one client address may hold open at once.
+    pub max_connections_per_ip: usize,
+    /// Peers exempt from the per-address cap (a proxy carries many clients).
+    pub trusted: Vec<ipnet::IpNet>,
     /// Time allowed from a request's first byte to the end of its headers.
     pub header_timeout: Duration,
     /// Largest request head (request line and headers) accepted.
@@ -33,16 +40,22 @@ impl Default for ConnLimits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_connections_per_ip: 256,
+            trusted: Vec::new(),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
         }
     }
 }
 
+/// Open connections per client address.
+type PerAddress = Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>;
+
 /// An acceptor that applies [`ConnLimits`].
 pub struct GuardedAcceptor<A> {
     inner: A,
     permits: Arc<Semaphore>,
+    per_address: PerAddress,
     limits: ConnLimits,
 }
 
@@ -51,7 +64,42 @@ impl<A> GuardedAcceptor<A> {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            per_address: Default::default(),
             limits,
+        }
+    }
+}
+
+/// A connection's place in its address's count, given back when it closes.
+struct AddressSlot {
+    ip: IpAddr,
+    counts: PerAddress,
+}
+
+impl AddressSlot {
+    /// Takes a place for `ip`, or `None` when it holds `max` already.
+    fn take(counts: &PerAddress, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            ip,
+            counts: counts.clone(),
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }
@@ -64,25 +112,48 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
     }
 
     async fn accept(&mut self) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, Scheme)> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| io::Error::other("connection limiter closed"))?;
-        let (io, local, remote, scheme) = self.inner.accept().await?;
-        Ok((
-            GuardedIo::new(io, permit, self.limits),
-            local,
-            remote,
-            scheme,
-        ))
+        loop {
+            let permit = self
+                .permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| io::Error::other("connection limiter closed"))?;
+            let (io, local, remote, scheme) = self.inner.accept().await?;
+            let ip = remote.as_socket_addr().map(|a| a.ip());
+            let slot = match ip {
+                Some(ip) if !self.limits.trusted.iter().any(|n| n.contains(&ip)) => {
+                    match AddressSlot::take(
+                        &self.per_address,
+                        ip,
+                        self.limits.max_connections_per_ip,
+                    ) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            // Over its share: closed at once (dropped here).
+                            tracing::warn!(client_ip = %ip, reason = "too_many_connections", "connection refused");
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            return Ok((
+                GuardedIo::new(io, permit, slot, &self.limits),
+                local,
+                remote,
+                scheme,
+            ));
+        }
     }
 }
 
 /// Where a connection is in its request cycle, as seen from its bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
+    /// Accepted, nothing read yet: the first request must arrive within the
+    /// head deadline.
+    Fresh,
     /// Between requests: waiting is the idle timeout's business.
     Idle,
     /// A request head has started: it must end within the deadline.
@@ -93,25 +164,37 @@ enum Phase {
     H2,
 }
 
-/// A connection's stream with its permit and head deadline.
+/// A connection's stream with its permit, its place in its address's
+/// count, and its head deadline.
 pub struct GuardedIo<T> {
     inner: T,
     deadline: Pin<Box<Sleep>>,
     phase: Phase,
-    limits: ConnLimits,
+    header_timeout: Duration,
+    max_header_bytes: usize,
     first: bool,
     _permit: OwnedSemaphorePermit,
+    _slot: Option<AddressSlot>,
 }
 
 impl<T> GuardedIo<T> {
-    fn new(inner: T, permit: OwnedSemaphorePermit, limits: ConnLimits) -> Self {
+    fn new(
+        inner: T,
+        permit: OwnedSemaphorePermit,
+        slot: Option<AddressSlot>,
+        limits: &ConnLimits,
+    ) -> Self {
         Self {
             inner,
+            // A new connection's first request must start, and its head
+            // end, within the deadline: a silent connection is closed.
             deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
-            phase: Phase::Idle,
-            limits,
+            phase: Phase::Fresh,
+            header_timeout: limits.header_timeout,
+            max_header_bytes: limits.max_header_bytes,
             first: true,
             _permit: permit,
+            _slot: slot,
         }
     }
 }
@@ -150,7 +233,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if matches!(this.phase, Phase::Head { .. }) && this.deadline.as_mut().poll(cx).is_ready() {
+        if matches!(this.phase, Phase::Head { .. } | Phase::Fresh)
+            && this.deadline.as_mut().poll(cx).is_ready()
+        {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request headers too slow",
@@ -167,6 +252,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                 this.first = false;
                 if new.starts_with(H2_PREFACE) {
                     this.phase = Phase::H2;
+                } else {
+                    // The deadline set at accept keeps running.
+                    this.phase = Phase::Head {
+                        read: 0,
+                        tail: [0; 3],
+                    };
                 }
             }
             if this.phase == Phase::Idle {
@@ -174,12 +265,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
                     read: 0,
                     tail: [0; 3],
                 };
-                let at = Instant::now() + this.limits.header_timeout;
+                let at = Instant::now() + this.header_timeout;
                 this.deadline.as_mut().reset(at);
                 // Register the timer with this task.
                 let _ = this.deadline.as_mut().poll(cx);
             }
-            match advance(this.phase, new, this.limits.max_header_bytes) {
+            match advance(this.phase, new, this.max_header_bytes) {
                 Ok(p) => this.phase = p,
                 Err(()) => {
                     // Best effort: a fresh socket's buffer takes these few

@@ -53,7 +53,12 @@ pub struct ServeArgs {
     /// Most open connections; more wait to be accepted (default 10000).
     #[arg(long, env = "ROCKET_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Seconds allowed for a request's headers once they start (default 10).
+    /// Connections one client address may hold open (default 256; trusted
+    /// proxies are exempt).
+    #[arg(long, env = "ROCKET_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Seconds allowed for a new connection's first request, and for a
+    /// request's headers once they start (default 10).
     #[arg(long, env = "ROCKET_HEADER_TIMEOUT")]
     pub header_timeout: Option<u64>,
     /// Largest request head in bytes (default 65536).
@@ -107,6 +112,9 @@ impl ServeArgs {
             s.tls = Some(TlsFiles { cert, key });
         }
         s.conn.max_connections = self.max_connections.unwrap_or(s.conn.max_connections);
+        s.conn.max_connections_per_ip = self
+            .max_connections_per_ip
+            .unwrap_or(s.conn.max_connections_per_ip);
         s.conn.header_timeout = self
             .header_timeout
             .map(secs)

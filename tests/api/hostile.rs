@@ -622,3 +622,42 @@ async fn a_batch_costs_one_rate_unit_per_statement() {
     let stats = app.admin_get("/api/v1/stats").await.body;
     assert_eq!(stats["events"][0]["count"], 4, "{stats}");
 }
+
+/// Silent connections from one address: past its cap they are closed at
+/// once, and those kept are closed when no request starts within the
+/// header deadline; a well-behaved client from another address gets its
+/// answers throughout.
+#[tokio::test]
+async fn silent_connections_from_one_address_do_not_shut_others_out() {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_custom(
+        |_| {},
+        |s| {
+            s.conn.max_connections = 40;
+            s.conn.max_connections_per_ip = 10;
+            s.conn.header_timeout = std::time::Duration::from_secs(1);
+        },
+    )
+    .await;
+    let addr = app.server.addr;
+    let mut silent = Vec::new();
+    for _ in 0..60 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        silent.push(socket.connect(addr).await.unwrap());
+    }
+    let r = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(r.status, 200, "another address is answered");
+    // Every silent connection ends: over the cap at once, the others at
+    // their deadline.
+    for s in &mut silent {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent connection stayed open: {read:?}"
+        );
+    }
+    let r = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(r.status, 200);
+}
