@@ -45,18 +45,27 @@ done | tally
 echo "   the right token from that address: $(curl -s -o /dev/null -w '%{http_code}' "$URL/api/admin/sources" -H 'Authorization: Bearer admin-token' -H 'X-Forwarded-For: 203.0.113.7') (want 429), from another: $(curl -s -o /dev/null -w '%{http_code}' "$URL/api/admin/sources" -H 'Authorization: Bearer admin-token' -H 'X-Forwarded-For: 203.0.113.8') (want 200)"
 stop
 
-echo "== 3. 300 silent connections from one address (ROCKET_MAX_CONNECTIONS=200), then a client"
-start "sqlite://$WORK/db3/rocket.db" ROCKET_MAX_CONNECTIONS=200
+echo "== 3. 300 silent connections from 127.0.0.2 (ROCKET_MAX_CONNECTIONS=200, _PER_IP=50), then a client from 127.0.0.1"
+start "sqlite://$WORK/db3/rocket.db" ROCKET_MAX_CONNECTIONS=200 ROCKET_MAX_CONNECTIONS_PER_IP=50
 python3 - "$PORT" <<'PY'
 import socket, sys, time, urllib.request
 port = int(sys.argv[1])
 idle = []
 for _ in range(300):
     try:
-        idle.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        idle.append(socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.2", 0)))
     except OSError:
         break
-print(f"   opened {len(idle)} silent connections")
+time.sleep(0.5)
+def closed(s):
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+print(f"   opened {len(idle)} silent connections; {sum(map(closed, idle))} closed by the server at once")
 start = time.time()
 try:
     urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=15).read()
