@@ -283,170 +283,16 @@ pub fn load(
     let mut warnings = Vec::new();
     let engine = rules::engine();
 
-    let rules_dir = dir.join("rules");
-    let mut rules = BTreeMap::new();
-    match files_with(&rules_dir, &["rhai"]) {
-        Ok(files) => {
-            for file in files {
-                let name = file
-                    .file_stem()
-                    .and_then(|s| s.to_str())
-                    .unwrap_or("")
-                    .to_string();
-                if !is_valid_name(&name) {
-                    errors.push(err(
-                        &file,
-                        None,
-                        "",
-                        "a rule's file name must be lower-case letters, digits, - or _",
-                    ));
-                    continue;
-                }
-                let before = errors.len();
-                match read_config_file(dir, &file) {
-                    Ok((text, linked)) => match rules::compile(&engine, &name, &file, &text) {
-                        Ok(rule) => {
-                            rules.insert(name, Arc::new(rule));
-                        }
-                        Err(e) => {
-                            let pos = e.1;
-                            errors.push(ConfigError {
-                                file: file.clone(),
-                                line: pos.line(),
-                                column: pos.position(),
-                                key: String::new(),
-                                message: e.0.to_string(),
-                            });
-                            if linked {
-                                redact_quotes(&mut errors[before..]);
-                            }
-                        }
-                    },
-                    Err(e) => errors.push(err(&file, None, "", &e)),
-                }
-            }
-        }
-        Err(e) => errors.push(err(
-            &rules_dir,
-            None,
-            "",
-            &format!("cannot read the folder: {e}"),
-        )),
-    }
-
-    let mut rule_tests = Vec::new();
-    match files_with(&rules_dir, &["yaml", "yml"]) {
-        Ok(files) => {
-            for file in files {
-                let fname = file.file_name().and_then(|s| s.to_str()).unwrap_or("");
-                let Some(rule_name) = fname
-                    .strip_suffix(".tests.yaml")
-                    .or_else(|| fname.strip_suffix(".tests.yml"))
-                else {
-                    errors.push(err(
-                        &file,
-                        None,
-                        "",
-                        "a YAML file in rules/ must be named <rule>.tests.yaml",
-                    ));
-                    continue;
-                };
-                let Some(rule) = rules.get(rule_name).cloned() else {
-                    errors.push(err(
-                        &file,
-                        None,
-                        "",
-                        &format!("no rule named {rule_name:?} to test"),
-                    ));
-                    continue;
-                };
-                let before = errors.len();
-                let (text, linked) = match read_config_file(dir, &file) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        errors.push(err(&file, None, "", &e));
-                        continue;
-                    }
-                };
-                match serde_yaml_ng::from_str::<Vec<raw::RuleCase>>(&text) {
-                    Ok(cases) => rule_tests.push((rule, cases)),
-                    Err(e) => {
-                        let loc = e.location();
-                        errors.push(ConfigError {
-                            file: file.clone(),
-                            line: loc.as_ref().map(|l| l.line()),
-                            column: loc.as_ref().map(|l| l.column()),
-                            key: String::new(),
-                            message: e.to_string(),
-                        });
-                    }
-                }
-                if linked {
-                    redact_quotes(&mut errors[before..]);
-                }
-            }
-        }
-        Err(e) => errors.push(err(
-            &rules_dir,
-            None,
-            "",
-            &format!("cannot read the folder: {e}"),
-        )),
-    }
-
-    let sources_dir = dir.join("sources.d");
-    let mut sources: HashMap<String, Arc<Source>> = HashMap::new();
-    match files_with(&sources_dir, &["yaml", "yml"]) {
-        Ok(files) => {
-            if files.is_empty() {
-                errors.push(err(
-                    &sources_dir,
-                    None,
-                    "",
-                    "no source files (*.yaml) found",
-                ));
-            }
-            for file in files {
-                let (text, linked) = match read_config_file(dir, &file) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        errors.push(err(&file, None, "", &e));
-                        continue;
-                    }
-                };
-                let before = errors.len();
-                match compile_source(&file, &text, &rules, secrets, source_rate, &mut warnings) {
-                    Ok(src) => {
-                        if let Some(prev) = sources.get(&src.name) {
-                            errors.push(err(
-                                &file,
-                                locate(&text, &["name"]),
-                                "name",
-                                &format!(
-                                    "source {:?} is already defined by {}",
-                                    src.name,
-                                    prev.file.display()
-                                ),
-                            ));
-                        } else {
-                            sources.insert(src.name.clone(), Arc::new(src));
-                        }
-                    }
-                    Err(mut es) => errors.append(&mut es),
-                }
-                if linked {
-                    redact_quotes(&mut errors[before..]);
-                }
-            }
-        }
-        Err(e) => errors.push(err(
-            &sources_dir,
-            None,
-            "",
-            &format!("cannot read the folder: {e}"),
-        )),
-    }
-
+    let rules = load_rules(dir, &engine, &mut errors);
+    let rule_tests = load_rule_tests(dir, &rules, &mut errors);
+    let sources = load_sources(
+        dir,
+        &rules,
+        secrets,
+        source_rate,
+        &mut errors,
+        &mut warnings,
+    );
     let admin_token = operator_token(ADMIN_TOKEN, dir, secrets, &mut errors);
     let test_token = operator_token(TEST_TOKEN, dir, secrets, &mut errors);
     let mut secret_files: Vec<PathBuf> = sources
@@ -519,6 +365,201 @@ fn redact_quotes(errors: &mut [ConfigError]) {
         }
         e.message = out;
     }
+}
+
+/// Compiles `rules/*.rhai`, one rule a file.
+fn load_rules(
+    dir: &Path,
+    engine: &Engine,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeMap<String, Arc<Rule>> {
+    let rules_dir = dir.join("rules");
+    let mut rules = BTreeMap::new();
+    match files_with(&rules_dir, &["rhai"]) {
+        Ok(files) => {
+            for file in files {
+                let name = file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .to_string();
+                if !is_valid_name(&name) {
+                    errors.push(err(
+                        &file,
+                        None,
+                        "",
+                        "a rule's file name must be lower-case letters, digits, - or _",
+                    ));
+                    continue;
+                }
+                let before = errors.len();
+                match read_config_file(dir, &file) {
+                    Ok((text, linked)) => match rules::compile(engine, &name, &file, &text) {
+                        Ok(rule) => {
+                            rules.insert(name, Arc::new(rule));
+                        }
+                        Err(e) => {
+                            let pos = e.1;
+                            errors.push(ConfigError {
+                                file: file.clone(),
+                                line: pos.line(),
+                                column: pos.position(),
+                                key: String::new(),
+                                message: e.0.to_string(),
+                            });
+                            if linked {
+                                redact_quotes(&mut errors[before..]);
+                            }
+                        }
+                    },
+                    Err(e) => errors.push(err(&file, None, "", &e)),
+                }
+            }
+        }
+        Err(e) => errors.push(err(
+            &rules_dir,
+            None,
+            "",
+            &format!("cannot read the folder: {e}"),
+        )),
+    }
+
+    rules
+}
+
+/// Reads `rules/<rule>.tests.yaml`, the test cases of each rule.
+fn load_rule_tests(
+    dir: &Path,
+    rules: &BTreeMap<String, Arc<Rule>>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(Arc<Rule>, Vec<raw::RuleCase>)> {
+    let rules_dir = dir.join("rules");
+    let mut rule_tests = Vec::new();
+    match files_with(&rules_dir, &["yaml", "yml"]) {
+        Ok(files) => {
+            for file in files {
+                let fname = file.file_name().and_then(|s| s.to_str()).unwrap_or("");
+                let Some(rule_name) = fname
+                    .strip_suffix(".tests.yaml")
+                    .or_else(|| fname.strip_suffix(".tests.yml"))
+                else {
+                    errors.push(err(
+                        &file,
+                        None,
+                        "",
+                        "a YAML file in rules/ must be named <rule>.tests.yaml",
+                    ));
+                    continue;
+                };
+                let Some(rule) = rules.get(rule_name).cloned() else {
+                    errors.push(err(
+                        &file,
+                        None,
+                        "",
+                        &format!("no rule named {rule_name:?} to test"),
+                    ));
+                    continue;
+                };
+                let before = errors.len();
+                let (text, linked) = match read_config_file(dir, &file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(err(&file, None, "", &e));
+                        continue;
+                    }
+                };
+                match serde_yaml_ng::from_str::<Vec<raw::RuleCase>>(&text) {
+                    Ok(cases) => rule_tests.push((rule, cases)),
+                    Err(e) => {
+                        let loc = e.location();
+                        errors.push(ConfigError {
+                            file: file.clone(),
+                            line: loc.as_ref().map(|l| l.line()),
+                            column: loc.as_ref().map(|l| l.column()),
+                            key: String::new(),
+                            message: e.to_string(),
+                        });
+                    }
+                }
+                if linked {
+                    redact_quotes(&mut errors[before..]);
+                }
+            }
+        }
+        Err(e) => errors.push(err(
+            &rules_dir,
+            None,
+            "",
+            &format!("cannot read the folder: {e}"),
+        )),
+    }
+
+    rule_tests
+}
+
+/// Compiles `sources.d/*.yaml`; a name defined twice is an error.
+fn load_sources(
+    dir: &Path,
+    rules: &BTreeMap<String, Arc<Rule>>,
+    secrets: &SecretEnv,
+    source_rate: RateSpec,
+    errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
+) -> HashMap<String, Arc<Source>> {
+    let sources_dir = dir.join("sources.d");
+    let mut sources: HashMap<String, Arc<Source>> = HashMap::new();
+    match files_with(&sources_dir, &["yaml", "yml"]) {
+        Ok(files) => {
+            if files.is_empty() {
+                errors.push(err(
+                    &sources_dir,
+                    None,
+                    "",
+                    "no source files (*.yaml) found",
+                ));
+            }
+            for file in files {
+                let (text, linked) = match read_config_file(dir, &file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(err(&file, None, "", &e));
+                        continue;
+                    }
+                };
+                let before = errors.len();
+                match compile_source(&file, &text, rules, secrets, source_rate, warnings) {
+                    Ok(src) => {
+                        if let Some(prev) = sources.get(&src.name) {
+                            errors.push(err(
+                                &file,
+                                locate(&text, &["name"]),
+                                "name",
+                                &format!(
+                                    "source {:?} is already defined by {}",
+                                    src.name,
+                                    prev.file.display()
+                                ),
+                            ));
+                        } else {
+                            sources.insert(src.name.clone(), Arc::new(src));
+                        }
+                    }
+                    Err(mut es) => errors.append(&mut es),
+                }
+                if linked {
+                    redact_quotes(&mut errors[before..]);
+                }
+            }
+        }
+        Err(e) => errors.push(err(
+            &sources_dir,
+            None,
+            "",
+            &format!("cannot read the folder: {e}"),
+        )),
+    }
+
+    sources
 }
 
 fn err(file: &Path, line: Option<usize>, key: &str, message: &str) -> ConfigError {
