@@ -607,12 +607,8 @@ pub fn compile_source(
         });
     };
 
-    let stem = file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("")
-        .to_string();
-    let name = raw.name.clone().unwrap_or(stem);
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let name = raw.name.clone().unwrap_or_else(|| stem.to_string());
     if !is_valid_name(&name) {
         fail(&["name"], format!("{name:?} is not a valid source name (lower-case letters, digits, - or _; at most 64)"));
     }
@@ -623,85 +619,26 @@ pub fn compile_source(
             format!("{namespace:?} is not a valid namespace"),
         );
     }
-
-    let mut auth = Vec::new();
-    let raw_auth = raw.auth.into_vec();
-    let auth_declared = raw_auth.len();
-    for (n, a) in raw_auth.into_iter().enumerate() {
-        let kind = SourceKind {
-            batch: raw.batch || raw.xapi,
-            dry_run: raw.dry_run,
-        };
-        match compile_auth(a, &name, kind, base, secrets, warnings) {
-            Ok(scheme) => auth.push(scheme),
-            Err(problems) => {
-                for (key, message) in problems {
-                    let keys = ["auth", key];
-                    let message = if auth_declared > 1 {
-                        format!("scheme {}: {message}", n + 1)
-                    } else {
-                        message
-                    };
-                    fail(&keys, message);
-                }
-            }
-        }
-    }
-
-    let body_tokens = auth
-        .iter()
-        .filter(|a| matches!(a, AuthScheme::BodyField { .. }))
-        .count();
-    if body_tokens > 1 {
-        fail(&["auth"], "at most one body_token scheme per source".into());
-    }
-
-    let rate_spec = raw.rate_limit.unwrap_or(source_rate);
-    if let Err(e) = rate_spec.validate() {
-        fail(&["rate_limit"], e);
-    }
-    let mut event_type_rates = HashMap::new();
-    for (kind, spec) in &raw.event_type_rate_limits {
-        match spec.validate() {
-            Ok(()) => {
-                event_type_rates.insert(kind.clone(), *spec);
-            }
-            Err(e) => fail(&["event_type_rate_limits", kind], e),
-        }
-    }
-    let mut allow_ips = Vec::new();
-    for cidr in &raw.allow_ips {
-        match crate::settings::parse_network(cidr) {
-            Ok(n) => allow_ips.push(n),
-            Err(e) => fail(&["allow_ips"], e),
-        }
-    }
-    let proxy_headers = raw
-        .proxy_headers
-        .clone()
-        .unwrap_or_else(|| vec![ProxyHeader::XForwardedFor, ProxyHeader::Forwarded]);
-    if auth_declared == 0 {
-        fail(&["auth"], "at least one auth scheme is required".into());
-    }
-
-    let content_types: Vec<String> = raw
-        .content_types
-        .unwrap_or_else(|| vec!["application/json".into()])
-        .into_iter()
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
-    for ct in &content_types {
-        if crate::pipeline::decode::format_of(ct).is_none() {
-            fail(&["content_types"], format!("{ct:?} cannot be decoded; use application/json or application/x-www-form-urlencoded"));
-        }
-    }
-    if content_types.is_empty() {
-        fail(
-            &["content_types"],
-            "at least one content type is required".into(),
-        );
-    }
-
+    let kind = SourceKind {
+        batch: raw.batch || raw.xapi,
+        dry_run: raw.dry_run,
+    };
+    let auth = compile_auths(
+        raw.auth.into_vec(),
+        &name,
+        kind,
+        base,
+        secrets,
+        warnings,
+        &mut fail,
+    );
+    let limits = compile_limits(
+        raw.rate_limit.unwrap_or(source_rate),
+        &raw.event_type_rate_limits,
+        &raw.allow_ips,
+        &mut fail,
+    );
+    let content_types = compile_content_types(raw.content_types, &mut fail);
     let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
     if max_body_bytes == 0 || max_body_bytes > MAX_MAX_BODY {
         fail(
@@ -709,142 +646,19 @@ pub fn compile_source(
             format!("must be between 1 and {MAX_MAX_BODY}"),
         );
     }
-
-    let paths = |keys: &[&str],
-                 list: Vec<String>,
-                 fail: &mut dyn FnMut(&[&str], String)|
-     -> Vec<CompiledPath> {
-        if list.is_empty() {
-            fail(keys, "at least one JSONPath is required".into());
-        }
-        list.iter()
-            .filter_map(|p| match CompiledPath::parse(p) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    fail(keys, format!("bad JSONPath {p:?}: {e}"));
-                    None
-                }
-            })
-            .collect()
-    };
-
-    let et_paths = paths(
-        &["event_type", "paths"],
-        raw.event_type.paths.into_vec(),
+    let known_attribute =
+        |name: &str| raw.attributes.contains_key(name) || raw.attributes_from.is_some();
+    let event_type = compile_event_type(raw.event_type, &known_attribute, &mut fail);
+    let mapping = compile_mapping(
+        event_type,
+        raw.fields,
+        raw.attributes,
+        raw.attributes_from,
+        raw.required,
+        raw.unfilled_placeholders_absent,
         &mut fail,
     );
-    let event_type = EventTypeSpec {
-        paths: et_paths,
-        table: raw
-            .event_type
-            .map
-            .into_iter()
-            .map(|(k, v)| (k, Arc::<str>::from(v.as_str())))
-            .collect(),
-        passthrough: raw.event_type.passthrough,
-        compose: {
-            let c = raw.event_type.compose.clone();
-            if c.is_empty() {
-                Vec::new()
-            } else {
-                paths(&["event_type", "compose"], c, &mut fail)
-            }
-        },
-        cases: raw
-            .event_type
-            .cases
-            .into_iter()
-            .map(|c| {
-                let known =
-                    |name: &str| raw.attributes.contains_key(name) || raw.attributes_from.is_some();
-                compile_case(c, &known, &mut fail)
-            })
-            .collect(),
-    };
-
-    let field = |keys: &[&str],
-                 raw: Option<RawField>,
-                 default_ty: FieldType,
-                 fail: &mut dyn FnMut(&[&str], String)| {
-        raw.map(|raw| {
-            let (list, ty, format, default) = match raw {
-                RawField::Path(p) => (vec![p], None, None, None),
-                RawField::Paths(v) => (v, None, None, None),
-                RawField::Full(s) => (s.paths.into_vec(), s.ty, s.format, s.default),
-            };
-            FieldSpec {
-                paths: paths(keys, list, fail),
-                ty: ty.unwrap_or(default_ty),
-                format: format.unwrap_or(TimeFormat::Auto),
-                default,
-            }
-        })
-    };
-    let f = raw.fields;
-    let event_id = field(
-        &["fields", "event_id"],
-        f.event_id,
-        FieldType::String,
-        &mut fail,
-    );
-    let user_id = field(
-        &["fields", "user_id"],
-        f.user_id,
-        FieldType::String,
-        &mut fail,
-    );
-    let course_id = field(
-        &["fields", "course_id"],
-        f.course_id,
-        FieldType::String,
-        &mut fail,
-    );
-    let object_id = field(
-        &["fields", "object_id"],
-        f.object_id,
-        FieldType::String,
-        &mut fail,
-    );
-    let occurred_at = field(
-        &["fields", "occurred_at"],
-        f.occurred_at,
-        FieldType::Timestamp,
-        &mut fail,
-    );
-    let mut attributes = Vec::new();
-    for (key, rf) in raw.attributes {
-        if let Some(spec) = field(&["attributes", &key], Some(rf), FieldType::Any, &mut fail) {
-            attributes.push((key, spec));
-        }
-    }
-    let attributes_from = raw
-        .attributes_from
-        .and_then(|rf| field(&["attributes_from"], Some(rf), FieldType::Any, &mut fail));
-
-    let mut required = Vec::new();
-    for r in raw
-        .required
-        .unwrap_or_else(|| vec!["user_id".into(), "event_type".into()])
-    {
-        match Field::parse(&r) {
-            Some(f) => required.push(f),
-            None => fail(&["required"], format!("unknown field {r:?}; one of event_id, event_type, user_id, course_id, object_id, occurred_at")),
-        }
-    }
-
-    let mut source_rules = Vec::new();
-    for r in &raw.rules {
-        if r == "*" {
-            source_rules.extend(rules.values().cloned());
-        } else if let Some(rule) = rules.get(r) {
-            source_rules.push(rule.clone());
-        } else {
-            fail(
-                &["rules"],
-                format!("no rule named {r:?} (expected rules/{r}.rhai)"),
-            );
-        }
-    }
+    let source_rules = rules_named(&raw.rules, rules, &mut fail);
 
     if !errors.is_empty() {
         return Err(errors);
@@ -860,27 +674,253 @@ pub fn compile_source(
         batch: raw.batch || raw.xapi,
         xapi: raw.xapi,
         max_body_bytes,
-        rate: rate_spec,
-        event_type_rates,
-        allow_ips,
-        proxy_headers,
-        mapping: Mapping {
-            event_type,
-            event_id,
-            user_id,
-            course_id,
-            object_id,
-            occurred_at,
-            attributes,
-            attributes_from,
-            required,
-            unfilled_placeholders_absent: raw.unfilled_placeholders_absent,
-        },
+        rate: limits.rate,
+        event_type_rates: limits.event_type_rates,
+        allow_ips: limits.allow_ips,
+        proxy_headers: raw
+            .proxy_headers
+            .unwrap_or_else(|| vec![ProxyHeader::XForwardedFor, ProxyHeader::Forwarded]),
+        mapping,
         rules: source_rules,
         dry_run: raw.dry_run,
         file: file.to_path_buf(),
         tests: raw.tests,
     })
+}
+
+/// Reports a config error at a key path.
+type Fail<'a> = dyn FnMut(&[&str], String) + 'a;
+
+/// A source's auth schemes: at least one, at most one body token.
+fn compile_auths(
+    raw_auth: Vec<raw::RawAuth>,
+    name: &str,
+    kind: SourceKind,
+    base: &Path,
+    secrets: &SecretEnv,
+    warnings: &mut Vec<String>,
+    fail: &mut Fail<'_>,
+) -> Vec<AuthScheme> {
+    let declared = raw_auth.len();
+    if declared == 0 {
+        fail(&["auth"], "at least one auth scheme is required".into());
+    }
+    let mut auth = Vec::new();
+    for (n, a) in raw_auth.into_iter().enumerate() {
+        match compile_auth(a, name, kind, base, secrets, warnings) {
+            Ok(scheme) => auth.push(scheme),
+            Err(problems) => {
+                for (key, message) in problems {
+                    let message = if declared > 1 {
+                        format!("scheme {}: {message}", n + 1)
+                    } else {
+                        message
+                    };
+                    fail(&["auth", key], message);
+                }
+            }
+        }
+    }
+    let body_tokens = auth
+        .iter()
+        .filter(|a| matches!(a, AuthScheme::BodyField { .. }))
+        .count();
+    if body_tokens > 1 {
+        fail(&["auth"], "at most one body_token scheme per source".into());
+    }
+    auth
+}
+
+/// A source's rates and allowlist.
+struct SourceLimits {
+    rate: RateSpec,
+    event_type_rates: HashMap<String, RateSpec>,
+    allow_ips: Vec<IpNet>,
+}
+
+fn compile_limits(
+    rate: RateSpec,
+    per_type: &BTreeMap<String, RateSpec>,
+    allow: &[String],
+    fail: &mut Fail<'_>,
+) -> SourceLimits {
+    if let Err(e) = rate.validate() {
+        fail(&["rate_limit"], e);
+    }
+    let mut event_type_rates = HashMap::new();
+    for (kind, spec) in per_type {
+        match spec.validate() {
+            Ok(()) => {
+                event_type_rates.insert(kind.clone(), *spec);
+            }
+            Err(e) => fail(&["event_type_rate_limits", kind], e),
+        }
+    }
+    let mut allow_ips = Vec::new();
+    for cidr in allow {
+        match crate::settings::parse_network(cidr) {
+            Ok(n) => allow_ips.push(n),
+            Err(e) => fail(&["allow_ips"], e),
+        }
+    }
+    SourceLimits {
+        rate,
+        event_type_rates,
+        allow_ips,
+    }
+}
+
+/// The content types a source takes (default JSON), each one it can decode.
+fn compile_content_types(raw: Option<Vec<String>>, fail: &mut Fail<'_>) -> Vec<String> {
+    let content_types: Vec<String> = raw
+        .unwrap_or_else(|| vec!["application/json".into()])
+        .into_iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    for ct in &content_types {
+        if crate::pipeline::decode::format_of(ct).is_none() {
+            fail(&["content_types"], format!("{ct:?} cannot be decoded; use application/json or application/x-www-form-urlencoded"));
+        }
+    }
+    if content_types.is_empty() {
+        fail(
+            &["content_types"],
+            "at least one content type is required".into(),
+        );
+    }
+    content_types
+}
+
+/// JSONPaths, at least one, each parsed.
+fn compile_paths(keys: &[&str], list: Vec<String>, fail: &mut Fail<'_>) -> Vec<CompiledPath> {
+    if list.is_empty() {
+        fail(keys, "at least one JSONPath is required".into());
+    }
+    list.iter()
+        .filter_map(|p| match CompiledPath::parse(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                fail(keys, format!("bad JSONPath {p:?}: {e}"));
+                None
+            }
+        })
+        .collect()
+}
+
+/// A mapped field: its paths, type (default `default_ty`) and time format.
+fn compile_field(
+    keys: &[&str],
+    raw: Option<RawField>,
+    default_ty: FieldType,
+    fail: &mut Fail<'_>,
+) -> Option<FieldSpec> {
+    raw.map(|raw| {
+        let (list, ty, format, default) = match raw {
+            RawField::Path(p) => (vec![p], None, None, None),
+            RawField::Paths(v) => (v, None, None, None),
+            RawField::Full(s) => (s.paths.into_vec(), s.ty, s.format, s.default),
+        };
+        FieldSpec {
+            paths: compile_paths(keys, list, fail),
+            ty: ty.unwrap_or(default_ty),
+            format: format.unwrap_or(TimeFormat::Auto),
+            default,
+        }
+    })
+}
+
+/// Where the vendor's event name is, its table, and its cases.
+fn compile_event_type(
+    raw: raw::RawEventType,
+    known_attribute: &dyn Fn(&str) -> bool,
+    fail: &mut Fail<'_>,
+) -> EventTypeSpec {
+    EventTypeSpec {
+        paths: compile_paths(&["event_type", "paths"], raw.paths.into_vec(), fail),
+        table: raw
+            .map
+            .into_iter()
+            .map(|(k, v)| (k, Arc::<str>::from(v.as_str())))
+            .collect(),
+        passthrough: raw.passthrough,
+        compose: if raw.compose.is_empty() {
+            Vec::new()
+        } else {
+            compile_paths(&["event_type", "compose"], raw.compose, fail)
+        },
+        cases: raw
+            .cases
+            .into_iter()
+            .map(|c| compile_case(c, known_attribute, fail))
+            .collect(),
+    }
+}
+
+/// The canonical fields, attributes and required fields of a source.
+fn compile_mapping(
+    event_type: EventTypeSpec,
+    f: raw::RawFields,
+    raw_attributes: BTreeMap<String, RawField>,
+    attributes_from: Option<RawField>,
+    required: Option<Vec<String>>,
+    placeholders: bool,
+    fail: &mut Fail<'_>,
+) -> Mapping {
+    let mut field = |key: &str, raw, ty| compile_field(&["fields", key], raw, ty, fail);
+    let event_id = field("event_id", f.event_id, FieldType::String);
+    let user_id = field("user_id", f.user_id, FieldType::String);
+    let course_id = field("course_id", f.course_id, FieldType::String);
+    let object_id = field("object_id", f.object_id, FieldType::String);
+    let occurred_at = field("occurred_at", f.occurred_at, FieldType::Timestamp);
+    let mut attributes = Vec::new();
+    for (key, rf) in raw_attributes {
+        if let Some(spec) = compile_field(&["attributes", &key], Some(rf), FieldType::Any, fail) {
+            attributes.push((key, spec));
+        }
+    }
+    let attributes_from = attributes_from
+        .and_then(|rf| compile_field(&["attributes_from"], Some(rf), FieldType::Any, fail));
+    let mut required_fields = Vec::new();
+    for r in required.unwrap_or_else(|| vec!["user_id".into(), "event_type".into()]) {
+        match Field::parse(&r) {
+            Some(f) => required_fields.push(f),
+            None => fail(&["required"], format!("unknown field {r:?}; one of event_id, event_type, user_id, course_id, object_id, occurred_at")),
+        }
+    }
+    Mapping {
+        event_type,
+        event_id,
+        user_id,
+        course_id,
+        object_id,
+        occurred_at,
+        attributes,
+        attributes_from,
+        required: required_fields,
+        unfilled_placeholders_absent: placeholders,
+    }
+}
+
+/// The rules a source names (`*` for all), each one that exists.
+fn rules_named(
+    names: &[String],
+    rules: &BTreeMap<String, Arc<Rule>>,
+    fail: &mut Fail<'_>,
+) -> Vec<Arc<Rule>> {
+    let mut out = Vec::new();
+    for r in names {
+        if r == "*" {
+            out.extend(rules.values().cloned());
+        } else if let Some(rule) = rules.get(r) {
+            out.push(rule.clone());
+        } else {
+            fail(
+                &["rules"],
+                format!("no rule named {r:?} (expected rules/{r}.rhai)"),
+            );
+        }
+    }
+    out
 }
 
 /// What an auth scheme needs to know of its source.
