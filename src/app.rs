@@ -92,7 +92,6 @@ impl App {
             "listening"
         );
         let state = AppState::new(settings, config, store);
-        state.ready.store(true, Ordering::Relaxed);
         Ok(App {
             state,
             acceptor: acceptor.boxed(),

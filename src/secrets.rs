@@ -251,14 +251,6 @@ impl SecretEnv {
             )
         })
     }
-
-    /// The comma-separated list an environment variable holds (no files).
-    pub fn list(&self, name: &str) -> Vec<Secret> {
-        self.var(name)
-            .or(self.fallback.as_deref())
-            .map(split_list)
-            .unwrap_or_default()
-    }
 }
 
 fn split_list(list: &str) -> Vec<Secret> {
@@ -331,14 +323,18 @@ mod tests {
     #[test]
     fn a_secret_list_is_comma_separated_and_trimmed() {
         let env = SecretEnv::from_pairs([("A", " one, two ,,"), ("B", "")]);
-        let got: Vec<_> = env
-            .list("A")
-            .iter()
-            .map(|s| s.expose().to_string())
-            .collect();
-        assert_eq!(got, ["one", "two"]);
-        assert!(env.list("B").is_empty());
-        assert!(env.list("C").is_empty());
+        let list = |name: &str| {
+            let r = env
+                .resolve(&SecretRef::Env(name.into()), Path::new("."))
+                .unwrap();
+            r.values
+                .iter()
+                .map(|s| s.expose().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(list("A"), ["one", "two"]);
+        assert!(list("B").is_empty());
+        assert!(list("C").is_empty());
     }
 
     fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {

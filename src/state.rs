@@ -25,8 +25,6 @@ pub struct AppState {
     pub levels: LevelCurve,
     /// The all-hooks and per-address buckets (per-source ones live in the config).
     pub limits: ServerLimits,
-    /// Config loaded and store connected.
-    pub ready: AtomicBool,
     /// Shutting down: readiness answers 503.
     pub draining: AtomicBool,
     /// Wakes the async workers when an event is queued.
@@ -56,7 +54,6 @@ impl AppState {
             store,
             metrics,
             levels,
-            ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             queue_ready: tokio::sync::Notify::new(),
         })

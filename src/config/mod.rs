@@ -128,7 +128,6 @@ impl Source {
 
 /// The loaded config directory.
 pub struct Config {
-    pub dir: PathBuf,
     pub sources: HashMap<String, Arc<Source>>,
     pub rules: BTreeMap<String, Arc<Rule>>,
     pub engine: Arc<Engine>,
@@ -184,7 +183,6 @@ fn operator_token(
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("dir", &self.dir)
             .field("sources", &self.sources.keys().collect::<Vec<_>>())
             .field("rules", &self.rules.keys().collect::<Vec<_>>())
             .finish()
@@ -309,7 +307,6 @@ pub fn load(
     warnings.retain(|w| seen.insert(w.clone()));
     if errors.is_empty() {
         Ok(Config {
-            dir: dir.to_path_buf(),
             sources,
             rules,
             engine: Arc::new(engine),

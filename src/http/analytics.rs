@@ -231,7 +231,10 @@ impl AnalyticsApi {
         Ok(Json(EventView {
             event_id: rec.event_id,
             source: rec.source,
-            status: crate::store::status_of(&rec.status).as_str().to_string(),
+            status: crate::store::EventStatus::from_stored(&rec.status)
+                .map_err(|e| state.store_failed(&e, "store read"))?
+                .as_str()
+                .to_string(),
             event_type: rec.event_type,
             user_id: rec.user_id,
             points: rec.points,
@@ -323,7 +326,9 @@ impl AnalyticsApi {
         let mut events: std::collections::BTreeMap<(String, String, &str), i64> =
             std::collections::BTreeMap::new();
         for (source, event_type, status, count) in s.events {
-            let status = crate::store::status_of(&status).as_str();
+            let status = crate::store::EventStatus::from_stored(&status)
+                .map_err(|e| state.store_failed(&e, "store read"))?
+                .as_str();
             *events.entry((source, event_type, status)).or_insert(0) += count;
         }
         Ok(Json(StatsView {

@@ -38,9 +38,6 @@ impl HealthApi {
         if state.draining.load(Ordering::Relaxed) {
             return Err(ApiError::unavailable("the server is shutting down"));
         }
-        if !state.ready.load(Ordering::Relaxed) {
-            return Err(ApiError::unavailable("the server is starting"));
-        }
         if let Err(e) = state.store.ping().await {
             tracing::warn!(error = %e, "readiness: the store cannot take writes");
             return Err(ApiError::unavailable(e.reason()));

@@ -26,7 +26,7 @@ use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
 pub use queue::{Claimed, MAX_ATTEMPTS};
-pub use write::{new_event_id, status_of, EventStatus, Persisted};
+pub use write::{new_event_id, EventStatus, Persisted};
 
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, HISTORY_DAYS, HISTORY_EVENTS};
@@ -57,6 +57,9 @@ pub enum StoreError {
     /// would write now, a restart would not find.
     #[error("the database file {0} was deleted or replaced; restart the server")]
     FileGone(String),
+    /// A status column holds a value no version of this server writes.
+    #[error("unknown event status {0:?} in the store")]
+    UnknownStatus(String),
     /// Writes failed for want of a writable store (see [`StoreError::reason`]).
     #[error("{0}")]
     Unwritable(&'static str),
@@ -760,6 +763,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_status_is_read_strictly() {
+        for (text, want) in [
+            ("processed", EventStatus::Processed),
+            ("failed", EventStatus::Failed),
+            ("queued", EventStatus::Queued),
+            ("processing", EventStatus::Queued),
+        ] {
+            assert_eq!(EventStatus::from_stored(text).unwrap(), want);
+        }
+        for text in ["", "Processed", "done"] {
+            assert!(matches!(
+                EventStatus::from_stored(text),
+                Err(StoreError::UnknownStatus(_))
+            ));
+        }
+    }
 
     /// Migration 0006 keys the shipped rules' awards already in a ledger:
     /// the earliest of each key only, so the index holds and nothing

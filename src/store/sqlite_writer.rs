@@ -44,7 +44,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::write::{
-    status_of, EventStatus, Item, Job, Persisted, EXISTING, MAX_GROUP, QUEUE, RESCORE, RETRIES,
+    EventStatus, Item, Job, Persisted, EXISTING, MAX_GROUP, QUEUE, RESCORE, RETRIES,
 };
 use super::{StoreError, WalMetrics, INSERT_LEDGER, ONCE_HELD, UPSERT_TOTAL};
 
@@ -564,7 +564,13 @@ fn redelivered(
             .query_row(params![ev.source, ev.dedupe_key], |r| {
                 Ok(Persisted {
                     event_id: r.get(0)?,
-                    status: status_of(&r.get::<_, String>(1)?),
+                    status: EventStatus::from_stored(&r.get::<_, String>(1)?).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            1,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })?,
                     points: r.get(2)?,
                     duplicate: true,
                     processed_at: r.get::<_, Option<i64>>(3)?.unwrap_or(now),

@@ -188,12 +188,17 @@ impl Item {
     }
 }
 
-/// A stored status as the API reports it (a claimed event is still queued).
-pub fn status_of(s: &str) -> EventStatus {
-    match s {
-        "processed" => EventStatus::Processed,
-        "failed" => EventStatus::Failed,
-        _ => EventStatus::Queued,
+impl EventStatus {
+    /// A stored status as the API reports it (an event a worker has
+    /// claimed, `processing`, is still queued); any other text is an error,
+    /// never a default.
+    pub fn from_stored(s: &str) -> Result<EventStatus, StoreError> {
+        match s {
+            "processed" => Ok(EventStatus::Processed),
+            "failed" => Ok(EventStatus::Failed),
+            "queued" | "processing" => Ok(EventStatus::Queued),
+            other => Err(StoreError::UnknownStatus(other.chars().take(32).collect())),
+        }
     }
 }
 
@@ -445,7 +450,7 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
                     };
                     out.push(Persisted {
                         event_id: id,
-                        status: status_of(&row.try_get::<String, _>("status")?),
+                        status: EventStatus::from_stored(&row.try_get::<String, _>("status")?)?,
                         points: row.try_get("points")?,
                         duplicate: true,
                         processed_at: row
