@@ -3,14 +3,13 @@
 //! store failures as the opaque 500.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use poem::Request;
 
 use super::error::ApiError;
 use super::AdminToken;
 use crate::config::Source;
-use crate::pipeline::limits::{self, ProxyHeader, Refusal, Standing};
+use crate::pipeline::limits::{self, ProxyHeader};
 use crate::pipeline::verify::{bearer_token, check_bearer};
 use crate::state::AppState;
 
@@ -104,54 +103,6 @@ impl AppState {
             .map(|s| s.proxy_headers.as_slice())
             .unwrap_or(&DEFAULT_PROXY_HEADERS);
         limits::client_ip(peer, req.headers(), &self.settings.trusted_proxies, headers)
-    }
-
-    /// Records a rate-limit check: headers for the response, metrics, and
-    /// for a refusal the audit line and the 429; passes the standing on.
-    pub fn rate_outcome(
-        &self,
-        req: &Request,
-        source: &str,
-        ip: IpAddr,
-        checked: Result<Option<Standing>, Refusal>,
-    ) -> Result<Option<Standing>, ApiError> {
-        let slot = req.extensions().get::<Arc<RateSlot>>();
-        match checked {
-            Ok(Some(s)) => {
-                self.metrics
-                    .rate_utilization
-                    .with_label_values(&[s.scope.label()])
-                    .set(s.utilization());
-                if let Some(slot) = slot {
-                    slot.record(RateHeaders {
-                        limit: s.limit,
-                        remaining: s.advertised_remaining(),
-                        reset: s.reset,
-                        retry_after: None,
-                    });
-                }
-                Ok(Some(s))
-            }
-            Ok(None) => Ok(None),
-            Err(r) => {
-                let scope = r.scope.label();
-                self.metrics.rate_limited.with_label_values(&[scope]).inc();
-                self.metrics
-                    .rate_utilization
-                    .with_label_values(&[scope])
-                    .set(1.0);
-                tracing::warn!(source, client_ip = %ip, reason = "rate_limited", scope, "request refused");
-                if let Some(slot) = slot {
-                    slot.record(RateHeaders {
-                        limit: r.limit,
-                        remaining: 0,
-                        reset: r.reset,
-                        retry_after: Some(r.retry_after),
-                    });
-                }
-                Err(ApiError::rate_limited(scope, r.retry_after))
-            }
-        }
     }
 
     /// Rate-limit headers for a hook response whose handler answered before

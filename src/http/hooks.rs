@@ -17,14 +17,16 @@ use poem_openapi::{
 };
 use serde_json::json;
 
+use super::context::{RateHeaders, RateSlot};
 use super::error::ApiError;
 use super::ApiTags;
-use crate::config::raw::Processing;
 use crate::config::{Config, Source};
 use crate::ingest;
-use crate::pipeline::limits::{self, Scope};
+pub use crate::ingest::deliver::Ingested;
+use crate::ingest::deliver::{self, Delivery, Refused};
+use crate::pipeline::limits;
+use crate::pipeline::verify::AuthError;
 use crate::pipeline::{self, PrepareError, Prepared};
-use crate::scoring;
 use crate::state::AppState;
 use crate::store::{EventStatus, Persisted};
 
@@ -352,18 +354,10 @@ async fn chosen_or_detected(
     Ok((detected.unwrap_or(src), bytes))
 }
 
-/// What one delivery stored: each event's outcome with its dedupe key, in
-/// the order of the body's documents.
-pub struct Ingested {
-    pub stored: Vec<Persisted>,
-    pub keys: Vec<String>,
-    /// The source takes batches, or this body held several events.
-    pub batch: bool,
-}
-
-/// The ingest pipeline for one request to a known source: allowlist, rate
-/// limits, body, authentication, decoding, mapping, scoring, the store.
-/// `statement_id` pins the id of a `PUT …/statements` statement.
+/// One delivery for the hook or the statements resource: the use case
+/// (`ingest::deliver`) with the body read here within the source's limit,
+/// its rate standing written into the response headers, and a refusal
+/// turned into the one error body.
 pub(super) async fn ingest_into(
     state: &AppState,
     config: &Config,
@@ -373,152 +367,66 @@ pub(super) async fn ingest_into(
     body: HookBody,
     statement_id: Option<&str>,
 ) -> Result<Ingested, ApiError> {
-    // Cheap refusals first: before the body is read or a MAC computed.
-    if !limits::allowed(ip, &src.allow_ips) {
-        state
-            .metrics
-            .ip_refusals
-            .with_label_values(&[src.name.as_str()])
-            .inc();
-        tracing::warn!(source = %src.name, client_ip = %ip, reason = "ip_not_allowed", "request refused");
-        return Err(ApiError::ip_not_allowed());
-    }
-    // Before authentication only the client address's bucket is spent:
-    // strangers cannot use up what the source's senders need.
-    let address = match state.settings.rate_limits {
-        false => None,
-        true => {
-            let ip_bucket = state.limits.ip_bucket(ip);
-            let checked = limits::check_all([(Scope::Ip, &*ip_bucket)]);
-            state.rate_outcome(req, &src.name, ip, checked)?
-        }
-    };
+    let slot = req.extensions().get::<Arc<RateSlot>>().cloned();
+    let answer = |r: Refused| refusal(src, slot.as_deref(), r);
+    let address = deliver::admit(state, src, ip).map_err(answer)?;
+    note_standing(slot.as_deref(), address);
     let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
-    let parts = ingest::RequestParts {
+    let delivery = Delivery {
         headers: req.headers(),
         query: req.uri().query(),
         content_type: req.content_type(),
+        ip,
+        statement_id,
     };
-    let decoded = match ingest::authenticate(src, parts, &bytes, Utc::now().timestamp()) {
-        Ok(decoded) => decoded,
-        Err(e) => {
-            state
-                .metrics
-                .auth_failures
-                .with_label_values(&[src.name.as_str(), e.reason()])
-                .inc();
-            tracing::warn!(source = %src.name, client_ip = %ip, reason = e.reason(), "authentication failed");
-            return Err(ApiError::unauthorized(match e {
-                pipeline::verify::AuthError::NotConfigured => {
-                    "this source has no credentials configured".to_string()
-                }
-                other => format!("invalid or missing credentials: {other}"),
-            }));
-        }
-    };
-    if state.settings.rate_limits {
-        let source_bucket = state.limits.source_bucket(&src.name, "", src.rate);
-        let checked = limits::check_all([
-            (Scope::Source, &*source_bucket),
-            (Scope::Global, &state.limits.global),
-        ])
-        .map(|s| limits::tighter(s, address));
-        state.rate_outcome(req, &src.name, ip, checked)?;
-    }
-    // The content type is checked with decoding, after authentication (the
-    // pipeline's order): a stranger learns nothing about the source.
-    if !src.accepts(req.content_type()) {
-        return Err(unsupported(src, req.content_type().unwrap_or("")));
-    }
-    let queued = src.processing == Processing::Async;
-    let decoded = decoded.unwrap_or_else(|| ingest::decode_body(src, req.content_type(), &bytes));
-    let decoded = match statement_id {
-        None => decoded,
-        Some(id) => decoded.and_then(|mut d| d.pin_statement_id(id).map(|()| d)),
-    };
-    let mapped = decoded.and_then(|d| ingest::map_decoded(src, d, &bytes, Utc::now()));
-    let prepared = prepare(state, config, src, mapped, !queued).await?;
-    // A batch costs one unit per statement: the request paid for one.
-    let extra = u32::try_from(prepared.len().saturating_sub(1)).unwrap_or(u32::MAX);
-    if state.settings.rate_limits && extra > 0 {
-        let source_bucket = state.limits.source_bucket(&src.name, "", src.rate);
-        let checked = limits::check_all_n(
-            [
-                (Scope::Source, &*source_bucket),
-                (Scope::Global, &state.limits.global),
-            ],
-            extra,
-        )
-        .map(|s| limits::tighter(s, address));
-        state.rate_outcome(req, &src.name, ip, checked)?;
-    }
-    if state.settings.rate_limits && !src.event_type_rates.is_empty() {
-        for p in &prepared {
-            if let Some(bucket) = p.event.event_type.as_deref().and_then(|t| {
-                let spec = src.event_type_rates.get(t)?;
-                Some(state.limits.source_bucket(&src.name, t, *spec))
-            }) {
-                state.rate_outcome(req, &src.name, ip, bucket.check(Scope::EventType).map(Some))?;
-            }
-        }
-    }
-    for p in &prepared {
-        if let Err(e) = &p.outcome {
-            scoring::rule_failed(&state.metrics, &src.name, None, e);
-        }
-    }
-    let labels: Vec<String> = prepared
-        .iter()
-        .map(|p| type_label(src, p).to_string())
-        .collect();
-    let batch = prepared.len() > 1 || src.batch;
-    let keys: Vec<String> = prepared
-        .iter()
-        .map(|p| p.event.dedupe_key.clone())
-        .collect();
-    let stored = state
-        .store
-        .ingest(&src.namespace, prepared, queued)
+    let ingested = deliver::deliver(state, config, src, &delivery, &bytes, address)
         .await
-        .map_err(|e| state.store_failed(&e, "store write"))?;
-    for (p, label) in stored.iter().zip(&labels) {
-        if p.duplicate {
-            state
-                .metrics
-                .duplicates
-                .with_label_values(&[src.name.as_str()])
-                .inc();
-        } else if p.status == EventStatus::Processed {
-            state
-                .metrics
-                .events
-                .with_label_values(&[src.name.as_str(), label])
-                .inc();
-            if p.points > 0 {
-                state
-                    .metrics
-                    .points
-                    .with_label_values(&[src.name.as_str()])
-                    .inc_by(p.points as u64);
+        .map_err(answer)?;
+    note_standing(slot.as_deref(), ingested.standing);
+    Ok(ingested)
+}
+
+/// Records a rate standing for the response's headers.
+fn note_standing(slot: Option<&RateSlot>, standing: Option<limits::Standing>) {
+    if let (Some(slot), Some(s)) = (slot, standing) {
+        slot.record(RateHeaders {
+            limit: s.limit,
+            remaining: s.advertised_remaining(),
+            reset: s.reset,
+            retry_after: None,
+        });
+    }
+}
+
+/// A refused delivery as the sender sees it (already counted and logged).
+fn refusal(src: &Source, slot: Option<&RateSlot>, r: Refused) -> ApiError {
+    match r {
+        Refused::IpNotAllowed => ApiError::ip_not_allowed(),
+        Refused::RateLimited(r) => {
+            if let Some(slot) = slot {
+                slot.record(RateHeaders {
+                    limit: r.limit,
+                    remaining: 0,
+                    reset: r.reset,
+                    retry_after: Some(r.retry_after),
+                });
             }
+            ApiError::rate_limited(r.scope.label(), r.retry_after)
+        }
+        Refused::Unauthorized(AuthError::NotConfigured) => {
+            ApiError::unauthorized("this source has no credentials configured")
+        }
+        Refused::Unauthorized(e) => {
+            ApiError::unauthorized(format!("invalid or missing credentials: {e}"))
+        }
+        Refused::UnsupportedMediaType(ct) => unsupported(src, &ct),
+        Refused::Invalid(e) => invalid(src, e),
+        Refused::Store(e) if e.is_unavailable() => ApiError::store_unavailable(e.reason()),
+        Refused::Store(_) => ApiError::internal(None),
+        Refused::RuleFailed { event_id } => {
+            ApiError::internal(Some(json!({ "event_id": event_id })))
         }
     }
-    if let Some(failed) = stored.iter().find(|p| p.status == EventStatus::Failed) {
-        // Opaque to the sender, which retries: the redelivery re-scores the
-        // stored event. The rule's error was logged above.
-        tracing::error!(source = %src.name, event_id = %failed.event_id, "event stored as failed; answered 500 so the sender retries");
-        return Err(ApiError::internal(Some(json!({
-            "event_id": failed.event_id,
-        }))));
-    }
-    if stored.iter().any(|p| p.status == EventStatus::Queued) {
-        state.queue_ready.notify_waiters();
-    }
-    Ok(Ingested {
-        stored,
-        keys,
-        batch,
-    })
 }
 
 /// The hook's answer for what a delivery stored: 202 when queued, else 200
@@ -528,6 +436,7 @@ fn hook_response(ingested: Ingested) -> (HookResponse, Option<String>) {
         stored,
         keys,
         batch,
+        ..
     } = ingested;
     let first_id = stored.first().map(|p| p.event_id.clone());
     if stored.iter().any(|p| p.status == EventStatus::Queued) {
@@ -591,15 +500,6 @@ fn rfc3339_ms(ms: Option<i64>) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// The metric label for an event's type: a canonical type from the source's
-/// table, `other` for a passthrough name, `unmapped` for none.
-fn type_label<'a>(src: &'a Source, p: &'a Prepared) -> &'a str {
-    match &p.event.event_type {
-        None => "unmapped",
-        Some(t) => src.mapping.event_type.label(t),
-    }
-}
-
 pub(super) fn unknown_source(name: &str) -> ApiError {
     let shown: String = name.chars().take(64).collect();
     ApiError::not_found(
@@ -651,16 +551,24 @@ pub async fn read_body(
     }
 }
 
-/// Scores mapped events (when `score`), with the pipeline's errors as API
-/// errors. Rules that read `history` get the user's, from the store.
-pub async fn prepare(
+/// Scores mapped events (when `score`) for a dry run or a validation, with
+/// the pipeline's errors as API errors.
+async fn prepare(
     state: &AppState,
     config: &Config,
     src: &Source,
     mapped: Result<Vec<(pipeline::mapping::CanonicalEvent, Bytes)>, PrepareError>,
     score: bool,
 ) -> Result<Vec<Prepared>, ApiError> {
-    let mapped = mapped.map_err(|e| match e {
+    let mapped = mapped.map_err(|e| invalid(src, e))?;
+    deliver::score_all(state, config, src, mapped, score)
+        .await
+        .map_err(|e| state.store_failed(&e, "history read"))
+}
+
+/// A body that does not decode or map, as a 4xx in the one error body.
+fn invalid(src: &Source, e: PrepareError) -> ApiError {
+    match e {
         PrepareError::UnsupportedMediaType(ct) => unsupported(src, &ct),
         PrepareError::Decode(d) => ApiError::bad_request("INVALID_PAYLOAD", d.to_string(), None),
         PrepareError::Statement(m) => ApiError::bad_request("INVALID_PAYLOAD", m, None),
@@ -674,28 +582,7 @@ pub async fn prepare(
             }
             ApiError::bad_request("VALIDATION_ERROR", error.message(), Some(details))
         }
-    })?;
-    let mut out = Vec::with_capacity(mapped.len());
-    for (event, raw) in mapped {
-        if !score {
-            out.push(Prepared {
-                event,
-                raw,
-                outcome: Ok(Vec::new()),
-            });
-            continue;
-        }
-        let history = scoring::history(&state.store, src, &event)
-            .await
-            .map_err(|e| state.store_failed(&e, "history read"))?;
-        let outcome = scoring::score(config, src, &event, &history);
-        out.push(Prepared {
-            event,
-            raw,
-            outcome,
-        });
     }
-    Ok(out)
 }
 
 fn dry_run_result(src: &Source, prepared: &[Prepared]) -> DryRunResult {

@@ -4,6 +4,7 @@
 //! `http::hooks` reads the body and answers; `check` runs a source's test
 //! cases through the same functions ([`selftest`]).
 
+pub mod deliver;
 pub mod selftest;
 
 use bytes::Bytes;
