@@ -2,15 +2,17 @@
 //!
 //! A hook request's path through the crate, from the socket to the commit:
 //! - [`net`]: the listener's connection limits; [`http`]: poem-openapi
-//!   operations. `http::hooks` finds the source, checks the allowlist and
-//!   rate limits (`http::context`), and reads the body within its limit.
-//! - [`ingest`]: the use case for one source, free of HTTP: authenticate,
-//!   decode, map, with the [`pipeline`]'s stages (`verify`, `decode`,
-//!   `mapping`, `rules`, `limits`) as [`config`] compiled them.
-//! - [`scoring`]: the source's rules with the learner's history.
-//! - [`store`]: the idempotent ledger on SQLite or PostgreSQL, written by a
-//!   group-commit writer that answers after the commit is on disk.
-//! - Then `http::hooks` answers; [`metrics`] count it.
+//!   operations. `http::hooks` finds the source and hands the delivery to
+//!   `ingest::deliver`: `admit` (allowlist, the address's bucket), then,
+//!   with the body read within the source's limit, `deliver`.
+//! - [`ingest`]: the use case, free of HTTP: authenticate, the source's
+//!   buckets, decode, map, with the [`pipeline`]'s stages (`verify`,
+//!   `decode`, `mapping`, `rules`, `limits`) as [`config`] compiled them;
+//!   [`scoring`] (the rules with the learner's history); the [`store`]:
+//!   the idempotent ledger on SQLite or PostgreSQL, written by a
+//!   group-commit writer that answers after the commit is on disk;
+//!   [`metrics`] count the outcome.
+//! - Then `http::hooks` answers, or turns a refusal into the error body.
 //!
 //! Around it: [`state`] (what requests share), [`app`] (startup, reload,
 //! shutdown), [`worker`] (async sources), [`cli`] (the binary's
