@@ -941,28 +941,16 @@ fn compile_auth(
     secrets: &SecretEnv,
     warnings: &mut Vec<String>,
 ) -> Result<AuthScheme, Vec<(&'static str, String)>> {
-    use raw::AuthKind;
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     for key in a.keys_set() {
         if !a.kind.keys().contains(&key) {
             problems.push((key, format!("{key} does not apply to type {:?}", a.kind)));
         }
     }
-    let reference = match (&a.secret_env, &a.secret_file, &a.secret) {
-        (Some(env), None, None) => {
-            if let Err(why) = secret_name_check(env, a.any_secret_name, kind.dry_run) {
-                problems.push(("secret_env", format!("{env}: {why}")));
-                return Err(problems);
-            }
-            SecretRef::Env(env.clone())
-        }
-        (None, Some(file), None) => SecretRef::File(file.clone()),
-        (None, None, Some(name)) => SecretRef::Dir(name.clone()),
-        _ => {
-            problems.push((
-                "secret_env",
-                "give exactly one of secret_env, secret_file and secret".into(),
-            ));
+    let reference = match secret_reference(&a, kind) {
+        Ok(r) => r,
+        Err(problem) => {
+            problems.push(problem);
             return Err(problems);
         }
     };
@@ -971,7 +959,51 @@ fn compile_auth(
         SecretRef::File(_) => "secret_file",
         SecretRef::Dir(_) => "secret",
     };
-    let (values, origin) = match secrets.resolve(&reference, base) {
+    let (values, origin) = match resolve_secret(&reference, source, base, secrets, warnings) {
+        Ok(found) => found,
+        Err(message) => {
+            problems.push((key_of_ref, message));
+            return Err(problems);
+        }
+    };
+    let secret = SecretSource { reference, origin };
+    let scheme = build_scheme(a, kind, secret, &values, key_of_ref, &mut problems);
+    match scheme {
+        Some(s) if problems.is_empty() => Ok(s),
+        _ => Err(problems),
+    }
+}
+
+/// Where a scheme's secret is: exactly one of its three keys.
+fn secret_reference(
+    a: &raw::RawAuth,
+    kind: SourceKind,
+) -> Result<SecretRef, (&'static str, String)> {
+    match (&a.secret_env, &a.secret_file, &a.secret) {
+        (Some(env), None, None) => match secret_name_check(env, a.any_secret_name, kind.dry_run) {
+            Ok(()) => Ok(SecretRef::Env(env.clone())),
+            Err(why) => Err(("secret_env", format!("{env}: {why}"))),
+        },
+        (None, Some(file), None) => Ok(SecretRef::File(file.clone())),
+        (None, None, Some(name)) => Ok(SecretRef::Dir(name.clone())),
+        _ => Err((
+            "secret_env",
+            "give exactly one of secret_env, secret_file and secret".into(),
+        )),
+    }
+}
+
+/// A secret's values and origin. An unset variable warns (the source then
+/// refuses every request); a problem with a file is an error, or a warning
+/// when the environment is lenient (`check`).
+fn resolve_secret(
+    reference: &SecretRef,
+    source: &str,
+    base: &Path,
+    secrets: &SecretEnv,
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<crate::secrets::Secret>, Origin), String> {
+    match secrets.resolve(reference, base) {
         Ok(r) => {
             if r.values.is_empty() {
                 warnings.push(format!(
@@ -979,77 +1011,63 @@ fn compile_auth(
                     r.origin
                 ));
             }
-            (r.values, r.origin)
+            Ok((r.values, r.origin))
         }
         Err(message) if secrets.is_lenient() => {
             warnings.push(format!("source {source}: {message}"));
-            let origin = match &reference {
+            let origin = match reference {
                 SecretRef::Env(name) => Origin::Env(name.clone()),
                 SecretRef::File(path) => Origin::File(base.join(path)),
                 SecretRef::Dir(name) => Origin::SecretsDir(PathBuf::from(name)),
             };
-            (Vec::new(), origin)
+            Ok((Vec::new(), origin))
         }
-        Err(message) => {
-            problems.push((key_of_ref, format!("source {source}: {message}")));
-            return Err(problems);
+        Err(message) => Err(format!("source {source}: {message}")),
+    }
+}
+
+fn header_name(h: &str, problems: &mut Vec<(&'static str, String)>) -> Option<HeaderName> {
+    match HeaderName::from_bytes(h.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            problems.push(("header", format!("{h:?} is not a valid header name")));
+            None
         }
-    };
-    let secret = SecretSource { reference, origin };
-    let header_name =
-        |h: &str, problems: &mut Vec<(&'static str, String)>| match HeaderName::from_bytes(
-            h.as_bytes(),
-        ) {
-            Ok(h) => Some(h),
-            Err(_) => {
-                problems.push(("header", format!("{h:?} is not a valid header name")));
-                None
-            }
-        };
+    }
+}
+
+/// The scheme of a kind, from its keys; `None` with the problems noted.
+fn build_scheme(
+    a: raw::RawAuth,
+    kind: SourceKind,
+    secret: SecretSource,
+    values: &[crate::secrets::Secret],
+    key_of_ref: &'static str,
+    problems: &mut Vec<(&'static str, String)>,
+) -> Option<AuthScheme> {
+    use raw::AuthKind;
     let tolerance = a.tolerance_seconds.unwrap_or(300);
     if tolerance <= 0 {
         problems.push(("tolerance_seconds", "must be at least 1".into()));
     }
-    let scheme = match a.kind {
-        AuthKind::Bearer => Some(AuthScheme::bearer(secret, &values)),
-        AuthKind::Basic => Some(AuthScheme::basic(secret, &values)),
+    match a.kind {
+        AuthKind::Bearer => Some(AuthScheme::bearer(secret, values)),
+        AuthKind::Basic => Some(AuthScheme::basic(secret, values)),
         AuthKind::Header => match a.header.as_deref() {
             None => {
                 problems.push(("header", "a header scheme names its header".into()));
                 None
             }
-            Some(h) => header_name(h, &mut problems).map(|header| AuthScheme::Header {
+            Some(h) => header_name(h, problems).map(|header| AuthScheme::Header {
                 secret,
                 header,
                 prefix: a.prefix.unwrap_or_default(),
-                digests: digests(&values),
+                digests: digests(values),
             }),
         },
-        AuthKind::BodyToken => match a.field.as_deref().map(|f| (f, member_path(f))) {
-            None => {
-                problems.push(("field", "a body_token scheme names its field".into()));
-                None
-            }
-            Some((_, Some(_))) if kind.batch => {
-                problems.push((
-                    "field",
-                    "a body token cannot authenticate a batch source".into(),
-                ));
-                None
-            }
-            Some((_, Some(field))) => Some(AuthScheme::BodyField {
-                secret,
-                field,
-                digests: digests(&values),
-            }),
-            Some((f, None)) => {
-                problems.push((
-                    "field",
-                    format!("{f:?} must be a path of member names, such as $.token"),
-                ));
-                None
-            }
-        },
+        AuthKind::BodyToken => {
+            body_token_scheme(a.field.as_deref(), kind, secret, values, problems)
+        }
         AuthKind::QueryToken => {
             let param = a.param.unwrap_or_else(|| "token".into());
             if param.is_empty() {
@@ -1058,47 +1076,12 @@ fn compile_auth(
             Some(AuthScheme::Query {
                 secret,
                 param,
-                digests: digests(&values),
+                digests: digests(values),
             })
         }
-        AuthKind::Hmac => {
-            let algorithm = a.algorithm.unwrap_or_else(|| "sha256".into());
-            if !algorithm.eq_ignore_ascii_case("sha256") {
-                problems.push((
-                    "algorithm",
-                    format!("unsupported algorithm {algorithm:?}; only sha256"),
-                ));
-            }
-            let header = header_name(a.header.as_deref().unwrap_or("X-Signature"), &mut problems);
-            let timestamp = match a.timestamp_header.as_deref() {
-                None => None,
-                Some(ts) => match HeaderName::from_bytes(ts.as_bytes()) {
-                    Ok(h) => Some(h),
-                    Err(_) => {
-                        problems.push((
-                            "timestamp_header",
-                            format!("{ts:?} is not a valid header name"),
-                        ));
-                        None
-                    }
-                },
-            };
-            header.map(|header| {
-                let scheme = AuthScheme::hmac(
-                    secret,
-                    header,
-                    a.prefix.unwrap_or_else(|| "sha256=".into()),
-                    a.encoding.unwrap_or(SigEncoding::Hex),
-                    &values,
-                );
-                match timestamp {
-                    Some(ts) => scheme.with_timestamp(ts, tolerance),
-                    None => scheme,
-                }
-            })
-        }
+        AuthKind::Hmac => hmac_scheme(a, secret, values, tolerance, problems),
         AuthKind::StandardWebhooks => {
-            match AuthScheme::standard_webhooks(secret, &values, tolerance) {
+            match AuthScheme::standard_webhooks(secret, values, tolerance) {
                 Ok(s) => Some(s),
                 Err(i) => {
                     problems.push((
@@ -1112,11 +1095,84 @@ fn compile_auth(
                 }
             }
         }
-    };
-    match scheme {
-        Some(s) if problems.is_empty() => Ok(s),
-        _ => Err(problems),
     }
+}
+
+fn body_token_scheme(
+    field: Option<&str>,
+    kind: SourceKind,
+    secret: SecretSource,
+    values: &[crate::secrets::Secret],
+    problems: &mut Vec<(&'static str, String)>,
+) -> Option<AuthScheme> {
+    match field.map(|f| (f, member_path(f))) {
+        None => {
+            problems.push(("field", "a body_token scheme names its field".into()));
+            None
+        }
+        Some((_, Some(_))) if kind.batch => {
+            problems.push((
+                "field",
+                "a body token cannot authenticate a batch source".into(),
+            ));
+            None
+        }
+        Some((_, Some(field))) => Some(AuthScheme::BodyField {
+            secret,
+            field,
+            digests: digests(values),
+        }),
+        Some((f, None)) => {
+            problems.push((
+                "field",
+                format!("{f:?} must be a path of member names, such as $.token"),
+            ));
+            None
+        }
+    }
+}
+
+fn hmac_scheme(
+    a: raw::RawAuth,
+    secret: SecretSource,
+    values: &[crate::secrets::Secret],
+    tolerance: i64,
+    problems: &mut Vec<(&'static str, String)>,
+) -> Option<AuthScheme> {
+    let algorithm = a.algorithm.unwrap_or_else(|| "sha256".into());
+    if !algorithm.eq_ignore_ascii_case("sha256") {
+        problems.push((
+            "algorithm",
+            format!("unsupported algorithm {algorithm:?}; only sha256"),
+        ));
+    }
+    let header = header_name(a.header.as_deref().unwrap_or("X-Signature"), problems);
+    let timestamp = match a.timestamp_header.as_deref() {
+        None => None,
+        Some(ts) => match HeaderName::from_bytes(ts.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                problems.push((
+                    "timestamp_header",
+                    format!("{ts:?} is not a valid header name"),
+                ));
+                None
+            }
+        },
+    };
+    header.map(|header| {
+        let scheme = AuthScheme::hmac(
+            secret,
+            header,
+            a.prefix.unwrap_or_else(|| "sha256=".into()),
+            a.encoding.unwrap_or(SigEncoding::Hex),
+            values,
+        );
+        match timestamp {
+            Some(ts) => scheme.with_timestamp(ts, tolerance),
+            None => scheme,
+        }
+    })
 }
 
 /// Whether a variable may hold a source's secret: the server reads only
