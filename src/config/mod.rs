@@ -570,6 +570,7 @@ fn err(file: &Path, line: Option<usize>, key: &str, message: &str) -> ConfigErro
 }
 
 /// Compiles one source file, collecting every error it has.
+// long: one call per section, then the Source literal that names every field.
 pub fn compile_source(
     file: &Path,
     text: &str,

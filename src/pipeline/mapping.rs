@@ -450,6 +450,64 @@ pub fn map_event(
         None => None,
     };
 
+    let mut attributes = map_attributes(mapping, doc, &mut err);
+
+    let fields = [
+        (Field::UserId, user_id.as_deref()),
+        (Field::CourseId, course_id.as_deref()),
+        (Field::ObjectId, object_id.as_deref()),
+    ];
+    let event_type = vendor.as_deref().and_then(|v| {
+        let view = View {
+            doc,
+            attributes: &attributes,
+            fields,
+        };
+        canonical_type(&mapping.event_type, v, &view)
+    });
+    let event_type = event_type.map(|(t, set)| {
+        for (k, v) in set.into_iter().flatten() {
+            attributes.insert(k.clone(), v.clone());
+        }
+        t
+    });
+
+    let present = |field: Field| match field {
+        Field::EventId => mapped_id.is_some(),
+        Field::EventType => vendor.is_some(),
+        Field::UserId => user_id.is_some(),
+        Field::CourseId => course_id.is_some(),
+        Field::ObjectId => object_id.is_some(),
+        Field::OccurredAt => occurred.is_some(),
+    };
+    check_required(
+        &mapping.required,
+        vendor.is_some() && event_type.is_none(),
+        present,
+        &mut err,
+    );
+    if !err.missing_fields.is_empty() || !err.invalid_fields.is_empty() {
+        return Err(err);
+    }
+
+    let dedupe_key =
+        mapped_id.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))));
+    Ok(CanonicalEvent {
+        source: source.to_string(),
+        dedupe_key,
+        event_type,
+        vendor_event_type: vendor,
+        user_id,
+        course_id,
+        object_id,
+        occurred_at: occurred.unwrap_or(now),
+        attributes,
+    })
+}
+
+/// The mapped attributes, each coerced to its type, then every key of the
+/// `attributes_from` object that they do not name.
+fn map_attributes(mapping: &Mapping, doc: &Value, err: &mut MappingError) -> Map<String, Value> {
     let mut attributes = Map::new();
     for (name, spec) in &mapping.attributes {
         if let Some(v) = spec.resolve(doc, mapping.unfilled_placeholders_absent) {
@@ -474,81 +532,49 @@ pub fn map_event(
             }
         }
     }
+    attributes
+}
 
-    let event_type = vendor.as_deref().and_then(|v| {
-        let view = View {
-            doc,
-            attributes: &attributes,
-            fields: [
-                (Field::UserId, user_id.as_deref()),
-                (Field::CourseId, course_id.as_deref()),
-                (Field::ObjectId, object_id.as_deref()),
-            ],
-        };
-        let case = mapping
-            .event_type
-            .cases
-            .iter()
-            .find(|c| c.matches(v, &view));
-        if let Some(case) = case {
-            return Some((case.canonical.to_string(), Some(&case.set)));
-        }
-        let has_cases = mapping
-            .event_type
-            .cases
-            .iter()
-            .any(|c| c.vendors.iter().any(|n| n == v));
-        match mapping.event_type.table.get(v) {
-            Some(t) => Some((t.to_string(), None)),
-            None if mapping.event_type.passthrough && !has_cases => Some((v.to_string(), None)),
-            None => None,
-        }
-    });
-    let event_type = event_type.map(|(t, set)| {
-        for (k, v) in set.into_iter().flatten() {
-            attributes.insert(k.clone(), v.clone());
-        }
-        t
-    });
+/// A vendor event's canonical type, with the attributes its case sets:
+/// the first case that matches, else the table, else (with passthrough,
+/// for a name no case is about) the vendor's name itself.
+fn canonical_type<'a>(
+    spec: &'a EventTypeSpec,
+    vendor: &str,
+    view: &View,
+) -> Option<(String, Option<&'a Map<String, Value>>)> {
+    if let Some(case) = spec.cases.iter().find(|c| c.matches(vendor, view)) {
+        return Some((case.canonical.to_string(), Some(&case.set)));
+    }
+    let has_cases = spec
+        .cases
+        .iter()
+        .any(|c| c.vendors.iter().any(|n| n == vendor));
+    match spec.table.get(vendor) {
+        Some(t) => Some((t.to_string(), None)),
+        None if spec.passthrough && !has_cases => Some((vendor.to_string(), None)),
+        None => None,
+    }
+}
 
-    // A vendor event with no canonical type earns nothing: it is stored
-    // whatever else it lacks (a platform's user or tag events may name no
-    // learner), rather than refused and retried by the platform forever.
-    let unmapped = vendor.is_some() && event_type.is_none();
-    for field in mapping
-        .required
+/// Lists the required fields that are missing (not those already invalid).
+/// A vendor event with no canonical type (`unmapped`) earns nothing: it is
+/// stored whatever else it lacks (a platform's user or tag events may name
+/// no learner), rather than refused and retried by the platform forever.
+fn check_required(
+    required: &[Field],
+    unmapped: bool,
+    present: impl Fn(Field) -> bool,
+    err: &mut MappingError,
+) {
+    for field in required
         .iter()
         .filter(|f| !unmapped || **f == Field::EventType)
     {
-        let present = match field {
-            Field::EventId => mapped_id.is_some(),
-            Field::EventType => vendor.is_some(),
-            Field::UserId => user_id.is_some(),
-            Field::CourseId => course_id.is_some(),
-            Field::ObjectId => object_id.is_some(),
-            Field::OccurredAt => occurred.is_some(),
-        };
-        if !present && !err.invalid_fields.iter().any(|f| f == field.name()) {
+        if !present(*field) && !err.invalid_fields.iter().any(|f| f == field.name()) {
             err.missing_fields.push(field.name().to_string());
         }
     }
-    if !err.missing_fields.is_empty() || !err.invalid_fields.is_empty() {
-        return Err(err);
-    }
-
-    let dedupe_key =
-        mapped_id.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(raw))));
-    Ok(CanonicalEvent {
-        source: source.to_string(),
-        dedupe_key,
-        event_type,
-        vendor_event_type: vendor,
-        user_id,
-        course_id,
-        object_id,
-        occurred_at: occurred.unwrap_or(now),
-        attributes,
-    })
 }
 
 /// The values of every path, joined with `.`; `None` unless all are strings.
