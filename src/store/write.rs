@@ -348,6 +348,9 @@ async fn held_once_keys(
         .map_err(StoreError::from)
 }
 
+/// One item with its namespace and settled awards.
+type WriteRow<'a> = ((&'a str, &'a Item), &'a Settled<'a>);
+
 /// Writes the jobs in one transaction with a handful of multi-row
 /// statements (events, then ledger, then totals); results in job order.
 /// Redeliveries (rows the insert skipped) are resolved one by one: they are
@@ -370,8 +373,64 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
         })
         .collect::<Result<_, _>>()
         .unwrap_or_else(|never| match never {});
-    let mut inserted: HashSet<String> = HashSet::with_capacity(items.len());
-    let rows: Vec<_> = items.iter().zip(&settled).collect();
+    let rows: Vec<WriteRow> = items.iter().copied().zip(&settled).collect();
+    let inserted = insert_events(&mut tx, &rows, now).await?;
+
+    let mut ledger: Vec<LedgerRow> = Vec::new();
+    let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
+    let mut results = Vec::with_capacity(jobs.len());
+    let mut next = rows.iter();
+    for job in jobs {
+        let mut out = Vec::with_capacity(job.items.len());
+        for _ in &job.items {
+            let Some(((ns, it), settled)) = next.next() else {
+                break;
+            };
+            let ev = &it.prepared.event;
+            let event_id = if inserted.contains(&it.id) {
+                it.id.clone()
+            } else {
+                match redelivered(&mut tx, it, settled.points, now).await? {
+                    Ok(id) => id,
+                    Err(duplicate) => {
+                        out.push(duplicate);
+                        continue;
+                    }
+                }
+            };
+            if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
+                for award in &settled.awards {
+                    ledger.push(LedgerRow {
+                        event_id: event_id.clone(),
+                        namespace: ns,
+                        user,
+                        course: &ev.course_id,
+                        award,
+                        occurred_at: ev.occurred_at.timestamp_millis(),
+                    });
+                }
+                let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
+                t.0 += settled.points;
+                t.1 += 1;
+            }
+            out.push(it.stored_as(event_id, settled.points, now));
+        }
+        results.push(out);
+    }
+    insert_ledger(&mut tx, &ledger, now).await?;
+    upsert_totals(&mut tx, totals, now).await?;
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Inserts the events in multi-row statements; the ids of those inserted
+/// (a redelivery's row is skipped).
+async fn insert_events(
+    tx: &mut sqlx::PgConnection,
+    rows: &[WriteRow<'_>],
+    now: i64,
+) -> Result<HashSet<String>, StoreError> {
+    let mut inserted: HashSet<String> = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(EVENT_ROWS) {
         let mut qb = sqlx::QueryBuilder::new(
             "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
@@ -402,86 +461,72 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
             inserted.insert(row.try_get("id")?);
         }
     }
+    Ok(inserted)
+}
 
-    let mut ledger: Vec<LedgerRow> = Vec::new();
-    let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
-    let mut results = Vec::with_capacity(jobs.len());
-    let mut next = rows.iter();
-    for job in jobs {
-        let mut out = Vec::with_capacity(job.items.len());
-        for _ in &job.items {
-            let Some(((ns, it), settled)) = next.next() else {
-                break;
-            };
-            let ev = &it.prepared.event;
-            let event_id = if inserted.contains(&it.id) {
-                it.id.clone()
-            } else {
-                let row = sqlx::query(EXISTING)
-                    .bind(&ev.source)
-                    .bind(&ev.dedupe_key)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                let id: String = row.try_get("id")?;
-                let status: String = row.try_get("status")?;
-                // A failed event is re-scored when delivered again; anything
-                // else (or one another instance re-scored first) is a duplicate.
-                let rescored = status == "failed"
-                    && sqlx::query(RESCORE)
-                        .bind(it.status.as_str())
-                        .bind(settled.points)
-                        .bind(&it.error)
-                        .bind(now)
-                        .bind(&it.canonical)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                        == 1;
-                if !rescored {
-                    let row = if status == "failed" {
-                        sqlx::query(EXISTING)
-                            .bind(&ev.source)
-                            .bind(&ev.dedupe_key)
-                            .fetch_one(&mut *tx)
-                            .await?
-                    } else {
-                        row
-                    };
-                    out.push(Persisted {
-                        event_id: id,
-                        status: EventStatus::from_stored(&row.try_get::<String, _>("status")?)?,
-                        points: row.try_get("points")?,
-                        duplicate: true,
-                        processed_at: row
-                            .try_get::<Option<i64>, _>("processed_at")?
-                            .unwrap_or(now),
-                        error: row.try_get("error")?,
-                    });
-                    continue;
-                }
-                id
-            };
-            if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
-                for award in &settled.awards {
-                    ledger.push(LedgerRow {
-                        event_id: event_id.clone(),
-                        namespace: ns,
-                        user,
-                        course: &ev.course_id,
-                        award,
-                        occurred_at: ev.occurred_at.timestamp_millis(),
-                    });
-                }
-                let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
-                t.0 += settled.points;
-                t.1 += 1;
-            }
-            out.push(it.stored_as(event_id, settled.points, now));
-        }
-        results.push(out);
+/// An event already stored under the same `(source, dedupe_key)`: a failed
+/// one is re-scored (`Ok` with its id: award it now); anything else, or one
+/// another instance re-scored first, is a duplicate (`Err` with the stored
+/// answer).
+async fn redelivered(
+    tx: &mut sqlx::PgConnection,
+    it: &Item,
+    points: i64,
+    now: i64,
+) -> Result<Result<String, Persisted>, StoreError> {
+    let ev = &it.prepared.event;
+    let row = existing(&mut *tx, ev).await?;
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let rescored = status == "failed"
+        && sqlx::query(RESCORE)
+            .bind(it.status.as_str())
+            .bind(points)
+            .bind(&it.error)
+            .bind(now)
+            .bind(&it.canonical)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+    if rescored {
+        return Ok(Ok(id));
     }
+    let row = if status == "failed" {
+        existing(&mut *tx, ev).await?
+    } else {
+        row
+    };
+    Ok(Err(Persisted {
+        event_id: id,
+        status: EventStatus::from_stored(&row.try_get::<String, _>("status")?)?,
+        points: row.try_get("points")?,
+        duplicate: true,
+        processed_at: row
+            .try_get::<Option<i64>, _>("processed_at")?
+            .unwrap_or(now),
+        error: row.try_get("error")?,
+    }))
+}
 
+/// The stored event with this event's `(source, dedupe_key)`.
+async fn existing(
+    tx: &mut sqlx::PgConnection,
+    ev: &crate::pipeline::mapping::CanonicalEvent,
+) -> Result<sqlx::postgres::PgRow, sqlx::Error> {
+    sqlx::query(EXISTING)
+        .bind(&ev.source)
+        .bind(&ev.dedupe_key)
+        .fetch_one(tx)
+        .await
+}
+
+async fn insert_ledger(
+    tx: &mut sqlx::PgConnection,
+    ledger: &[LedgerRow<'_>],
+    now: i64,
+) -> Result<(), StoreError> {
     for chunk in ledger.chunks(LEDGER_ROWS) {
         let mut qb = sqlx::QueryBuilder::new(
             "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at, once_key) ",
@@ -500,7 +545,16 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
         });
         qb.build().execute(&mut *tx).await?;
     }
-    // Keys in sorted order: instances on PostgreSQL lock totals rows alike.
+    Ok(())
+}
+
+/// Adds each user's points and events, in key order: instances on
+/// PostgreSQL lock totals rows alike.
+async fn upsert_totals(
+    tx: &mut sqlx::PgConnection,
+    totals: BTreeMap<(&str, &str), (i64, i64)>,
+    now: i64,
+) -> Result<(), StoreError> {
     let totals: Vec<_> = totals.into_iter().collect();
     for chunk in totals.chunks(LEDGER_ROWS) {
         let mut qb = sqlx::QueryBuilder::new(
@@ -519,6 +573,5 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
         );
         qb.build().execute(&mut *tx).await?;
     }
-    tx.commit().await?;
-    Ok(results)
+    Ok(())
 }
