@@ -435,20 +435,7 @@ pub fn map_event(
     let course_id = id(&mapping.course_id, Field::CourseId, &mut err);
     let object_id = id(&mapping.object_id, Field::ObjectId, &mut err);
 
-    let occurred = match mapping.occurred_at.as_ref().and_then(|s| {
-        s.resolve(doc, mapping.unfilled_placeholders_absent)
-            .map(|v| (s, v))
-    }) {
-        Some((spec, v)) => match parse_time(&v, spec.format) {
-            Some(t) => Some(t),
-            None => {
-                err.invalid_fields
-                    .push(Field::OccurredAt.name().to_string());
-                None
-            }
-        },
-        None => None,
-    };
+    let occurred = occurred_at(mapping, doc, &mut err);
 
     let mut attributes = map_attributes(mapping, doc, &mut err);
 
@@ -503,6 +490,19 @@ pub fn map_event(
         occurred_at: occurred.unwrap_or(now),
         attributes,
     })
+}
+
+/// When the event occurred, if the payload says (invalid when it says so in
+/// no format the field takes).
+fn occurred_at(mapping: &Mapping, doc: &Value, err: &mut MappingError) -> Option<DateTime<Utc>> {
+    let spec = mapping.occurred_at.as_ref()?;
+    let v = spec.resolve(doc, mapping.unfilled_placeholders_absent)?;
+    let t = parse_time(&v, spec.format);
+    if t.is_none() {
+        err.invalid_fields
+            .push(Field::OccurredAt.name().to_string());
+    }
+    t
 }
 
 /// The mapped attributes, each coerced to its type, then every key of the

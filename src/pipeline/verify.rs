@@ -401,18 +401,7 @@ impl AuthScheme {
             }
             AuthScheme::Basic {
                 pairs, passwords, ..
-            } => {
-                let pair = basic_credentials(headers)?;
-                let colon = pair.iter().position(|b| *b == b':').unwrap_or(0);
-                // Both lists are checked, so timing does not tell which kind matched.
-                let whole = check_bearer(pairs, &pair).is_ok();
-                let password = check_bearer(passwords, &pair[colon + 1..]).is_ok();
-                if whole | password {
-                    Ok(())
-                } else {
-                    Err(AuthError::Mismatch)
-                }
-            }
+            } => check_basic(pairs, passwords, &basic_credentials(headers)?),
             AuthScheme::BodyField { digests, .. } => {
                 let token = p.body_token.ok_or(AuthError::MissingHeader)?;
                 check_bearer(digests, token.as_bytes())
@@ -442,37 +431,60 @@ impl AuthScheme {
             }
             AuthScheme::StandardWebhooks {
                 keys, tolerance, ..
-            } => {
-                let id = header_str(headers, &HeaderName::from_static("webhook-id"))?;
-                let ts = header_str(headers, &HeaderName::from_static("webhook-timestamp"))?;
-                let sigs = header_str(headers, &HeaderName::from_static("webhook-signature"))?;
-                check_time(ts, now, *tolerance)?;
-                let mut candidates = Vec::new();
-                for part in sigs.split(' ').filter(|p| !p.is_empty()) {
-                    if let Some(b64) = part.strip_prefix("v1,") {
-                        use base64::Engine as _;
-                        if let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(b64) {
-                            if sig.len() == 32 {
-                                candidates.push(sig);
-                            }
-                        }
-                    }
-                }
-                if candidates.is_empty() {
-                    return Err(AuthError::Malformed);
-                }
-                let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts.as_bytes(), b".", body];
-                let mut ok = false;
-                for sig in &candidates {
-                    ok |= check_hmac(keys, &parts, sig).is_ok();
-                }
-                if ok {
-                    Ok(())
-                } else {
-                    Err(AuthError::Mismatch)
+            } => check_standard_webhooks(keys, *tolerance, headers, body, now),
+        }
+    }
+}
+
+/// `user:password` against whole pairs and bare passwords; both lists are
+/// checked, so timing does not tell which kind matched.
+fn check_basic(pairs: &[[u8; 32]], passwords: &[[u8; 32]], pair: &[u8]) -> Result<(), AuthError> {
+    let colon = pair.iter().position(|b| *b == b':').unwrap_or(0);
+    let whole = check_bearer(pairs, pair).is_ok();
+    let password = check_bearer(passwords, &pair[colon + 1..]).is_ok();
+    if whole | password {
+        Ok(())
+    } else {
+        Err(AuthError::Mismatch)
+    }
+}
+
+/// Standard Webhooks: any `v1,<base64>` signature of
+/// `<id>.<timestamp>.<body>`, the timestamp within the tolerance.
+fn check_standard_webhooks(
+    keys: &[HmacSha256],
+    tolerance: i64,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: i64,
+) -> Result<(), AuthError> {
+    let id = header_str(headers, &HeaderName::from_static("webhook-id"))?;
+    let ts = header_str(headers, &HeaderName::from_static("webhook-timestamp"))?;
+    let sigs = header_str(headers, &HeaderName::from_static("webhook-signature"))?;
+    check_time(ts, now, tolerance)?;
+    let mut candidates = Vec::new();
+    for part in sigs.split(' ').filter(|p| !p.is_empty()) {
+        if let Some(b64) = part.strip_prefix("v1,") {
+            use base64::Engine as _;
+            if let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(b64) {
+                if sig.len() == 32 {
+                    candidates.push(sig);
                 }
             }
         }
+    }
+    if candidates.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts.as_bytes(), b".", body];
+    let mut ok = false;
+    for sig in &candidates {
+        ok |= check_hmac(keys, &parts, sig).is_ok();
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(AuthError::Mismatch)
     }
 }
 

@@ -531,21 +531,34 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
             }
             results.push(out);
         }
-        let mut upsert = tx.prepare_cached(UPSERT_TOTAL)?;
-        for ((ns, user), (points, events)) in totals {
-            upsert.execute(params![ns, user, points, events, now])?;
-        }
-        let mut count = tx.prepare_cached(COUNT_EVENTS)?;
-        for ((source, kind, status), n) in counts {
-            count.execute(params![source, kind, status, n])?;
-        }
-        if day.1 > 0 {
-            tx.prepare_cached(COUNT_DAY)?
-                .execute(params![now, day.0, day.1])?;
-        }
+        write_sums(&tx, totals, counts, day, now)?;
     }
     tx.commit()?;
     Ok(results)
+}
+
+/// Writes a transaction's sums: each user's total, the stats counters of
+/// events by (source, type, status), and today's points and ledger rows.
+fn write_sums(
+    tx: &rusqlite::Transaction<'_>,
+    totals: BTreeMap<(&str, &str), (i64, i64)>,
+    counts: BTreeMap<(&str, &str, &str), i64>,
+    day: (i64, i64),
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(UPSERT_TOTAL)?;
+    for ((ns, user), (points, events)) in totals {
+        upsert.execute(params![ns, user, points, events, now])?;
+    }
+    let mut count = tx.prepare_cached(COUNT_EVENTS)?;
+    for ((source, kind, status), n) in counts {
+        count.execute(params![source, kind, status, n])?;
+    }
+    if day.1 > 0 {
+        tx.prepare_cached(COUNT_DAY)?
+            .execute(params![now, day.0, day.1])?;
+    }
+    Ok(())
 }
 
 /// An event already stored under the same `(source, dedupe_key)`: a failed
