@@ -134,39 +134,10 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
         },
         _ => None,
     };
-    let body: Vec<u8> = match (&case.payload, &case.body) {
-        (Some(p), None) => serde_json::to_vec(p).unwrap_or_default(),
-        (None, Some(b)) => b.clone().into_bytes(),
-        _ => return vec!["a case has exactly one of `payload` and `body`".into()],
-    };
     let now = Utc::now();
-    let mut headers = HeaderMap::new();
-    let mut add = |k: &str, v: &str| match (
-        HeaderName::from_bytes(k.as_bytes()),
-        HeaderValue::from_str(v),
-    ) {
-        (Ok(k), Ok(v)) => {
-            headers.insert(k, v);
-            Ok(())
-        }
-        _ => Err(format!("header {k:?} is not a valid header")),
-    };
-    for (k, v) in &case.headers {
-        if let Err(e) = add(k, v) {
-            return vec![e];
-        }
-    }
-    let (body, query) = match scheme {
-        None => (body, None),
-        Some(scheme) => {
-            let signed = scheme.present(CHECK_SECRET, &body, now.timestamp());
-            for (k, v) in &signed.headers {
-                if let Err(e) = add(k, v) {
-                    return vec![e];
-                }
-            }
-            (signed.body, signed.query)
-        }
+    let (headers, body, query) = match case_request(case, scheme, now.timestamp()) {
+        Ok(r) => r,
+        Err(e) => return vec![e],
     };
     let ct = case.content_type.as_deref();
     let body = Bytes::from(body);
@@ -214,6 +185,45 @@ fn run_case(config: &Config, source: &Source, case: &TestCase) -> Vec<String> {
         }
     }
     failures
+}
+
+/// A case's request: its headers (the case's, then the scheme's), its
+/// body (with a body token put in) and its query string.
+fn case_request(
+    case: &TestCase,
+    scheme: Option<&crate::pipeline::verify::AuthScheme>,
+    now: i64,
+) -> Result<(HeaderMap, Vec<u8>, Option<String>), String> {
+    let body: Vec<u8> = match (&case.payload, &case.body) {
+        (Some(p), None) => serde_json::to_vec(p).unwrap_or_default(),
+        (None, Some(b)) => b.clone().into_bytes(),
+        _ => return Err("a case has exactly one of `payload` and `body`".into()),
+    };
+    let mut headers = HeaderMap::new();
+    let mut add = |k: &str, v: &str| match (
+        HeaderName::from_bytes(k.as_bytes()),
+        HeaderValue::from_str(v),
+    ) {
+        (Ok(k), Ok(v)) => {
+            headers.insert(k, v);
+            Ok(())
+        }
+        _ => Err(format!("header {k:?} is not a valid header")),
+    };
+    for (k, v) in &case.headers {
+        add(k, v)?;
+    }
+    let (body, query) = match scheme {
+        None => (body, None),
+        Some(scheme) => {
+            let signed = scheme.present(CHECK_SECRET, &body, now);
+            for (k, v) in &signed.headers {
+                add(k, v)?;
+            }
+            (signed.body, signed.query)
+        }
+    };
+    Ok((headers, body, query))
 }
 
 /// Equal, with objects compared as subsets (so `attributes` may list some).
