@@ -327,6 +327,54 @@ pub(crate) const UPSERT_TOTAL: &str =
 /// writer thread: see `sqlite_writer`).
 const POSTGRES_WRITERS: usize = 4;
 
+/// The SQLite pool (migrated), and the writer thread with the WAL's metrics
+/// and the file's identity.
+async fn connect_sqlite(
+    opts: SqliteConnectOptions,
+    group_sizes: &prometheus::Histogram,
+    sync_failed: &Arc<AtomicBool>,
+) -> Result<
+    (
+        Pool,
+        mpsc::Sender<write::Job>,
+        WalMetrics,
+        Arc<sqlite_writer::FileIdentity>,
+    ),
+    StoreError,
+> {
+    let opts = opts
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL for what commits through this pool (queue workers,
+        // rescoring, admin retries): on disk before the answer. The hook
+        // writer thread syncs its own commits (`sqlite_writer`).
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    if let Some(parent) = opts.get_filename().parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Folder(parent.display().to_string(), e))?;
+        }
+    }
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        .min_connections(1)
+        .connect_with(opts.clone())
+        .await?;
+    sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+    let wal = WalMetrics::new();
+    let identity = Arc::new(sqlite_writer::FileIdentity::of(opts.get_filename())?);
+    let writer = sqlite_writer::spawn(
+        opts.get_filename(),
+        group_sizes.clone(),
+        wal.clone(),
+        sync_failed.clone(),
+        identity.clone(),
+    )?;
+    Ok((Pool::Sqlite(pool), writer, wal, identity))
+}
+
 impl Store {
     /// Connects, creating the SQLite file and folder if needed, and runs the
     /// backend's migrations.
@@ -354,37 +402,9 @@ impl Store {
             if opts.get_filename().as_os_str().is_empty() {
                 return Err(StoreError::BadUrl(url.to_string()));
             }
-            let opts = opts
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                // FULL for what commits through this pool (queue workers,
-                // rescoring, admin retries): on disk before the answer. The
-                // hook writer thread syncs its own commits (`sqlite_writer`).
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
-            if let Some(parent) = opts.get_filename().parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| StoreError::Folder(parent.display().to_string(), e))?;
-                }
-            }
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .min_connections(1)
-                .connect_with(opts.clone())
-                .await?;
-            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-            let wal = WalMetrics::new();
-            let identity = Arc::new(sqlite_writer::FileIdentity::of(opts.get_filename())?);
-            let writer = sqlite_writer::spawn(
-                opts.get_filename(),
-                group_sizes.clone(),
-                wal.clone(),
-                sync_failed.clone(),
-                identity.clone(),
-            )?;
-            (Pool::Sqlite(pool), writer, "sqlite", Some((wal, identity)))
+            let (pool, writer, wal, identity) =
+                connect_sqlite(opts, &group_sizes, &sync_failed).await?;
+            (pool, writer, "sqlite", Some((wal, identity)))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
