@@ -472,25 +472,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                 let settled = it.settle(ns, &mut claimed, |(ns, user, rule, key)| {
                     once_held.exists(params![ns, user, rule.as_ref(), key])
                 })?;
-                let fresh = insert.execute(params![
-                    it.id,
-                    ev.source,
-                    ev.dedupe_key,
-                    ns,
-                    ev.event_type,
-                    ev.vendor_event_type,
-                    ev.user_id,
-                    ev.course_id,
-                    ev.object_id,
-                    occurred,
-                    it.received_at,
-                    (it.status != EventStatus::Queued).then_some(now),
-                    it.status.as_str(),
-                    settled.points,
-                    it.error,
-                    it.canonical,
-                    it.prepared.raw.as_ref(),
-                ])? == 1;
+                let fresh = insert_event(&mut insert, ns, it, settled.points, now)?;
                 let event_id = if fresh {
                     let kind = ev.event_type.as_deref().unwrap_or("unmapped");
                     *counts
@@ -535,6 +517,37 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
     }
     tx.commit()?;
     Ok(results)
+}
+
+/// Inserts an event's row; false when its `(source, dedupe_key)` is stored
+/// already (a redelivery).
+fn insert_event(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    ns: &str,
+    it: &Item,
+    points: i64,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let ev = &it.prepared.event;
+    Ok(insert.execute(params![
+        it.id,
+        ev.source,
+        ev.dedupe_key,
+        ns,
+        ev.event_type,
+        ev.vendor_event_type,
+        ev.user_id,
+        ev.course_id,
+        ev.object_id,
+        ev.occurred_at.timestamp_millis(),
+        it.received_at,
+        (it.status != EventStatus::Queued).then_some(now),
+        it.status.as_str(),
+        points,
+        it.error,
+        it.canonical,
+        it.prepared.raw.as_ref(),
+    ])? == 1)
 }
 
 /// Writes a transaction's sums: each user's total, the stats counters of
