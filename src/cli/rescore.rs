@@ -13,7 +13,7 @@ use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::Award;
 use crate::scoring;
 use crate::settings::{SecretEnv, DEFAULT_DATABASE_URL};
-use crate::store::rescore::{Scope, Stored};
+use crate::store::rescore::{Selection, Stored};
 use crate::store::Store;
 
 #[derive(clap::Args)]
@@ -46,13 +46,13 @@ pub struct Summary {
 /// A once-award's identity: namespace, user, rule, key.
 type OnceClaim = (String, String, String, String);
 
-/// Rescores the events in `scope`, oldest first, writing one line per
+/// Rescores the events in `selection`, oldest first, writing one line per
 /// changed or skipped event to `out`; with `dry_run`, writes nothing to
 /// the store.
 pub async fn rescore(
     config: &Config,
     store: &Store,
-    scope: &Scope,
+    selection: &Selection,
     dry_run: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<Summary> {
@@ -61,7 +61,9 @@ pub async fn rescore(
     let mut claimed: HashMap<OnceClaim, String> = HashMap::new();
     let mut after = (i64::MIN, String::new());
     loop {
-        let page = store.rescore_page(scope, (after.0, &after.1), 500).await?;
+        let page = store
+            .rescore_page(selection, (after.0, &after.1), 500)
+            .await?;
         let Some(last) = page.last() else { break };
         after = (last.occurred_at, last.id.clone());
         for ev in page {
@@ -177,12 +179,12 @@ pub async fn run(args: RescoreArgs) -> anyhow::Result<ExitCode> {
     let config = crate::config::load(&args.config_dir, &SecretEnv::from_process(), DEFAULT_SOURCE)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::connect(&args.database_url).await?;
-    let scope = Scope {
+    let selection = Selection {
         source: args.source.clone(),
         since_ms: args.since.as_deref().map(parse_since).transpose()?,
     };
     let mut stdout = std::io::stdout();
-    let sum = rescore(&config, &store, &scope, args.dry_run, &mut stdout).await?;
+    let sum = rescore(&config, &store, &selection, args.dry_run, &mut stdout).await?;
     println!(
         "{} events checked, {} {}, {} skipped, points {:+}",
         sum.checked,

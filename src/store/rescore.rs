@@ -25,7 +25,7 @@ pub struct Stored {
 
 /// Filters for a rescore.
 #[derive(Debug, Clone, Default)]
-pub struct Scope {
+pub struct Selection {
     pub source: Option<String>,
     pub since_ms: Option<i64>,
 }
@@ -47,7 +47,7 @@ impl Store {
     /// The next page of events after `(after_ms, after_id)`, oldest first.
     pub async fn rescore_page(
         &self,
-        scope: &Scope,
+        selection: &Selection,
         after: (i64, &str),
         limit: i64,
     ) -> Result<Vec<Stored>, StoreError> {
@@ -55,8 +55,8 @@ impl Store {
             let rows = sqlx::query(PAGE)
                 .bind(after.0)
                 .bind(after.1)
-                .bind(scope.since_ms.unwrap_or(i64::MIN))
-                .bind(scope.source.as_deref().unwrap_or(""))
+                .bind(selection.since_ms.unwrap_or(i64::MIN))
+                .bind(selection.source.as_deref().unwrap_or(""))
                 .bind(limit)
                 .fetch_all(p)
                 .await?;

@@ -124,7 +124,7 @@ async fn rescore_after_a_rule_change_equals_fresh_ingestion() {
 #[tokio::test]
 async fn the_rescore_function_scopes_and_dry_runs() {
     use rocket_rewards::cli::rescore::{rescore, Summary};
-    use rocket_rewards::store::rescore::Scope;
+    use rocket_rewards::store::rescore::Selection;
     let app = spawn_app().await;
     ingest_all(&app).await;
     change_rules(&app.config_dir);
@@ -132,7 +132,7 @@ async fn the_rescore_function_scopes_and_dry_runs() {
     let before = standings(&app).await;
     let state = &app.server.state;
     let config = state.config.load_full();
-    let moodle = Scope {
+    let moodle = Selection {
         source: Some("moodle".into()),
         since_ms: None,
     };
