@@ -24,7 +24,7 @@
 //! the writer does not stop for the copy and its syncs. A passive
 //! checkpoint alone never lets a busy writer start the WAL over, though:
 //! the writer appends while it copies, so the WAL never ends fully copied
-//! (the first version of this writer grew it to gigabytes that way). So
+//! and, under steady load, grows to gigabytes. So
 //! once the WAL holds [`WAL_LIMIT_FRAMES`] frames, the writer itself
 //! checkpoints the few frames the background pass has not yet copied,
 //! between two of its transactions; the next transaction then starts the
