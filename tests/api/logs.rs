@@ -19,11 +19,11 @@ fn serve_logged(
 ) -> (Child, mpsc::Receiver<String>, Vec<String>, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
         .arg("serve")
+        .env_remove("ROCKET_LOG")
         .envs(env.iter().copied())
         .env("ROCKET_LISTEN", "127.0.0.1:0")
         .env("ROCKET_CONFIG_DIR", dir)
         .env("ROCKET_DATABASE_URL", db)
-        .env_remove("ROCKET_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -214,6 +214,7 @@ async fn tokens_in_the_body_or_the_url_are_never_logged_or_stored() {
     tokio::task::block_in_place(|| stop_logged(&mut child, &rx, &mut lines));
     let all = lines.join("\n");
     assert!(all.contains("\"status\":200"), "{all}");
+    assert!(all.contains("\"level\":\"DEBUG\""), "not at debug level: {all}");
     assert!(
         !all.contains(MOODLE_TOKEN),
         "a token leaked into the logs: {all}"
