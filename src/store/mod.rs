@@ -178,10 +178,14 @@ pub struct Store {
     /// SQLite only: the database file the server opened, to notice it
     /// deleted or replaced.
     file: Option<Arc<sqlite_writer::FileIdentity>>,
-    /// Why the last write failed for want of a writable store; cleared by
-    /// the next write that succeeds.
-    write_failure: Arc<std::sync::Mutex<Option<&'static str>>>,
+    /// Why and when the last write failed for want of a writable store;
+    /// cleared by the next write that succeeds.
+    write_failure: Arc<std::sync::Mutex<Option<(&'static str, std::time::Instant)>>>,
 }
+
+/// How long readiness reports a failed write (unless a write succeeds
+/// first); after it, readiness lets traffic try the store again.
+const UNWRITABLE_HOLD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How the SQLite WAL keeps up: frames in it at the last checkpoint, and
 /// failed checkpoints. A WAL that keeps growing means checkpoints fail, or a
@@ -472,7 +476,9 @@ impl Store {
         let mut failure = self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(_) => *failure = None,
-            Err(e) if e.is_unavailable() => *failure = Some(e.reason()),
+            Err(e) if e.is_unavailable() => {
+                *failure = Some((e.reason(), std::time::Instant::now()))
+            }
             Err(_) => {}
         }
     }
@@ -490,9 +496,14 @@ impl Store {
         if let Some(file) = &self.file {
             file.check()?;
         }
+        // Held for a while, not for ever: a load balancer that takes the
+        // instance out on this answer sends no more writes, and only a
+        // write can show that the store has recovered.
         let failing = *self.write_failure.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(why) = failing {
-            return Err(StoreError::Unwritable(why));
+        if let Some((why, at)) = failing {
+            if at.elapsed() < UNWRITABLE_HOLD {
+                return Err(StoreError::Unwritable(why));
+            }
         }
         with_pool!(&self.pool, p => {
             sqlx::query("SELECT 1").execute(p).await?;
