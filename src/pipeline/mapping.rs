@@ -422,7 +422,7 @@ pub fn map_event(
 
     let vendor = match mapping.event_type.paths.iter().find_map(|p| p.first(doc)) {
         Some(v) => id_string(v, Field::EventType.name(), &mut err),
-        None => compose(&mapping.event_type.compose, doc),
+        None => compose(&mapping.event_type.compose, doc, &mut err),
     };
 
     let id = |spec: &Option<FieldSpec>, field: Field, err: &mut MappingError| {
@@ -577,8 +577,9 @@ fn check_required(
     }
 }
 
-/// The values of every path, joined with `.`; `None` unless all are strings.
-fn compose(paths: &[CompiledPath], doc: &Value) -> Option<String> {
+/// The values of every path, joined with `.`; `None` unless all are
+/// strings. Over-long or NUL-bearing names are invalid, as an id is.
+fn compose(paths: &[CompiledPath], doc: &Value, err: &mut MappingError) -> Option<String> {
     if paths.is_empty() {
         return None;
     }
@@ -586,7 +587,12 @@ fn compose(paths: &[CompiledPath], doc: &Value) -> Option<String> {
         .iter()
         .map(|p| p.first(doc).and_then(Value::as_str))
         .collect();
-    parts.map(|p| p.join(".")).filter(|s| s.len() <= MAX_ID_LEN)
+    let name = parts?.join(".");
+    if name.len() > MAX_ID_LEN || name.contains('\0') {
+        err.invalid_fields.push(Field::EventType.name().to_string());
+        return None;
+    }
+    Some(name)
 }
 
 /// An id as a string: strings as they are (trimmed), integers as digits.
@@ -884,6 +890,10 @@ mod tests {
         let ev = map_event("x", &m, &doc, b"", now()).unwrap();
         assert_eq!(ev.vendor_event_type.as_deref(), Some("course.completed"));
         assert_eq!(ev.event_type.as_deref(), Some("course.completed"));
+        // A NUL would reach the store (PostgreSQL refuses it in text): invalid.
+        let doc = json!({"resource": "course\u{0}", "action": "completed", "userid": 1});
+        let err = map_event("x", &m, &doc, b"", now()).unwrap_err();
+        assert_eq!(err.invalid_fields, vec!["event_type"]);
     }
 
     #[test]
