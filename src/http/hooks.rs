@@ -419,7 +419,6 @@ fn refusal(src: &Source, slot: Option<&RateSlot>, r: Refused) -> ApiError {
         Refused::Unauthorized(e) => {
             ApiError::unauthorized(format!("invalid or missing credentials: {e}"))
         }
-        Refused::UnsupportedMediaType(ct) => unsupported(src, &ct),
         Refused::Invalid(e) => invalid(src, e),
         Refused::Store(e) if e.is_unavailable() => ApiError::store_unavailable(e.reason()),
         Refused::Store(_) => ApiError::internal(None),

@@ -38,7 +38,6 @@ pub enum Refused {
     IpNotAllowed,
     RateLimited(limits::Refusal),
     Unauthorized(AuthError),
-    UnsupportedMediaType(String),
     /// The body does not decode or map (the sender's fault).
     Invalid(PrepareError),
     Store(StoreError),
@@ -109,13 +108,8 @@ pub async fn deliver(
     })?;
     let mut standing = address;
     standing = limits::tighter(standing, charge(state, src, d.ip, 1)?);
-    // The content type is checked with decoding, after authentication (the
+    // The content type is checked by decoding, after authentication (the
     // pipeline's order): a stranger learns nothing about the source.
-    if !src.accepts(d.content_type) {
-        return Err(Refused::UnsupportedMediaType(
-            d.content_type.unwrap_or("").to_string(),
-        ));
-    }
     let decoded = decoded.unwrap_or_else(|| decode_body(src, d.content_type, body));
     let decoded = match d.statement_id {
         None => decoded,
@@ -124,16 +118,19 @@ pub async fn deliver(
     let mapped = decoded
         .and_then(|x| map_decoded(src, x, body, Utc::now()))
         .map_err(Refused::Invalid)?;
+    // A batch costs one unit per statement (the request paid for one), and
+    // one per event in its type's bucket: charged before scoring reads the
+    // store, so a refused batch costs no history reads.
+    let extra = u32::try_from(mapped.len().saturating_sub(1)).unwrap_or(u32::MAX);
+    if extra > 0 {
+        standing = limits::tighter(standing, charge(state, src, d.ip, extra)?);
+    }
+    let types = mapped.iter().map(|(event, _)| event.event_type.as_deref());
+    standing = limits::tighter(standing, charge_types(state, src, d.ip, types)?);
     let queued = src.processing == Processing::Async;
     let prepared = score_all(state, config, src, mapped, !queued)
         .await
         .map_err(|e| store_refusal(state, e, "history read"))?;
-    // A batch costs one unit per statement: the request paid for one.
-    let extra = u32::try_from(prepared.len().saturating_sub(1)).unwrap_or(u32::MAX);
-    if extra > 0 {
-        standing = limits::tighter(standing, charge(state, src, d.ip, extra)?);
-    }
-    standing = limits::tighter(standing, charge_types(state, src, d.ip, &prepared)?);
     store(state, src, prepared, queued, standing).await
 }
 
@@ -241,23 +238,18 @@ fn charge(state: &AppState, src: &Source, ip: IpAddr, n: u32) -> Result<Option<S
 }
 
 /// Takes a cell per event from its canonical type's bucket, if it has one.
-fn charge_types(
+fn charge_types<'a>(
     state: &AppState,
     src: &Source,
     ip: IpAddr,
-    prepared: &[Prepared],
+    types: impl Iterator<Item = Option<&'a str>>,
 ) -> Result<Option<Standing>, Refused> {
     let mut standing = None;
     if !state.settings.rate_limits || src.event_type_rates.is_empty() {
         return Ok(standing);
     }
-    for p in prepared {
-        let Some((kind, spec)) = p
-            .event
-            .event_type
-            .as_deref()
-            .and_then(|t| src.event_type_rates.get_key_value(t))
-        else {
+    for kind in types {
+        let Some((kind, spec)) = kind.and_then(|t| src.event_type_rates.get_key_value(t)) else {
             continue;
         };
         let bucket = state.limits.source_bucket(&src.name, kind, *spec);
