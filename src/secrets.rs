@@ -197,18 +197,31 @@ impl SecretEnv {
     /// directory (for relative `secret_file` paths). `Err` is a message
     /// naming the variable or file, never a value.
     pub fn resolve(&self, reference: &SecretRef, base: &Path) -> Result<Resolved, String> {
-        let origin = match reference {
+        let origin = self.origin(reference, base)?;
+        if let Some(value) = &self.fallback {
+            return Ok(Resolved {
+                values: vec![Secret::new(value.clone())],
+                origin,
+            });
+        }
+        let values = match &origin {
+            Origin::Env(name) => self.var(name).map(split_list).unwrap_or_default(),
+            Origin::File(path) | Origin::SecretsDir(path) => {
+                read_secret_file(path, self.allow_shared())?
+            }
+        };
+        Ok(Resolved { values, origin })
+    }
+
+    /// Where `reference` says a secret lives (the variable, or the file it
+    /// or the secrets directory names), without reading it.
+    pub fn origin(&self, reference: &SecretRef, base: &Path) -> Result<Origin, String> {
+        Ok(match reference {
             SecretRef::Env(name) => {
                 let file_var = format!("{name}_FILE");
                 match (self.var(name), self.var(&file_var)) {
                     (Some(_), Some(_)) => {
                         return Err(format!("both {name} and {file_var} are set; keep one"))
-                    }
-                    (Some(list), None) if self.fallback.is_none() => {
-                        return Ok(Resolved {
-                            values: split_list(list),
-                            origin: Origin::Env(name.clone()),
-                        })
                     }
                     (_, Some(path)) => Origin::File(PathBuf::from(path)),
                     _ => Origin::Env(name.clone()),
@@ -229,18 +242,7 @@ impl SecretEnv {
                     None => return Err(format!("secret {name:?} needs {SECRETS_DIR} to be set")),
                 }
             }
-        };
-        if let Some(value) = &self.fallback {
-            return Ok(Resolved {
-                values: vec![Secret::new(value.clone())],
-                origin,
-            });
-        }
-        let values = match origin.file() {
-            None => Vec::new(),
-            Some(path) => read_secret_file(path, self.allow_shared())?,
-        };
-        Ok(Resolved { values, origin })
+        })
     }
 
     fn allow_shared(&self) -> bool {

@@ -1016,11 +1016,12 @@ fn resolve_secret(
         }
         Err(message) if secrets.is_lenient() => {
             warnings.push(format!("source {source}: {message}"));
-            let origin = match reference {
+            // Where it was looked for; a name with nowhere to look names itself.
+            let origin = secrets.origin(reference, base).unwrap_or_else(|_| match reference {
                 SecretRef::Env(name) => Origin::Env(name.clone()),
                 SecretRef::File(path) => Origin::File(base.join(path)),
                 SecretRef::Dir(name) => Origin::SecretsDir(PathBuf::from(name)),
-            };
+            });
             Ok((Vec::new(), origin))
         }
         Err(message) => Err(format!("source {source}: {message}")),
