@@ -172,7 +172,6 @@ pub struct GuardedIo<T> {
     phase: Phase,
     header_timeout: Duration,
     max_header_bytes: usize,
-    first: bool,
     _permit: OwnedSemaphorePermit,
     _slot: Option<AddressSlot>,
 }
@@ -192,7 +191,6 @@ impl<T> GuardedIo<T> {
             phase: Phase::Fresh,
             header_timeout: limits.header_timeout,
             max_header_bytes: limits.max_header_bytes,
-            first: true,
             _permit: permit,
             _slot: slot,
         }
@@ -248,8 +246,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
             if new.is_empty() {
                 return res;
             }
-            if this.first {
-                this.first = false;
+            if this.phase == Phase::Fresh {
                 if new.starts_with(H2_PREFACE) {
                     this.phase = Phase::H2;
                 } else {

@@ -93,10 +93,7 @@ async fn process(state: &AppState, c: Claimed) {
     };
     let (result, label) = match outcome {
         Ok((awards, ev, src)) => {
-            let label = match &ev.event_type {
-                None => "unmapped".to_string(),
-                Some(t) => src.mapping.event_type.label(t).to_string(),
-            };
+            let label = crate::ingest::deliver::type_label(&src, &ev).to_string();
             (Ok(awards), Some((label, src)))
         }
         Err(e) => (Err(e), None),

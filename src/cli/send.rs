@@ -167,13 +167,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<ExitCode> {
         })?;
     let body =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let content_type = args.content_type.clone().unwrap_or_else(|| {
-        source
-            .content_types
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "application/json".into())
-    });
+    let content_type = source
+        .content_type_of(args.content_type.as_deref())
+        .to_string();
     let print = &mut |a: &Answer| println!("HTTP {}\n{}", a.status, a.body);
     let answer = deliver(
         &Delivery {

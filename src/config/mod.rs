@@ -1017,22 +1017,29 @@ fn resolve_secret(
         Err(message) if secrets.is_lenient() => {
             warnings.push(format!("source {source}: {message}"));
             // Where it was looked for; a name with nowhere to look names itself.
-            let origin = secrets.origin(reference, base).unwrap_or_else(|_| match reference {
-                SecretRef::Env(name) => Origin::Env(name.clone()),
-                SecretRef::File(path) => Origin::File(base.join(path)),
-                SecretRef::Dir(name) => Origin::SecretsDir(PathBuf::from(name)),
-            });
+            let origin = secrets
+                .origin(reference, base)
+                .unwrap_or_else(|_| match reference {
+                    SecretRef::Env(name) => Origin::Env(name.clone()),
+                    SecretRef::File(path) => Origin::File(base.join(path)),
+                    SecretRef::Dir(name) => Origin::SecretsDir(PathBuf::from(name)),
+                });
             Ok((Vec::new(), origin))
         }
         Err(message) => Err(format!("source {source}: {message}")),
     }
 }
 
-fn header_name(h: &str, problems: &mut Vec<(&'static str, String)>) -> Option<HeaderName> {
+/// The header name in `key`'s value; `None` with the problem noted.
+fn header_name(
+    key: &'static str,
+    h: &str,
+    problems: &mut Vec<(&'static str, String)>,
+) -> Option<HeaderName> {
     match HeaderName::from_bytes(h.as_bytes()) {
         Ok(h) => Some(h),
         Err(_) => {
-            problems.push(("header", format!("{h:?} is not a valid header name")));
+            problems.push((key, format!("{h:?} is not a valid header name")));
             None
         }
     }
@@ -1060,7 +1067,7 @@ fn build_scheme(
                 problems.push(("header", "a header scheme names its header".into()));
                 None
             }
-            Some(h) => header_name(h, problems).map(|header| AuthScheme::Header {
+            Some(h) => header_name("header", h, problems).map(|header| AuthScheme::Header {
                 secret,
                 header,
                 prefix: a.prefix.unwrap_or_default(),
@@ -1148,20 +1155,15 @@ fn hmac_scheme(
             format!("unsupported algorithm {algorithm:?}; only sha256"),
         ));
     }
-    let header = header_name(a.header.as_deref().unwrap_or("X-Signature"), problems);
-    let timestamp = match a.timestamp_header.as_deref() {
-        None => None,
-        Some(ts) => match HeaderName::from_bytes(ts.as_bytes()) {
-            Ok(h) => Some(h),
-            Err(_) => {
-                problems.push((
-                    "timestamp_header",
-                    format!("{ts:?} is not a valid header name"),
-                ));
-                None
-            }
-        },
-    };
+    let header = header_name(
+        "header",
+        a.header.as_deref().unwrap_or("X-Signature"),
+        problems,
+    );
+    let timestamp = a
+        .timestamp_header
+        .as_deref()
+        .and_then(|ts| header_name("timestamp_header", ts, problems));
     header.map(|header| {
         let scheme = AuthScheme::hmac(
             secret,

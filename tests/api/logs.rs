@@ -214,7 +214,10 @@ async fn tokens_in_the_body_or_the_url_are_never_logged_or_stored() {
     tokio::task::block_in_place(|| stop_logged(&mut child, &rx, &mut lines));
     let all = lines.join("\n");
     assert!(all.contains("\"status\":200"), "{all}");
-    assert!(all.contains("\"level\":\"DEBUG\""), "not at debug level: {all}");
+    assert!(
+        all.contains("\"level\":\"DEBUG\""),
+        "not at debug level: {all}"
+    );
     assert!(
         !all.contains(MOODLE_TOKEN),
         "a token leaked into the logs: {all}"
