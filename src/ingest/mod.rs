@@ -61,10 +61,10 @@ pub fn authenticate(
     body: &[u8],
     now: i64,
 ) -> Result<Option<Result<Decoded, PrepareError>>, verify::AuthError> {
-    let field = source.auth.iter().find_map(|a| match a {
-        verify::AuthScheme::BodyField { field, .. } => Some(field),
-        _ => None,
-    });
+    let body_scheme = source
+        .auth
+        .iter()
+        .find(|a| matches!(a, verify::AuthScheme::BodyField { .. }));
     let presented = verify::Presented {
         headers: parts.headers,
         query: parts.query,
@@ -72,10 +72,12 @@ pub fn authenticate(
         body_token: None,
     };
     let verified = verify::verify_any(&source.auth, &presented, now);
-    let Some(field) = field else {
+    let Some(scheme @ verify::AuthScheme::BodyField { field, .. }) = body_scheme else {
         return verified.map(|()| None);
     };
     if let Err(first) = verified {
+        // Only the body-token scheme can change its answer once the token
+        // is found: the others (an HMAC over the body too) ran already.
         let token = candidate_formats(source, parts.content_type)
             .into_iter()
             .find_map(|format| decode::find_token(format, body, field));
@@ -83,7 +85,8 @@ pub fn authenticate(
             body_token: token.as_deref(),
             ..presented
         };
-        verify::verify_any(&source.auth, &with_token, now).map_err(|e| verify::rank(first, e))?;
+        verify::verify_any(std::slice::from_ref(scheme), &with_token, now)
+            .map_err(|e| verify::rank(first, e))?;
     }
     Ok(Some(decode_body(source, parts.content_type, body).map(
         |mut d| {

@@ -72,12 +72,12 @@ pub fn normalise_statement(statement: &mut Value) {
 /// [`statement_id`]), as an LRS assigns ids, so that a re-sent statement
 /// gets the same one; returns the statement's id.
 pub fn assign_statement_id(statement: &mut Value) -> Option<String> {
-    let map = statement.as_object_mut()?;
-    match map.get("id") {
+    match statement.as_object()?.get("id") {
         Some(Value::String(id)) => Some(id.clone()),
         Some(_) => None,
         None => {
-            let id = statement_id(&Value::Object(map.clone()));
+            let id = statement_id(statement);
+            let map = statement.as_object_mut()?;
             map.insert("id".into(), Value::String(id.clone()));
             Some(id)
         }
