@@ -1257,12 +1257,11 @@ fn compile_case(
             Value::Array(options) => Test::AnyOf(options),
             Value::Object(m) if m.len() == 1 => {
                 let (op, arg) = m.into_iter().next().unwrap_or_default();
-                let cmp = |ord, eq| (ord, eq);
                 let ordering = match op.as_str() {
-                    "gt" => Some(cmp(std::cmp::Ordering::Greater, false)),
-                    "gte" => Some(cmp(std::cmp::Ordering::Greater, true)),
-                    "lt" => Some(cmp(std::cmp::Ordering::Less, false)),
-                    "lte" => Some(cmp(std::cmp::Ordering::Less, true)),
+                    "gt" => Some((std::cmp::Ordering::Greater, false)),
+                    "gte" => Some((std::cmp::Ordering::Greater, true)),
+                    "lt" => Some((std::cmp::Ordering::Less, false)),
+                    "lte" => Some((std::cmp::Ordering::Less, true)),
                     _ => None,
                 };
                 match (op.as_str(), ordering, arg) {
@@ -1273,8 +1272,22 @@ fn compile_case(
                         Some(o) => Test::Compare(ord, eq, Bound::Operand(o)),
                         None => continue,
                     },
+                    (op, Some(_), _) => {
+                        fail(
+                            &keys,
+                            format!("condition on {name:?}: {op:?} takes a number or a name"),
+                        );
+                        continue;
+                    }
                     ("ne", _, v) => Test::NotEqual(v),
                     ("present", _, Value::Bool(b)) => Test::Present(b),
+                    ("present", _, _) => {
+                        fail(
+                            &keys,
+                            format!("condition on {name:?}: present takes true or false"),
+                        );
+                        continue;
+                    }
                     (op, _, _) => {
                         fail(&keys, format!("condition on {name:?}: {op:?} is not a test; use gte, gt, lte, lt (with a number or a name), ne, or present: true|false"));
                         continue;
@@ -1412,6 +1425,24 @@ mod tests {
                 ("auth.secret_env", "scheme 6: HOME: the server reads secrets only from ROCKET_* variables"),
                 ("auth.secret_env", "scheme 7: ROCKET_MYLMS: a secret's variable has TOKEN, SECRET, KEY or PASSWORD in its name (or set any_secret_name: true)"),
             ],
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_case_test_with_the_wrong_argument_says_what_it_takes() {
+        let text = "auth: {type: bearer, secret_env: ROCKET_X_TOKEN}\nevent_type:\n  paths: $.t\n  cases:\n    - vendor: done\n      when: {grade: {gte: true}, user_id: {present: yes}, course_id: {near: 1}}\n      type: lesson.completed\nfields:\n  user_id: $.u\n  course_id: $.c\nattributes:\n  grade: {path: $.g, type: number}\n";
+        let errs = compile(text).unwrap_err();
+        let messages: Vec<_> = errs.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages.len(), 3, "{errs:#?}");
+        // In the order of the condition's keys.
+        assert!(messages[0].contains("\"near\" is not a test"), "{errs:#?}");
+        assert!(
+            messages[1].ends_with("\"gte\" takes a number or a name"),
+            "{errs:#?}"
+        );
+        assert!(
+            messages[2].ends_with("present takes true or false"),
             "{errs:#?}"
         );
     }
