@@ -16,3 +16,4 @@ mod rescore;
 mod scale;
 mod secrets;
 mod surface;
+mod upgrade;
