@@ -421,10 +421,7 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
-        let (wal, file) = match sqlite_parts {
-            Some((wal, file)) => (Some(wal), Some(file)),
-            None => (None, None),
-        };
+        let (wal, file) = sqlite_parts.unzip();
         Ok(Store {
             pool,
             writer,
