@@ -156,25 +156,32 @@ pub struct OperatorToken {
 pub const ADMIN_TOKEN: &str = "ROCKET_ADMIN_TOKEN";
 pub const TEST_TOKEN: &str = "ROCKET_TEST_TOKEN";
 
-/// Resolves an operator token; a problem with its file is a config error.
+/// Resolves an operator token; a problem with its file is a config error,
+/// or a warning when the environment is lenient (`check`), as a source's is.
 fn operator_token(
     name: &str,
     dir: &Path,
     secrets: &SecretEnv,
     errors: &mut Vec<ConfigError>,
+    warnings: &mut Vec<String>,
 ) -> OperatorToken {
-    match secrets.resolve(&SecretRef::Env(name.to_string()), dir) {
+    let reference = SecretRef::Env(name.to_string());
+    match secrets.resolve(&reference, dir) {
         Ok(r) => OperatorToken {
             digests: digests(&r.values),
             origin: r.origin,
         },
         Err(message) => {
-            if !secrets.is_lenient() {
+            if secrets.is_lenient() {
+                warnings.push(format!("{name}: {message}"));
+            } else {
                 errors.push(err(Path::new(name), None, "", &message));
             }
             OperatorToken {
                 digests: Vec::new(),
-                origin: Origin::Env(name.to_string()),
+                origin: secrets
+                    .origin(&reference, dir)
+                    .unwrap_or_else(|_| Origin::Env(name.to_string())),
             }
         }
     }
@@ -291,8 +298,8 @@ pub fn load(
         &mut errors,
         &mut warnings,
     );
-    let admin_token = operator_token(ADMIN_TOKEN, dir, secrets, &mut errors);
-    let test_token = operator_token(TEST_TOKEN, dir, secrets, &mut errors);
+    let admin_token = operator_token(ADMIN_TOKEN, dir, secrets, &mut errors, &mut warnings);
+    let test_token = operator_token(TEST_TOKEN, dir, secrets, &mut errors, &mut warnings);
     let mut secret_files: Vec<PathBuf> = sources
         .values()
         .flat_map(|s| s.auth.iter())

@@ -77,6 +77,29 @@ fn check_passes_on_the_shipped_config() {
     assert!(stdout.contains("7 sources"), "{stdout}");
 }
 
+/// `check` runs away from the secrets: an operator token's missing file is a
+/// warning naming the variable, as a source's is, not silently dropped.
+#[test]
+fn check_warns_of_an_operator_token_file_it_cannot_read() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
+        .arg("check")
+        .arg("--config-dir")
+        .arg(repo_dir())
+        .env("ROCKET_ADMIN_TOKEN_FILE", "/nonexistent/admin-token")
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("ROCKET_ADMIN_TOKEN: secret file /nonexistent/admin-token does not exist"),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn a_broken_reload_is_refused_and_the_running_config_keeps_serving() {
     let app = spawn_app().await;
