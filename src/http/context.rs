@@ -25,6 +25,18 @@ pub struct RateHeaders {
     pub retry_after: Option<u64>,
 }
 
+impl From<limits::Standing> for RateHeaders {
+    /// A request's standing after it was let through: no `Retry-After`.
+    fn from(s: limits::Standing) -> Self {
+        RateHeaders {
+            limit: s.limit,
+            remaining: s.advertised_remaining(),
+            reset: s.reset,
+            retry_after: None,
+        }
+    }
+}
+
 /// Filled by the hook handler, read by the middleware that writes the
 /// `X-RateLimit-*` and `Retry-After` headers. The last record wins (an
 /// event-type refusal after the request-level standing).
@@ -109,13 +121,7 @@ impl AppState {
     /// the rate check (unknown source, refused address, wrong method, a dry
     /// run): the client address's standing, read without charging it.
     pub fn address_rate_headers(&self, ip: IpAddr) -> RateHeaders {
-        let s = self.limits.peek_ip(ip);
-        RateHeaders {
-            limit: s.limit,
-            remaining: s.advertised_remaining(),
-            reset: s.reset,
-            retry_after: None,
-        }
+        self.limits.peek_ip(ip).into()
     }
 
     /// A store failure as the client sees it: counted, logged with its

@@ -389,12 +389,7 @@ pub(super) async fn ingest_into(
 /// Records a rate standing for the response's headers.
 fn note_standing(slot: Option<&RateSlot>, standing: Option<limits::Standing>) {
     if let (Some(slot), Some(s)) = (slot, standing) {
-        slot.record(RateHeaders {
-            limit: s.limit,
-            remaining: s.advertised_remaining(),
-            reset: s.reset,
-            retry_after: None,
-        });
+        slot.record(s.into());
     }
 }
 
