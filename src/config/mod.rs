@@ -1231,89 +1231,80 @@ fn compile_case(
     known: &dyn Fn(&str) -> bool,
     fail: &mut dyn FnMut(&[&str], String),
 ) -> EventCase {
-    use crate::pipeline::mapping::{Bound, Operand, Test};
-    use serde_json::Value;
-    let keys = ["event_type", "cases"];
-    let operand = |name: &str, fail: &mut dyn FnMut(&[&str], String)| -> Option<Operand> {
+    use crate::pipeline::mapping::Operand;
+    let operand = |name: &str| -> Result<Operand, String> {
         if name.starts_with('$') {
-            return match CompiledPath::parse(name) {
-                Ok(p) => Some(Operand::Path(p)),
-                Err(e) => {
-                    fail(&keys, format!("bad JSONPath {name:?}: {e}"));
-                    None
-                }
-            };
+            return CompiledPath::parse(name)
+                .map(Operand::Path)
+                .map_err(|e| format!("bad JSONPath {name:?}: {e}"));
         }
         match Field::parse(name) {
-            Some(f @ (Field::UserId | Field::CourseId | Field::ObjectId)) => {
-                Some(Operand::Field(f))
-            }
-            _ if known(name) => Some(Operand::Attribute(name.to_string())),
-            _ => {
-                fail(&keys, format!("condition on {name:?}: not a mapped attribute, user_id, course_id, object_id or a JSONPath ($.…)"));
-                None
-            }
+            Some(f @ (Field::UserId | Field::CourseId | Field::ObjectId)) => Ok(Operand::Field(f)),
+            _ if known(name) => Ok(Operand::Attribute(name.to_string())),
+            _ => Err(format!("condition on {name:?}: not a mapped attribute, user_id, course_id, object_id or a JSONPath ($.…)")),
         }
     };
     let mut when = Vec::new();
     for (name, value) in raw.when {
-        let Some(subject) = operand(&name, fail) else {
-            continue;
-        };
-        let test = match value {
-            Value::Array(options) => Test::AnyOf(options),
-            Value::Object(m) if m.len() == 1 => {
-                let (op, arg) = m.into_iter().next().unwrap_or_default();
-                let ordering = match op.as_str() {
-                    "gt" => Some((std::cmp::Ordering::Greater, false)),
-                    "gte" => Some((std::cmp::Ordering::Greater, true)),
-                    "lt" => Some((std::cmp::Ordering::Less, false)),
-                    "lte" => Some((std::cmp::Ordering::Less, true)),
-                    _ => None,
-                };
-                match (op.as_str(), ordering, arg) {
-                    (_, Some((ord, eq)), Value::Number(n)) => {
-                        Test::Compare(ord, eq, Bound::Number(n.as_f64().unwrap_or(0.0)))
-                    }
-                    (_, Some((ord, eq)), Value::String(r)) => match operand(&r, fail) {
-                        Some(o) => Test::Compare(ord, eq, Bound::Operand(o)),
-                        None => continue,
-                    },
-                    (op, Some(_), _) => {
-                        fail(
-                            &keys,
-                            format!("condition on {name:?}: {op:?} takes a number or a name"),
-                        );
-                        continue;
-                    }
-                    ("ne", _, v) => Test::NotEqual(v),
-                    ("present", _, Value::Bool(b)) => Test::Present(b),
-                    ("present", _, _) => {
-                        fail(
-                            &keys,
-                            format!("condition on {name:?}: present takes true or false"),
-                        );
-                        continue;
-                    }
-                    (op, _, _) => {
-                        fail(&keys, format!("condition on {name:?}: {op:?} is not a test; use gte, gt, lte, lt (with a number or a name), ne, or present: true|false"));
-                        continue;
-                    }
-                }
-            }
-            Value::Object(_) | Value::Null => {
-                fail(&keys, format!("condition on {name:?}: give a literal, a list of literals or one test such as {{gte: 0.8}}"));
-                continue;
-            }
-            literal => Test::AnyOf(vec![literal]),
-        };
-        when.push((subject, test));
+        let compiled =
+            operand(&name).and_then(|subject| Ok((subject, case_test(&name, value, &operand)?)));
+        match compiled {
+            Ok(condition) => when.push(condition),
+            Err(message) => fail(&["event_type", "cases"], message),
+        }
     }
     EventCase {
         vendors: raw.vendor.into_vec(),
         when,
         canonical: Arc::from(raw.canonical.as_str()),
         set: raw.set,
+    }
+}
+
+/// The test a condition on `name` writes: a literal, a list of literals,
+/// or one of `gt`, `gte`, `lt`, `lte` (a number or another operand), `ne`
+/// and `present`.
+fn case_test(
+    name: &str,
+    value: serde_json::Value,
+    operand: &dyn Fn(&str) -> Result<crate::pipeline::mapping::Operand, String>,
+) -> Result<crate::pipeline::mapping::Test, String> {
+    use crate::pipeline::mapping::{Bound, Test};
+    use serde_json::Value;
+    let m = match value {
+        Value::Array(options) => return Ok(Test::AnyOf(options)),
+        Value::Object(m) if m.len() == 1 => m,
+        Value::Object(_) | Value::Null => {
+            return Err(format!("condition on {name:?}: give a literal, a list of literals or one test such as {{gte: 0.8}}"));
+        }
+        literal => return Ok(Test::AnyOf(vec![literal])),
+    };
+    let (op, arg) = m.into_iter().next().unwrap_or_default();
+    let ordering = match op.as_str() {
+        "gt" => Some((std::cmp::Ordering::Greater, false)),
+        "gte" => Some((std::cmp::Ordering::Greater, true)),
+        "lt" => Some((std::cmp::Ordering::Less, false)),
+        "lte" => Some((std::cmp::Ordering::Less, true)),
+        _ => None,
+    };
+    match (op.as_str(), ordering, arg) {
+        (_, Some((ord, eq)), Value::Number(n)) => Ok(Test::Compare(
+            ord,
+            eq,
+            Bound::Number(n.as_f64().unwrap_or(0.0)),
+        )),
+        (_, Some((ord, eq)), Value::String(r)) => {
+            Ok(Test::Compare(ord, eq, Bound::Operand(operand(&r)?)))
+        }
+        (op, Some(_), _) => Err(format!(
+            "condition on {name:?}: {op:?} takes a number or a name"
+        )),
+        ("ne", _, v) => Ok(Test::NotEqual(v)),
+        ("present", _, Value::Bool(b)) => Ok(Test::Present(b)),
+        ("present", _, _) => Err(format!(
+            "condition on {name:?}: present takes true or false"
+        )),
+        (op, _, _) => Err(format!("condition on {name:?}: {op:?} is not a test; use gte, gt, lte, lt (with a number or a name), ne, or present: true|false")),
     }
 }
 
