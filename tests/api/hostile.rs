@@ -426,33 +426,155 @@ async fn slow_or_oversized_headers_close_the_connection() {
     assert_eq!(ok.status, 200);
 }
 
+/// Opens a keep-alive connection and completes one request on it.
+async fn idle_keep_alive(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    s
+}
+
+/// Reads until the server closes the connection (or 20 s pass): `true`
+/// when it closed.
+async fn closed_by_server(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// At the connection cap, the connection idle longest is closed to make
+/// room: a new client is answered while idle keep-alive connections hold
+/// every place.
 #[tokio::test]
-async fn connections_over_the_limit_wait_until_one_closes() {
+async fn at_the_connection_cap_the_connection_idle_longest_makes_room() {
     let app = spawn_custom(|_| {}, |s| s.conn.max_connections = 2).await;
     let addr = app.server.addr;
-    let mut held = Vec::new();
+    let mut oldest = idle_keep_alive(addr).await;
+    let mut newer = idle_keep_alive(addr).await;
+    let r = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(r.status, 200, "a new client is served at the cap");
+    assert!(
+        closed_by_server(&mut oldest).await,
+        "the oldest idle one was closed"
+    );
+    // The newer one is still open and serves another request.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    newer
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    newer.read_to_end(&mut out).await.unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+}
+
+/// Connections in the middle of a request are never closed to make room:
+/// a new client waits until one finishes.
+#[tokio::test]
+async fn busy_connections_are_not_closed_to_make_room() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_custom(|_| {}, |s| s.conn.max_connections = 2).await;
+    let addr = app.server.addr;
+    let mut busy = Vec::new();
     for _ in 0..2 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
             .await
             .unwrap();
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-        held.push(s);
+        busy.push(s);
     }
+    // Both have started a request once the first byte is read; a request
+    // that gets through proves the server has read them.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
     assert!(
         client.get(app.url("/health/live")).send().await.is_err(),
-        "a third connection is not served"
+        "a third connection is not served while both are mid-request"
     );
-    drop(held);
+    for s in &mut busy {
+        s.write_all(b"Connection: close\r\n\r\n").await.unwrap();
+    }
+    for s in &mut busy {
+        assert!(closed_by_server(s).await);
+    }
     let r = app.send(app.client.get(app.url("/health/live"))).await;
     assert_eq!(r.status, 200);
+}
+
+/// An HTTP/2 frame header: length, type, flags, stream.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Over HTTP/2 with prior knowledge, a header block that never ends (a
+/// HEADERS frame without END_HEADERS, then silence) is closed at the
+/// header deadline, as a slow HTTP/1.1 head is, after a first request
+/// that completed normally.
+#[tokio::test]
+async fn an_http2_header_block_that_never_ends_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_custom(|_| {}, |s| s.conn.header_timeout = Duration::from_secs(1)).await;
+    let mut s = tokio::net::TcpStream::connect(app.server.addr)
+        .await
+        .unwrap();
+    // HPACK: :method GET, :scheme http, :path /health/live, :authority x.
+    let mut block = vec![0x82, 0x86, 0x44, 12];
+    block.extend_from_slice(b"/health/live");
+    block.extend_from_slice(&[0x41, 1, b'x']);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    hello.extend(h2_frame(0x1, 0x4 | 0x1, 1, &block)); // HEADERS, END_HEADERS|END_STREAM
+    s.write_all(&hello).await.unwrap();
+    // The answer: a HEADERS frame on stream 1 whose block starts with
+    // :status 200 (static index 8).
+    let mut got = Vec::new();
+    let answered = |got: &[u8]| {
+        let mut i = 0;
+        while i + 9 <= got.len() {
+            let len = (usize::from(got[i]) << 16)
+                | (usize::from(got[i + 1]) << 8)
+                | usize::from(got[i + 2]);
+            if got[i + 3] == 0x1 && got.get(i + 9) == Some(&0x88) {
+                return true;
+            }
+            i += 9 + len;
+        }
+        false
+    };
+    while !answered(&got) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+            .await
+            .expect("an answer over h2")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // A second request whose header block never ends.
+    s.write_all(&h2_frame(0x1, 0x1, 3, &block[..4]))
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut s).await,
+        "an unfinished header block kept the connection open"
+    );
 }
 
 /// Rate buckets live outside the config: a reload (or a watched file saved

@@ -1,10 +1,15 @@
 //! Connection-level defences against slow and hostile clients, wrapped
-//! around poem's acceptor: a limit on open connections (a new one waits in
-//! the kernel backlog until one closes), a cap on the connections one
-//! address may hold (more are closed at once; trusted proxies are exempt),
-//! a deadline for a new connection's first request to arrive and for a
-//! request's headers once they have started, and a cap on their size.
-//! Bodies have their own read deadline in the hook handler.
+//! around poem's acceptor: a limit on open connections (at the limit the
+//! connection idle longest is closed to make room; with none idle a new
+//! one waits until one closes), a cap on the connections one address may
+//! hold (more are closed at once; trusted proxies are exempt), a deadline
+//! for a new connection's first request to arrive and for a request's
+//! headers once they have started (HTTP/1.1 heads and HTTP/2 header
+//! blocks), and a cap on an HTTP/1.1 head's size. Bodies have their own
+//! read deadline in the hook handler.
+
+mod evict;
+mod head;
 
 use std::io;
 use std::net::IpAddr;
@@ -21,6 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use tokio::time::{Instant, Sleep};
+
+use evict::{Idleness, Tracked};
+use head::{end_of_request, H2Frames, Phase, H2_PREFACE, HEADERS_TOO_LARGE};
 
 /// Limits applied to every connection.
 #[derive(Clone, Debug)]
@@ -56,6 +64,7 @@ pub struct GuardedAcceptor<A> {
     inner: A,
     permits: Arc<Semaphore>,
     per_address: PerAddress,
+    idleness: Arc<Idleness>,
     limits: ConnLimits,
 }
 
@@ -65,6 +74,7 @@ impl<A> GuardedAcceptor<A> {
             inner,
             permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             per_address: Default::default(),
+            idleness: Idleness::new(),
             limits,
         }
     }
@@ -113,12 +123,6 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
 
     async fn accept(&mut self) -> io::Result<(Self::Io, LocalAddr, RemoteAddr, Scheme)> {
         loop {
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| io::Error::other("connection limiter closed"))?;
             let (io, local, remote, scheme) = self.inner.accept().await?;
             let ip = remote.as_socket_addr().map(|a| a.ip());
             let slot = match ip {
@@ -138,8 +142,10 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
                 }
                 _ => None,
             };
+            let permit = permit(self.permits.clone(), self.idleness.clone()).await?;
+            let tracked = self.idleness.track();
             return Ok((
-                GuardedIo::new(io, permit, slot, &self.limits),
+                GuardedIo::new(io, permit, slot, tracked, &self.limits),
                 local,
                 remote,
                 scheme,
@@ -148,30 +154,46 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
     }
 }
 
-/// Where a connection is in its request cycle, as seen from its bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Accepted, nothing read yet: the first request must arrive within the
-    /// head deadline.
-    Fresh,
-    /// Between requests: waiting is the idle timeout's business.
-    Idle,
-    /// A request head has started: it must end within the deadline.
-    Head { read: usize, tail: [u8; 3] },
-    /// The head is complete; the body and response follow.
-    Rest,
-    /// HTTP/2: framing is binary, the h2 settings apply instead.
-    H2,
+/// A place under the global cap for a connection just accepted: at the
+/// cap, the connection idle longest is asked to close (again every 100 ms
+/// while one is idle, in case the one asked started a request).
+async fn permit(
+    permits: Arc<Semaphore>,
+    idleness: Arc<Idleness>,
+) -> io::Result<OwnedSemaphorePermit> {
+    let closed = |_| io::Error::other("connection limiter closed");
+    loop {
+        match permits.clone().try_acquire_owned() {
+            Ok(p) => return Ok(p),
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(io::Error::other("connection limiter closed"))
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {}
+        }
+        if !idleness.evict_oldest() {
+            return permits.clone().acquire_owned().await.map_err(closed);
+        }
+        tracing::debug!(
+            reason = "connection_cap",
+            "closing the connection idle longest"
+        );
+        if let Ok(p) =
+            tokio::time::timeout(Duration::from_millis(100), permits.clone().acquire_owned()).await
+        {
+            return p.map_err(closed);
+        }
+    }
 }
 
 /// A connection's stream with its permit, its place in its address's
-/// count, and its head deadline.
+/// count, its idleness mark, and its head deadline.
 pub struct GuardedIo<T> {
     inner: T,
     deadline: Pin<Box<Sleep>>,
     phase: Phase,
     header_timeout: Duration,
     max_header_bytes: usize,
+    tracked: Tracked,
     _permit: OwnedSemaphorePermit,
     _slot: Option<AddressSlot>,
 }
@@ -181,6 +203,7 @@ impl<T> GuardedIo<T> {
         inner: T,
         permit: OwnedSemaphorePermit,
         slot: Option<AddressSlot>,
+        tracked: Tracked,
         limits: &ConnLimits,
     ) -> Self {
         Self {
@@ -191,38 +214,49 @@ impl<T> GuardedIo<T> {
             phase: Phase::Fresh,
             header_timeout: limits.header_timeout,
             max_header_bytes: limits.max_header_bytes,
+            tracked,
             _permit: permit,
             _slot: slot,
         }
     }
-}
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
-
-/// Feeds newly read bytes to the head tracker; `Err` when the head is too large.
-fn advance(phase: Phase, bytes: &[u8], max: usize) -> Result<Phase, ()> {
-    let Phase::Head { mut read, mut tail } = phase else {
-        return Ok(phase);
-    };
-    for b in bytes {
-        if tail == [b'\r', b'\n', b'\r'] && *b == b'\n' {
-            return Ok(Phase::Rest);
-        }
-        tail = [tail[1], tail[2], *b];
-        read += 1;
-        if read > max {
-            return Err(());
-        }
+    /// Restarts the head deadline from now, registered with this task.
+    fn restart_deadline(&mut self, cx: &mut Context<'_>) {
+        let at = Instant::now() + self.header_timeout;
+        self.deadline.as_mut().reset(at);
+        let _ = self.deadline.as_mut().poll(cx);
     }
-    Ok(Phase::Head { read, tail })
-}
 
-/// The answer to a request head over the limit, written on the raw stream
-/// before the connection closes: a 431 in the one error body.
-const HEADERS_TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\n\
-content-type: application/json; charset=utf-8\r\nconnection: close\r\ncontent-length: 159\r\n\r\n\
-{\"status\":\"error\",\"error\":\"HEADERS_TOO_LARGE\",\"error_code\":\"HEADERS_TOO_LARGE\",\
-\"message\":\"the request headers are larger than the server accepts\",\"details\":{}}";
+    /// Moves the phase on for bytes just read; `Err` for a head too large.
+    fn saw(&mut self, cx: &mut Context<'_>, new: &[u8]) -> Result<(), ()> {
+        match self.phase {
+            Phase::Fresh => {
+                self.tracked.busy();
+                // The deadline set at accept keeps running.
+                self.phase = if new.starts_with(&H2_PREFACE[..new.len().min(H2_PREFACE.len())]) {
+                    Phase::H2(H2Frames::new())
+                } else {
+                    Phase::head()
+                };
+            }
+            Phase::Idle => {
+                self.tracked.busy();
+                self.phase = Phase::head();
+                self.restart_deadline(cx);
+            }
+            _ => {}
+        }
+        let before = self.phase;
+        self.phase = self.phase.advance(new, self.max_header_bytes)?;
+        if let (Phase::H2(was), Phase::H2(now)) = (before, self.phase) {
+            // A header block opened after the first request: its own deadline.
+            if was.seen_request && !was.open_block && now.open_block {
+                self.restart_deadline(cx);
+            }
+        }
+        Ok(())
+    }
+}
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(
@@ -231,9 +265,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if matches!(this.phase, Phase::Head { .. } | Phase::Fresh)
-            && this.deadline.as_mut().poll(cx).is_ready()
-        {
+        if matches!(this.phase, Phase::Fresh | Phase::Idle) && this.tracked.evicted(cx) {
+            // Closed to make room at the connection cap: an end of stream
+            // between requests, which the client's keep-alive expects.
+            return Poll::Ready(Ok(()));
+        }
+        if this.phase.waits_for_headers() && this.deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request headers too slow",
@@ -243,53 +280,26 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
         let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &res {
             let new = &buf.filled()[before..];
-            if new.is_empty() {
-                return res;
-            }
-            if this.phase == Phase::Fresh {
-                if new.starts_with(H2_PREFACE) {
-                    this.phase = Phase::H2;
-                } else {
-                    // The deadline set at accept keeps running.
-                    this.phase = Phase::Head {
-                        read: 0,
-                        tail: [0; 3],
-                    };
-                }
-            }
-            if this.phase == Phase::Idle {
-                this.phase = Phase::Head {
-                    read: 0,
-                    tail: [0; 3],
-                };
-                let at = Instant::now() + this.header_timeout;
-                this.deadline.as_mut().reset(at);
-                // Register the timer with this task.
-                let _ = this.deadline.as_mut().poll(cx);
-            }
-            match advance(this.phase, new, this.max_header_bytes) {
-                Ok(p) => this.phase = p,
-                Err(()) => {
-                    // Best effort: a fresh socket's buffer takes these few
-                    // bytes at once; the server has written nothing yet.
-                    let _ = Pin::new(&mut this.inner).poll_write(cx, HEADERS_TOO_LARGE);
-                    let _ = Pin::new(&mut this.inner).poll_flush(cx);
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "request headers too large",
-                    )));
-                }
+            if !new.is_empty() && this.saw(cx, new).is_err() {
+                // Best effort: a fresh socket's buffer takes these few
+                // bytes at once; the server has written nothing yet.
+                let _ = Pin::new(&mut this.inner).poll_write(cx, HEADERS_TOO_LARGE);
+                let _ = Pin::new(&mut this.inner).poll_flush(cx);
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "request headers too large",
+                )));
             }
         }
         res
     }
 }
 
-/// A response head being written ends the request: the next bytes read
-/// start another head. An interim `100 Continue` does not: the body follows.
-fn end_of_request(phase: &mut Phase, written: &[u8]) {
-    if *phase == Phase::Rest && !written.starts_with(b"HTTP/1.1 1") {
-        *phase = Phase::Idle;
+impl<T: AsyncWrite + Unpin> GuardedIo<T> {
+    fn wrote(&mut self, first: &[u8]) {
+        if end_of_request(&mut self.phase, first) {
+            self.tracked.idle();
+        }
     }
 }
 
@@ -300,7 +310,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        end_of_request(&mut this.phase, buf);
+        this.wrote(buf);
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
@@ -311,7 +321,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            end_of_request(&mut this.phase, first);
+            this.wrote(first);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
@@ -326,44 +336,5 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn head() -> Phase {
-        Phase::Head {
-            read: 0,
-            tail: [0; 3],
-        }
-    }
-
-    #[test]
-    fn the_end_of_a_head_is_found_across_reads() {
-        let p = advance(head(), b"GET / HTTP/1.1\r\nHost: x\r", 1000).unwrap();
-        assert!(matches!(p, Phase::Head { .. }));
-        let p = advance(p, b"\n\r", 1000).unwrap();
-        assert!(matches!(p, Phase::Head { .. }));
-        assert_eq!(advance(p, b"\nbody", 1000), Ok(Phase::Rest));
-    }
-
-    #[test]
-    fn the_431_body_is_the_one_error_body_with_its_length() {
-        let text = std::str::from_utf8(HEADERS_TOO_LARGE).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(
-            head.contains(&format!("content-length: {}", body.len())),
-            "{head}"
-        );
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["error"], "HEADERS_TOO_LARGE");
-    }
-
-    #[test]
-    fn an_oversized_head_is_refused() {
-        assert!(advance(head(), &[b'a'; 100], 50).is_err());
-        assert!(advance(head(), &[b'a'; 40], 50).is_ok());
     }
 }
