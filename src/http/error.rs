@@ -116,6 +116,15 @@ impl ApiError {
             Some(serde_json::json!({ "max_body_bytes": limit })),
         ))
     }
+    pub fn batch_over_burst(scope: &str, events: usize, burst: u32) -> Self {
+        ApiError::PayloadTooLarge(Self::body(
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "the batch holds {events} events but the {scope} rate limit lets at most {burst} through at once; send smaller batches"
+            ),
+            Some(serde_json::json!({ "scope": scope, "events": events, "burst": burst })),
+        ))
+    }
     pub fn unsupported_media_type(message: impl Into<String>, accepted: &[String]) -> Self {
         ApiError::UnsupportedMediaType(Self::body(
             "UNSUPPORTED_MEDIA_TYPE",

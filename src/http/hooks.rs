@@ -408,6 +408,11 @@ fn refusal(src: &Source, slot: Option<&RateSlot>, r: Refused) -> ApiError {
             }
             ApiError::rate_limited(r.scope.label(), r.retry_after)
         }
+        Refused::BatchOverBurst {
+            scope,
+            events,
+            burst,
+        } => ApiError::batch_over_burst(scope.label(), events, burst),
         Refused::Unauthorized(AuthError::NotConfigured) => {
             ApiError::unauthorized("this source has no credentials configured")
         }

@@ -37,6 +37,13 @@ pub struct Delivery<'a> {
 pub enum Refused {
     IpNotAllowed,
     RateLimited(limits::Refusal),
+    /// A batch holds more events than a bucket's burst: it could never
+    /// pass, however long the sender waits.
+    BatchOverBurst {
+        scope: Scope,
+        events: usize,
+        burst: u32,
+    },
     Unauthorized(AuthError),
     /// The body does not decode or map (the sender's fault).
     Invalid(PrepareError),
@@ -121,6 +128,7 @@ pub async fn deliver(
     // A batch costs one unit per statement (the request paid for one), and
     // one per event in its type's bucket: charged before scoring reads the
     // store, so a refused batch costs no history reads.
+    fits_bursts(state, src, &mapped)?;
     let extra = u32::try_from(mapped.len().saturating_sub(1)).unwrap_or(u32::MAX);
     if extra > 0 {
         standing = limits::tighter(standing, charge(state, src, d.ip, extra)?);
@@ -235,6 +243,46 @@ fn charge(state: &AppState, src: &Source, ip: IpAddr, n: u32) -> Result<Option<S
         n,
     );
     rated(state, src, ip, checked)
+}
+
+/// Refuses a batch with more events than the source's, the all-hooks or
+/// an event type's burst: no wait would let it through.
+fn fits_bursts<T>(
+    state: &AppState,
+    src: &Source,
+    mapped: &[(CanonicalEvent, T)],
+) -> Result<(), Refused> {
+    if !state.settings.rate_limits || mapped.len() < 2 {
+        return Ok(());
+    }
+    let over = |scope, events: usize, burst: u32| {
+        (events > burst as usize).then_some(Refused::BatchOverBurst {
+            scope,
+            events,
+            burst,
+        })
+    };
+    let n = mapped.len();
+    let refusal = over(Scope::Source, n, src.rate.burst)
+        .or_else(|| over(Scope::Global, n, state.limits.global.spec().burst));
+    if let Some(r) = refusal {
+        return Err(r);
+    }
+    let mut per_type: std::collections::HashMap<&str, usize> = Default::default();
+    for (event, _) in mapped {
+        let rated = event
+            .event_type
+            .as_deref()
+            .and_then(|t| src.event_type_rates.get_key_value(t));
+        if let Some((kind, spec)) = rated {
+            let count = per_type.entry(kind).or_default();
+            *count += 1;
+            if let Some(r) = over(Scope::EventType, *count, spec.burst) {
+                return Err(r);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Takes a cell per event from its canonical type's bucket, if it has one.

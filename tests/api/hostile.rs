@@ -735,14 +735,45 @@ async fn a_batch_costs_one_rate_unit_per_statement() {
             .map(|i| st(format!("b{i}")))
             .collect::<Vec<_>>())
     };
+    // A batch over the burst could never pass: 413, not a wait. The
+    // request itself spent one unit.
+    let r = app.bearer("valamis", VALAMIS_TOKEN, &batch(20, 6)).await;
+    assert_error(&r, 413, "PAYLOAD_TOO_LARGE");
+    assert_eq!(r.body["details"]["scope"], "source");
+    assert_eq!(r.body["details"]["events"], 6);
+    assert_eq!(r.body["details"]["burst"], 5);
     let r = app.bearer("valamis", VALAMIS_TOKEN, &batch(0, 4)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let r = app.bearer("valamis", VALAMIS_TOKEN, &batch(10, 3)).await;
+    let r = app.bearer("valamis", VALAMIS_TOKEN, &batch(10, 2)).await;
     assert_error(&r, 429, "RATE_LIMITED");
     assert_eq!(r.body["details"]["scope"], "source");
     assert_eq!(app.user_points("valamis", "mailto:b@x.y").await, 0);
     let stats = app.admin_get("/api/v1/stats").await.body;
     assert_eq!(stats["events"][0]["count"], 4, "{stats}");
+}
+
+/// An event type's burst bounds how many events of that type one batch may
+/// carry.
+#[tokio::test]
+async fn a_batch_over_an_event_types_burst_is_too_large() {
+    let app = spawn_with(|dir| {
+        append_to_source(
+            dir,
+            "valamis",
+            "event_type_rate_limits:\n  xapi.experienced: { per_minute: 60, burst: 2 }",
+        )
+    })
+    .await;
+    let st = |i: usize| json!({"id": format!("t{i}"), "actor": {"mbox": "mailto:t@x.y"}, "verb": {"id": "http://adlnet.gov/expapi/verbs/experienced"}, "object": {"id": "http://x/1"}});
+    let r = app
+        .bearer("valamis", VALAMIS_TOKEN, &json!([st(0), st(1), st(2)]))
+        .await;
+    assert_error(&r, 413, "PAYLOAD_TOO_LARGE");
+    assert_eq!(r.body["details"]["scope"], "event_type", "{}", r.text);
+    let r = app
+        .bearer("valamis", VALAMIS_TOKEN, &json!([st(0), st(1)]))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
 }
 
 /// Silent connections from one address: past its cap they are closed at
