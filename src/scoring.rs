@@ -36,14 +36,21 @@ pub fn score(
     history: &History,
 ) -> Result<Vec<Award>, RuleError> {
     let run = || rules::score(&config.engine, &source.rules, event, history);
-    if event.event_type.is_none() || !source.rules.iter().any(|r| r.is_slow()) {
-        return run();
+    let slow = event.event_type.is_some() && source.rules.iter().any(|r| r.is_slow());
+    off_the_runtime_if(slow, run)
+}
+
+/// Runs `f`, first handing this worker thread's other tasks to another
+/// thread when `slow` and on a multi-threaded runtime.
+fn off_the_runtime_if<R>(slow: bool, f: impl FnOnce() -> R) -> R {
+    if !slow {
+        return f();
     }
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(run)
+            tokio::task::block_in_place(f)
         }
-        _ => run(),
+        _ => f(),
     }
 }
 
@@ -51,4 +58,39 @@ pub fn score(
 pub fn rule_failed(metrics: &Metrics, source: &str, event_id: Option<&str>, e: &RuleError) {
     metrics.rule_errors.with_label_values(&[&*e.rule]).inc();
     tracing::error!(source, event_id, rule = %e.rule, error = %e.message, "rule failed; event stored as failed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// While a slow run blocks, the runtime's single worker still runs
+    /// other tasks: one spawned from inside the run completes before the
+    /// run ends. Run in place, that task could not start until it ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_slow_run_leaves_the_worker_to_other_tasks() {
+        let outcome = tokio::spawn(async {
+            off_the_runtime_if(true, || {
+                let flag = Arc::new(AtomicBool::new(false));
+                let set = flag.clone();
+                tokio::spawn(async move { set.store(true, Ordering::SeqCst) });
+                // Bounded, so that the failing case ends.
+                for _ in 0..2000 {
+                    if flag.load(Ordering::SeqCst) {
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                false
+            })
+        })
+        .await
+        .unwrap();
+        assert!(
+            outcome,
+            "the other task did not run while the slow run blocked"
+        );
+    }
 }

@@ -22,6 +22,9 @@ pub mod limits {
     pub const MAX_MAP_SIZE: usize = 10_000;
     /// Largest award (in absolute value) one rule may give one event.
     pub const MAX_POINTS: i64 = 1_000_000;
+    /// Memory all of a source's rules may hold at once for one event (all
+    /// strings, arrays and maps together), measured by the allocator.
+    pub const MAX_MEMORY: usize = 32 * 1024 * 1024;
     /// Wall-clock time all of a source's rules may take for one event.
     pub const MAX_TIME: std::time::Duration = std::time::Duration::from_millis(100);
 }
@@ -81,6 +84,10 @@ impl History {
     }
 }
 
+/// The token a run stopped for its memory carries (one stopped for time
+/// carries `()`).
+const STOPPED_FOR_MEMORY: &str = "memory";
+
 /// Builds the sandboxed engine shared by every rule.
 pub fn engine() -> Engine {
     let mut e = Engine::new();
@@ -92,9 +99,13 @@ pub fn engine() -> Engine {
         })
         .register_fn("streak", |h: &mut History| h.streak());
     e.set_max_operations(limits::MAX_OPERATIONS);
-    // The wall clock, read every 256 operations: an operation can be slow
-    // (a replace in a long string), so counting them does not bound time.
+    // Memory held, after every operation (a thread-local read), and the
+    // wall clock every 256: an operation can be slow (a replace in a long
+    // string), so counting them does not bound time.
     e.on_progress(|ops| {
+        if crate::meter::live() > limits::MAX_MEMORY {
+            return Some(Dynamic::from(STOPPED_FOR_MEMORY));
+        }
         if ops % 256 != 0 {
             return None;
         }
@@ -177,7 +188,7 @@ pub fn score(
         return Ok(Vec::new());
     }
     DEADLINE.with(|d| d.set(Some(std::time::Instant::now() + limits::MAX_TIME)));
-    let result = score_all(engine, rules, ev, history);
+    let result = crate::meter::metered(|| score_all(engine, rules, ev, history));
     DEADLINE.with(|d| d.set(None));
     result
 }
@@ -205,6 +216,9 @@ fn score_all(
         let out = out.map_err(|e| RuleError {
             rule: rule.name.clone(),
             message: match *e {
+                rhai::EvalAltResult::ErrorTerminated(token, _) if token.is_string() => {
+                    format!("the rules held more than {} MiB", limits::MAX_MEMORY >> 20)
+                }
                 rhai::EvalAltResult::ErrorTerminated(..) => {
                     format!("the rules ran over {} ms", limits::MAX_TIME.as_millis())
                 }
@@ -594,6 +608,31 @@ mod tests {
         )
         .unwrap();
         assert!(!quick.is_slow());
+    }
+
+    /// Containers within rhai's size limits that hold far more memory than
+    /// those count (a map's keys are not counted): the run stops at the
+    /// memory budget.
+    #[test]
+    fn rules_that_grow_many_containers_stop_at_the_memory_budget() {
+        let e = engine();
+        let greedy = rule(
+            &e,
+            "greedy",
+            r#"let big = "0123456789abcdef"; while big.len < 30000 { big += big; }
+               let all = #{};
+               for i in 0..5000 { all[big + i] = i; }
+               1"#,
+        );
+        let err = score(
+            &e,
+            std::slice::from_ref(&greedy),
+            &ev("course.completed"),
+            &History::default(),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("MiB"), "{err:?}");
+        assert_eq!(crate::meter::live(), 0, "the meter is off after the run");
     }
 
     #[test]

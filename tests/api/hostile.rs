@@ -814,3 +814,65 @@ async fn silent_connections_from_one_address_do_not_shut_others_out() {
     let r = app.send(app.client.get(app.url("/health/live"))).await;
     assert_eq!(r.status, 200);
 }
+
+/// Rules that hold too much memory or run slowly stop at their limits and
+/// fail only their own event, on a runtime with a single worker thread;
+/// `/health/live` and an ordinary statement are answered afterwards. (That
+/// a slow rule leaves the worker to other tasks while it runs is shown by
+/// `scoring::tests::a_slow_run_leaves_the_worker_to_other_tasks`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn greedy_and_slow_rules_fail_only_their_own_event() {
+    let app = spawn_with(|dir| {
+        std::fs::write(
+            dir.join("rules/greedy.rhai"),
+            r#"if event.object_id == "http://x/greedy" {
+                 let big = "0123456789abcdef"; while big.len < 30000 { big += big; }
+                 let keys = #{}; for i in 0..5000 { keys[big + i] = i; }
+               } 1"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("rules/slow.rhai"),
+            r#"if event.object_id == "http://x/slow" {
+                 let s = "x"; for i in 0..16 { s += s; } loop { s.replace("y", "z"); }
+               } 1"#,
+        )
+        .unwrap();
+        let p = dir.join("sources.d/valamis.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            text.replace("rules: [xapi_verbs]", "rules: [greedy, slow]"),
+        )
+        .unwrap();
+    })
+    .await;
+    let st = |id: &str, object: &str| json!({"id": id, "actor": {"mbox": "mailto:g@x.y"}, "verb": {"id": "http://adlnet.gov/expapi/verbs/experienced"}, "object": {"id": object}});
+    let r = app
+        .bearer("valamis", VALAMIS_TOKEN, &st("g1", "http://x/greedy"))
+        .await;
+    assert_error(&r, 500, "INTERNAL_ERROR");
+    let slow = (0..4).map(|i| {
+        let body = st(&format!("s{i}"), "http://x/slow");
+        let app = &app;
+        async move { app.bearer("valamis", VALAMIS_TOKEN, &body).await }
+    });
+    for r in futures_util::future::join_all(slow).await {
+        assert_error(&r, 500, "INTERNAL_ERROR");
+    }
+    let live = app.send(app.client.get(app.url("/health/live"))).await;
+    assert_eq!(live.status, 200);
+    let r = app
+        .bearer("valamis", VALAMIS_TOKEN, &st("ok", "http://x/ok"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let stats = app.admin_get("/api/v1/stats").await.body;
+    assert_eq!(
+        stats["events"],
+        json!([
+            {"source": "valamis", "event_type": "xapi.experienced", "status": "failed", "count": 5},
+            {"source": "valamis", "event_type": "xapi.experienced", "status": "processed", "count": 1}
+        ]),
+        "{stats}"
+    );
+}
