@@ -3,7 +3,8 @@
 # disk get. Each scenario prints what it did and what it saw.
 #   bash scripts/fault-injection.sh
 # Scenarios: wrong tokens from forged addresses behind a trusted proxy;
-# guessed admin tokens; idle connections from one address; the database
+# guessed admin tokens; idle connections from one address; idle keep-alive
+# connections at the global cap; an HTTP/2 header block left open; the database
 # files deleted under the server; a full disk (a small tmpfs, where the
 # machine lets this script mount one).
 set -uo pipefail
@@ -72,6 +73,47 @@ try:
     print(f"   a well-behaved client got an answer after {time.time() - start:.1f} s")
 except Exception as e:
     print(f"   a well-behaved client got no answer within 15 s: {e}")
+PY
+stop
+
+echo "== 3b. 200 idle keep-alive connections from 4 addresses fill ROCKET_MAX_CONNECTIONS=200; an HTTP/2 header block left open"
+start "sqlite://$WORK/db3b/rocket.db" ROCKET_MAX_CONNECTIONS=200 ROCKET_MAX_CONNECTIONS_PER_IP=50 ROCKET_HEADER_TIMEOUT=2
+python3 - "$PORT" <<'PY'
+import socket, struct, sys, time, urllib.request
+port = int(sys.argv[1])
+idle = []
+for n in range(200):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(f"127.0.0.{3 + n // 50}", 0))
+    s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.recv(4096)
+    idle.append(s)
+start = time.time()
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=15).read()
+    print(f"   with every place held by an idle connection, a new client got an answer after {time.time() - start:.2f} s")
+except Exception as e:
+    print(f"   a new client got no answer within 15 s: {e}")
+def closed(s):
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+print(f"   idle connections closed to make room: {sum(map(closed, idle))} (the oldest)")
+for s in idle:
+    s.close()
+h2 = socket.create_connection(("127.0.0.1", port), timeout=10)
+frame = lambda kind, flags, stream, payload: struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+h2.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 1, 1, bytes([0x82, 0x86, 0x84])))
+start = time.time()
+try:
+    while h2.recv(4096):
+        pass
+    print(f"   an HTTP/2 HEADERS frame without END_HEADERS, then silence: closed after {time.time() - start:.1f} s (ROCKET_HEADER_TIMEOUT=2)")
+except socket.timeout:
+    print("   an HTTP/2 header block left open was still open after 10 s")
 PY
 stop
 
