@@ -7,10 +7,11 @@
 //! batch holding its events has committed. Exactly-once comes from the
 //! unique `(source, dedupe_key)` index, so it holds across processes too.
 
+mod pg_writer;
+mod plan;
 mod queue;
 pub mod rescore;
 mod sqlite_writer;
-mod write;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +26,8 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+pub use plan::{new_event_id, EventStatus, Persisted};
 pub use queue::{Claimed, MAX_ATTEMPTS};
-pub use write::{new_event_id, EventStatus, Persisted};
 
 use crate::pipeline::mapping::CanonicalEvent;
 use crate::pipeline::rules::{History, HISTORY_DAYS, HISTORY_EVENTS};
@@ -167,7 +168,7 @@ pub(crate) const SET_POINTS: &str = "UPDATE events SET points = $1 WHERE id = $2
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
-    writer: mpsc::Sender<write::Job>,
+    writer: mpsc::Sender<plan::Job>,
     backend: &'static str,
     group_sizes: prometheus::Histogram,
     /// SQLite only: the WAL's size and checkpoint failures (see
@@ -313,6 +314,12 @@ fn top_of_namespace(i: usize) -> String {
 /// One ledger row (the PostgreSQL writer builds its own multi-row form). A
 /// `once_key` the ledger already holds for the user and rule inserts nothing
 /// (the caller counts the rows it inserted).
+/// The stored event with a `(source, dedupe_key)`, and a failed one's
+/// re-score (both writers).
+pub(crate) const EXISTING: &str = "SELECT id, status, points, processed_at, error FROM events WHERE source = $1 AND dedupe_key = $2";
+pub(crate) const RESCORE: &str =
+    "UPDATE events SET status = $1, points = $2, error = $3, processed_at = $4, canonical = $5, \
+    attempts = attempts + 1, next_attempt_at = 0 WHERE id = $6 AND status = 'failed'";
 pub(crate) const INSERT_LEDGER: &str =
     "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, \
     reason, occurred_at, created_at, once_key) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -340,7 +347,7 @@ async fn connect_sqlite(
 ) -> Result<
     (
         Pool,
-        mpsc::Sender<write::Job>,
+        mpsc::Sender<plan::Job>,
         WalMetrics,
         Arc<sqlite_writer::FileIdentity>,
     ),
@@ -416,7 +423,8 @@ impl Store {
                 .connect(url)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
-            let writer = write::spawn_writers(pool.clone(), POSTGRES_WRITERS, group_sizes.clone());
+            let writer =
+                pg_writer::spawn_writers(pool.clone(), POSTGRES_WRITERS, group_sizes.clone());
             (Pool::Postgres(pool), writer, "postgres", None)
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
@@ -459,7 +467,7 @@ impl Store {
         queued: bool,
     ) -> Result<Vec<Persisted>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let job = write::Job::new(namespace, events, queued, reply);
+        let job = plan::Job::new(namespace, events, queued, reply);
         let result = match self.writer.send(job).await {
             Err(_) => Err(StoreError::WriterGone),
             Ok(()) => rx.await.unwrap_or(Err(StoreError::WriterGone)),
@@ -733,8 +741,8 @@ impl Store {
     /// `since_ms` falls in.
     ///
     /// SQLite reads both from counters kept in the same transactions as the
-    /// rows they count (migration 0005: triggers, and the writer thread
-    /// itself), so the answer costs the same at any ledger size; PostgreSQL,
+    /// rows they count (migration 0005's triggers, whichever path writes),
+    /// so the answer costs the same at any ledger size; PostgreSQL,
     /// whose parallel writers such counters would serialise, aggregates.
     pub async fn stats(&self, since_ms: i64) -> Result<Stats, StoreError> {
         let first_day_ms = since_ms.div_euclid(DAY_MS) * DAY_MS;

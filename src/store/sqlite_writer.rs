@@ -33,7 +33,6 @@
 //! Reads, migrations and the queue workers stay on sqlx; SQLite's busy
 //! timeout serialises them with this connection.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -43,10 +42,11 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::write::{
-    EventStatus, Item, Job, Persisted, EXISTING, MAX_GROUP, QUEUE, RESCORE, RETRIES,
+use super::plan::{
+    EventStatus, Fate, Item, Job, LedgerRow, Persisted, Plan, Settled, Totals, MAX_GROUP, QUEUE,
+    RETRIES,
 };
-use super::{StoreError, WalMetrics, INSERT_LEDGER, ONCE_HELD, UPSERT_TOTAL};
+use super::{StoreError, WalMetrics, EXISTING, INSERT_LEDGER, ONCE_HELD, RESCORE, UPSERT_TOTAL};
 
 /// The writer's page cache, in KiB. Larger than SQLite's default 2 MiB, so
 /// random-key index inserts into a large ledger find their pages cached; but
@@ -66,24 +66,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 /// WAL frames (pages of about 4 KiB) after which the writer finishes a
 /// checkpoint itself so the WAL starts over: the WAL stays under ~10 MiB.
 const WAL_LIMIT_FRAMES: i64 = 2000;
-
-/// What the stats triggers of migration 0005 do, per transaction.
-const COUNT_EVENTS: &str = "INSERT INTO event_counts (source, event_type, status, n) \
-    VALUES (?1, ?2, ?3, ?4) ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + excluded.n";
-const COUNT_DAY: &str = "INSERT INTO ledger_days (day, points, entries) \
-    VALUES (strftime('%Y-%m-%d', ?1 / 1000, 'unixepoch'), ?2, ?3) \
-    ON CONFLICT (day) DO UPDATE SET points = points + excluded.points, entries = entries + excluded.entries";
-/// A failed event re-scored on redelivery leaves `failed` (its stored type
-/// counts, which the re-score does not change). An upsert: if the failed
-/// event was inserted by this same transaction, its +1 is still in the
-/// writer's map, and the row may not exist yet (it goes to -1 until the
-/// map's +1 lands at the end of the transaction).
-const UNCOUNT_FAILED: &str = "INSERT INTO event_counts (source, event_type, status, n) \
-    SELECT source, COALESCE(event_type, 'unmapped'), 'failed', -1 FROM events WHERE id = ?1 \
-    ON CONFLICT (source, event_type, status) DO UPDATE SET n = n - 1";
-const COUNT_ROW: &str = "INSERT INTO event_counts (source, event_type, status, n) \
-    SELECT source, COALESCE(event_type, 'unmapped'), status, 1 FROM events WHERE id = ?1 \
-    ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + 1";
 
 const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, \
     vendor_event_type, user_id, course_id, object_id, occurred_at, received_at, processed_at, \
@@ -146,7 +128,7 @@ pub(super) fn spawn(
     failed: Arc<AtomicBool>,
     identity: Arc<FileIdentity>,
 ) -> Result<mpsc::Sender<Job>, StoreError> {
-    let conn = open_writer(path)?;
+    let conn = open(path)?;
     let ckpt_conn = open(path)?;
     let wal = wal_path(path);
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
@@ -325,20 +307,6 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The writer's connection: as [`open`], with triggers off. The stats
-/// counters the triggers keep for every other writer (queue workers,
-/// rescoring, admin retries) are kept by the writer itself, summed per
-/// transaction: a few upserts per group instead of two per event (6% of the
-/// hook's throughput, measured).
-fn open_writer(path: &Path) -> Result<Connection, StoreError> {
-    let conn = open(path)?;
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
-        false,
-    )?;
-    Ok(conn)
-}
-
 fn wal_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_os_string();
     name.push("-wal");
@@ -444,79 +412,74 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// Writes the jobs in one transaction; results in job order. Redeliveries
-/// (rows the insert skipped) are resolved one by one: they are rare, and a
-/// failed event among them is re-scored.
+/// Executes the jobs' plan in one transaction; answers in job order.
+/// Redeliveries (rows the insert skipped) are resolved one by one: they are
+/// rare, and a failed event among them is re-scored. The stats counters
+/// follow through migration 0005's triggers.
 fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<Persisted>>> {
     let now = chrono::Utc::now().timestamp_millis();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut results = Vec::with_capacity(jobs.len());
-    {
+    let answers = {
         let mut insert = tx.prepare_cached(INSERT_EVENT)?;
-        let mut ledger = tx.prepare_cached(INSERT_LEDGER)?;
         let mut once_held = tx.prepare_cached(ONCE_HELD)?;
         let mut claimed = std::collections::HashSet::new();
-        // Summed per user and written in key order at the end: one upsert
-        // per user per batch.
-        let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
-        // Stats counters (see `open_writer`): events by (source, type,
-        // status), and today's awarded points and ledger rows.
-        let mut counts: BTreeMap<(&str, &str, &str), i64> = BTreeMap::new();
-        let mut day = (0i64, 0i64);
+        let mut fates = Vec::new();
         for job in jobs {
             let ns = job.namespace.as_str();
-            let mut out = Vec::with_capacity(job.items.len());
             for it in &job.items {
-                let ev = &it.prepared.event;
-                let occurred = ev.occurred_at.timestamp_millis();
                 let settled = it.settle(ns, &mut claimed, |(ns, user, rule, key)| {
                     once_held.exists(params![ns, user, rule.as_ref(), key])
                 })?;
-                let fresh = insert_event(&mut insert, ns, it, settled.points, now)?;
-                let event_id = if fresh {
-                    let kind = ev.event_type.as_deref().unwrap_or("unmapped");
-                    *counts
-                        .entry((ev.source.as_str(), kind, it.status.as_str()))
-                        .or_insert(0) += 1;
-                    it.id.clone()
+                let fate = if insert_event(&mut insert, ns, it, settled.points, now)? {
+                    Fate::Written(it.id.clone())
                 } else {
-                    match redelivered(&tx, it, settled.points, now)? {
-                        Ok(id) => id,
-                        Err(duplicate) => {
-                            out.push(duplicate);
-                            continue;
-                        }
-                    }
+                    redelivered(&tx, it, &settled, now)?
                 };
-                if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
-                    for award in &settled.awards {
-                        ledger.execute(params![
-                            event_id,
-                            ns,
-                            user,
-                            ev.course_id,
-                            award.rule.as_ref(),
-                            award.points,
-                            award.reason,
-                            occurred,
-                            now,
-                            award.once,
-                        ])?;
-                        day.0 += award.points;
-                        day.1 += 1;
-                    }
-                    let t = totals.entry((ns, user.as_str())).or_insert((0, 0));
-                    t.0 += settled.points;
-                    t.1 += 1;
-                }
-                out.push(it.stored_as(event_id, settled.points, now));
+                fates.push((settled, fate));
             }
-            results.push(out);
         }
-        write_sums(&tx, totals, counts, day, now)?;
-    }
+        let plan = Plan::new(jobs, fates, now);
+        insert_ledger(&tx, &plan.ledger, now)?;
+        upsert_totals(&tx, plan.totals, now)?;
+        plan.answers
+    };
     tx.commit()?;
-    Ok(results)
+    Ok(answers)
+}
+
+fn insert_ledger(
+    tx: &rusqlite::Transaction<'_>,
+    rows: &[LedgerRow<'_>],
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(INSERT_LEDGER)?;
+    for r in rows {
+        insert.execute(params![
+            r.event_id,
+            r.namespace,
+            r.user,
+            r.course,
+            r.award.rule.as_ref(),
+            r.award.points,
+            r.award.reason,
+            r.occurred_at,
+            now,
+            r.award.once,
+        ])?;
+    }
+    Ok(())
+}
+
+fn upsert_totals(
+    tx: &rusqlite::Transaction<'_>,
+    totals: Totals<'_>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let mut upsert = tx.prepare_cached(UPSERT_TOTAL)?;
+    for ((ns, user), (points, events)) in totals {
+        upsert.execute(params![ns, user, points, events, now])?;
+    }
+    Ok(())
 }
 
 /// Inserts an event's row; false when its `(source, dedupe_key)` is stored
@@ -550,40 +513,15 @@ fn insert_event(
     ])? == 1)
 }
 
-/// Writes a transaction's sums: each user's total, the stats counters of
-/// events by (source, type, status), and today's points and ledger rows.
-fn write_sums(
-    tx: &rusqlite::Transaction<'_>,
-    totals: BTreeMap<(&str, &str), (i64, i64)>,
-    counts: BTreeMap<(&str, &str, &str), i64>,
-    day: (i64, i64),
-    now: i64,
-) -> rusqlite::Result<()> {
-    let mut upsert = tx.prepare_cached(UPSERT_TOTAL)?;
-    for ((ns, user), (points, events)) in totals {
-        upsert.execute(params![ns, user, points, events, now])?;
-    }
-    let mut count = tx.prepare_cached(COUNT_EVENTS)?;
-    for ((source, kind, status), n) in counts {
-        count.execute(params![source, kind, status, n])?;
-    }
-    if day.1 > 0 {
-        tx.prepare_cached(COUNT_DAY)?
-            .execute(params![now, day.0, day.1])?;
-    }
-    Ok(())
-}
-
 /// An event already stored under the same `(source, dedupe_key)`: a failed
-/// one is re-scored (`Ok` with its id: award it now); anything else, or one
-/// another instance re-scored first, is a duplicate (`Err` with the stored
-/// answer).
+/// one is re-scored (written now, under its stored id); anything else is a
+/// duplicate.
 fn redelivered(
     tx: &rusqlite::Transaction<'_>,
     it: &Item,
-    points: i64,
+    settled: &Settled<'_>,
     now: i64,
-) -> rusqlite::Result<Result<String, Persisted>> {
+) -> rusqlite::Result<Fate> {
     let ev = &it.prepared.event;
     let read = |tx: &rusqlite::Transaction<'_>| {
         tx.prepare_cached(EXISTING)?
@@ -613,22 +551,18 @@ fn redelivered(
     if stored.status == EventStatus::Failed {
         let rescored = tx.prepare_cached(RESCORE)?.execute(params![
             it.status.as_str(),
-            points,
+            settled.points,
             it.error,
             now,
             it.canonical,
             stored.event_id,
         ])? == 1;
         if rescored {
-            tx.prepare_cached(UNCOUNT_FAILED)?
-                .execute(params![stored.event_id])?;
-            tx.prepare_cached(COUNT_ROW)?
-                .execute(params![stored.event_id])?;
-            return Ok(Ok(stored.event_id));
+            return Ok(Fate::Written(stored.event_id));
         }
-        return Ok(Err(read(tx)?.unwrap_or(stored)));
+        return Ok(Fate::Duplicate(read(tx)?.unwrap_or(stored)));
     }
-    Ok(Err(stored))
+    Ok(Fate::Duplicate(stored))
 }
 
 #[cfg(test)]

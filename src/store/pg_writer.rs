@@ -1,211 +1,23 @@
-//! The group-commit writer. Requests hand their events to a queue; a writer
-//! task takes everything waiting (up to a bound), writes it in one
-//! transaction, commits, then answers each request. One fsync serves many
-//! requests, and nothing is answered before its commit.
-//!
-//! If a grouped transaction fails, each request is retried in a transaction
-//! of its own, so one bad request never fails its neighbours.
-//!
-//! This module holds the jobs and results both stores share, and the
-//! PostgreSQL writer (async tasks on sqlx, multi-row statements). SQLite has
-//! a writer thread of its own: see `sqlite_writer`.
+//! The PostgreSQL group-commit writer: async tasks on sqlx. Requests hand
+//! their events to a queue; a writer task takes everything waiting (up to
+//! [`MAX_GROUP`]), executes the group's [`Plan`] in one transaction with a
+//! handful of multi-row statements (events, then ledger, then totals),
+//! commits, then answers each request. If a grouped transaction fails, each
+//! request is retried in a transaction of its own, so one bad request never
+//! fails its neighbours. Several writers run at once (PostgreSQL takes
+//! concurrent writers; instances share the database).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde::Serialize;
-use sqlx::Row;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, Mutex};
 
-use sqlx::PgPool;
-
-use super::StoreError;
-use crate::pipeline::rules::Award;
-use crate::pipeline::Prepared;
-
-/// Most requests grouped into one transaction.
-pub(super) const MAX_GROUP: usize = 256;
-/// Queue depth before senders wait (back-pressure).
-pub(super) const QUEUE: usize = 4096;
-/// Retries of a single request's transaction on a transient error
-/// (PostgreSQL deadlock or serialization failure between instances; SQLite
-/// busy).
-pub(super) const RETRIES: usize = 3;
-
-/// A stored event's processing status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EventStatus {
-    /// Stored, waiting for a worker (async sources).
-    Queued,
-    Processed,
-    Failed,
-}
-
-impl EventStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventStatus::Queued => "queued",
-            EventStatus::Processed => "processed",
-            EventStatus::Failed => "failed",
-        }
-    }
-}
-
-/// What the store did with one event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Persisted {
-    /// The stored event's id (the first delivery's, for a duplicate).
-    pub event_id: String,
-    pub status: EventStatus,
-    /// Points of this event (the first delivery's, for a duplicate).
-    pub points: i64,
-    /// The event was stored before; nothing was awarded now.
-    pub duplicate: bool,
-    /// When the stored event was processed (ms).
-    pub processed_at: i64,
-    /// The rule error, for a failed event.
-    pub error: Option<String>,
-}
-
-/// One request's events, waiting for the writer.
-pub struct Job {
-    pub(super) namespace: String,
-    pub(super) items: Vec<Item>,
-    pub(super) reply: oneshot::Sender<Result<Vec<Persisted>, StoreError>>,
-}
-
-/// One event, flattened to what the SQL binds.
-pub(super) struct Item {
-    pub(super) id: String,
-    pub(super) prepared: Prepared,
-    pub(super) canonical: String,
-    pub(super) status: EventStatus,
-    pub(super) points: i64,
-    pub(super) error: Option<String>,
-    pub(super) received_at: i64,
-}
-
-impl Job {
-    pub fn new(
-        namespace: &str,
-        events: Vec<Prepared>,
-        queued: bool,
-        reply: oneshot::Sender<Result<Vec<Persisted>, StoreError>>,
-    ) -> Job {
-        let now = chrono::Utc::now().timestamp_millis();
-        let items = events
-            .into_iter()
-            .map(|prepared| {
-                let (status, error) = match &prepared.outcome {
-                    _ if queued => (EventStatus::Queued, None),
-                    Ok(_) => (EventStatus::Processed, None),
-                    Err(e) => (EventStatus::Failed, Some(e.to_string())),
-                };
-                Item {
-                    id: new_event_id(),
-                    canonical: serde_json::to_string(&prepared.event)
-                        .unwrap_or_else(|_| "{}".into()),
-                    points: prepared.points(),
-                    status,
-                    error,
-                    received_at: now,
-                    prepared,
-                }
-            })
-            .collect();
-        Job {
-            namespace: namespace.to_string(),
-            items,
-            reply,
-        }
-    }
-}
-
-/// A once-award's identity: namespace, user, rule, key.
-pub(super) type OnceKey = (String, String, Arc<str>, String);
-
-/// What an item awards once its once-awards are settled.
-pub(super) struct Settled<'a> {
-    pub(super) awards: Vec<&'a Award>,
-    pub(super) points: i64,
-}
-
-impl Item {
-    /// The awards this item writes: a once-award whose key the ledger holds
-    /// (`held`), or an earlier item of the same transaction claimed
-    /// (`claimed`), is dropped, and its points with it. Items that award
-    /// nothing (queued, failed, no user) settle to their stored points.
-    pub(super) fn settle<'a, E>(
-        &'a self,
-        namespace: &str,
-        claimed: &mut HashSet<OnceKey>,
-        mut held: impl FnMut(&OnceKey) -> Result<bool, E>,
-    ) -> Result<Settled<'a>, E> {
-        let (Ok(awards), Some(user), EventStatus::Processed) = (
-            &self.prepared.outcome,
-            &self.prepared.event.user_id,
-            self.status,
-        ) else {
-            return Ok(Settled {
-                awards: Vec::new(),
-                points: self.points,
-            });
-        };
-        let mut kept = Vec::with_capacity(awards.len());
-        for award in awards {
-            if let Some(key) = &award.once {
-                let once = (
-                    namespace.to_string(),
-                    user.clone(),
-                    award.rule.clone(),
-                    key.clone(),
-                );
-                if claimed.contains(&once) || held(&once)? {
-                    continue;
-                }
-                claimed.insert(once);
-            }
-            kept.push(award);
-        }
-        let points = kept.iter().map(|a| a.points).sum();
-        Ok(Settled {
-            awards: kept,
-            points,
-        })
-    }
-
-    /// The answer for this item, written now under `event_id` with `points`.
-    pub(super) fn stored_as(&self, event_id: String, points: i64, now: i64) -> Persisted {
-        Persisted {
-            event_id,
-            status: self.status,
-            points,
-            duplicate: false,
-            processed_at: now,
-            error: self.error.clone(),
-        }
-    }
-}
-
-impl EventStatus {
-    /// A stored status as the API reports it (an event a worker has
-    /// claimed, `processing`, is still queued); any other text is an error,
-    /// never a default.
-    pub fn from_stored(s: &str) -> Result<EventStatus, StoreError> {
-        match s {
-            "processed" => Ok(EventStatus::Processed),
-            "failed" => Ok(EventStatus::Failed),
-            "queued" | "processing" => Ok(EventStatus::Queued),
-            other => Err(StoreError::UnknownStatus(other.chars().take(32).collect())),
-        }
-    }
-}
-
-/// A new event id: `evt_` and a ULID (sortable by time).
-pub fn new_event_id() -> String {
-    format!("evt_{}", ulid::Ulid::new())
-}
+use super::plan::{
+    EventStatus, Fate, Item, Job, LedgerRow, OnceKey, Persisted, Plan, Settled, Totals, MAX_GROUP,
+    QUEUE, RETRIES,
+};
+use super::{StoreError, EXISTING, RESCORE};
 
 pub(super) fn spawn_writers(
     pool: PgPool,
@@ -285,21 +97,6 @@ fn is_transient(e: &StoreError) -> bool {
 const EVENT_ROWS: usize = 500;
 const LEDGER_ROWS: usize = 1000;
 
-pub(super) const EXISTING: &str = "SELECT id, status, points, processed_at, error FROM events WHERE source = $1 AND dedupe_key = $2";
-pub(super) const RESCORE: &str =
-    "UPDATE events SET status = $1, points = $2, error = $3, processed_at = $4, canonical = $5, \
-    attempts = attempts + 1, next_attempt_at = 0 WHERE id = $6 AND status = 'failed'";
-
-/// An award to write, with the event it belongs to.
-struct LedgerRow<'a> {
-    event_id: String,
-    namespace: &'a str,
-    user: &'a str,
-    course: &'a Option<String>,
-    award: &'a crate::pipeline::rules::Award,
-    occurred_at: i64,
-}
-
 /// The once-award keys of these items the ledger already holds, read in
 /// one statement.
 async fn held_once_keys(
@@ -351,8 +148,7 @@ async fn held_once_keys(
 /// One item with its namespace and settled awards.
 type WriteRow<'a> = ((&'a str, &'a Item), &'a Settled<'a>);
 
-/// Writes the jobs in one transaction with a handful of multi-row
-/// statements (events, then ledger, then totals); results in job order.
+/// Executes the jobs' plan in one transaction; answers in job order.
 /// Redeliveries (rows the insert skipped) are resolved one by one: they are
 /// rare, and a failed event among them is re-scored.
 async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
@@ -366,61 +162,23 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
     let mut claimed = HashSet::new();
     let settled: Vec<Settled> = items
         .iter()
-        .map(|(ns, it)| {
-            it.settle(ns, &mut claimed, |k| {
-                Ok::<_, std::convert::Infallible>(held.contains(k))
-            })
-        })
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|never| match never {});
+        .map(|(ns, it)| it.settle_against(ns, &mut claimed, &held))
+        .collect();
     let rows: Vec<WriteRow> = items.iter().copied().zip(&settled).collect();
     let inserted = insert_events(&mut tx, &rows, now).await?;
-
-    let mut ledger: Vec<LedgerRow> = Vec::new();
-    let mut totals: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
-    let mut results = Vec::with_capacity(jobs.len());
-    let mut next = rows.iter();
-    for job in jobs {
-        let mut out = Vec::with_capacity(job.items.len());
-        for _ in &job.items {
-            let Some(((ns, it), settled)) = next.next() else {
-                break;
-            };
-            let ev = &it.prepared.event;
-            let event_id = if inserted.contains(&it.id) {
-                it.id.clone()
-            } else {
-                match redelivered(&mut tx, it, settled.points, now).await? {
-                    Ok(id) => id,
-                    Err(duplicate) => {
-                        out.push(duplicate);
-                        continue;
-                    }
-                }
-            };
-            if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
-                for award in &settled.awards {
-                    ledger.push(LedgerRow {
-                        event_id: event_id.clone(),
-                        namespace: ns,
-                        user,
-                        course: &ev.course_id,
-                        award,
-                        occurred_at: ev.occurred_at.timestamp_millis(),
-                    });
-                }
-                let t = totals.entry((*ns, user.as_str())).or_insert((0, 0));
-                t.0 += settled.points;
-                t.1 += 1;
-            }
-            out.push(it.stored_as(event_id, settled.points, now));
-        }
-        results.push(out);
+    let mut fates = Vec::with_capacity(items.len());
+    for (_, it) in &items {
+        fates.push(if inserted.contains(&it.id) {
+            Fate::Written(it.id.clone())
+        } else {
+            redelivered(&mut tx, it, &settled[fates.len()], now).await?
+        });
     }
-    insert_ledger(&mut tx, &ledger, now).await?;
-    upsert_totals(&mut tx, totals, now).await?;
+    let plan = Plan::new(jobs, settled.into_iter().zip(fates), now);
+    insert_ledger(&mut tx, &plan.ledger, now).await?;
+    upsert_totals(&mut tx, plan.totals, now).await?;
     tx.commit().await?;
-    Ok(results)
+    Ok(plan.answers)
 }
 
 /// Inserts the events in multi-row statements; the ids of those inserted
@@ -465,15 +223,14 @@ async fn insert_events(
 }
 
 /// An event already stored under the same `(source, dedupe_key)`: a failed
-/// one is re-scored (`Ok` with its id: award it now); anything else, or one
-/// another instance re-scored first, is a duplicate (`Err` with the stored
-/// answer).
+/// one is re-scored (written now, under its stored id); anything else, or
+/// one another instance re-scored first, is a duplicate.
 async fn redelivered(
     tx: &mut sqlx::PgConnection,
     it: &Item,
-    points: i64,
+    settled: &Settled<'_>,
     now: i64,
-) -> Result<Result<String, Persisted>, StoreError> {
+) -> Result<Fate, StoreError> {
     let ev = &it.prepared.event;
     let row = existing(&mut *tx, ev).await?;
     let id: String = row.try_get("id")?;
@@ -481,7 +238,7 @@ async fn redelivered(
     let rescored = status == "failed"
         && sqlx::query(RESCORE)
             .bind(it.status.as_str())
-            .bind(points)
+            .bind(settled.points)
             .bind(&it.error)
             .bind(now)
             .bind(&it.canonical)
@@ -491,14 +248,14 @@ async fn redelivered(
             .rows_affected()
             == 1;
     if rescored {
-        return Ok(Ok(id));
+        return Ok(Fate::Written(id));
     }
     let row = if status == "failed" {
         existing(&mut *tx, ev).await?
     } else {
         row
     };
-    Ok(Err(Persisted {
+    Ok(Fate::Duplicate(Persisted {
         event_id: id,
         status: EventStatus::from_stored(&row.try_get::<String, _>("status")?)?,
         points: row.try_get("points")?,
@@ -552,7 +309,7 @@ async fn insert_ledger(
 /// PostgreSQL lock totals rows alike.
 async fn upsert_totals(
     tx: &mut sqlx::PgConnection,
-    totals: BTreeMap<(&str, &str), (i64, i64)>,
+    totals: Totals<'_>,
     now: i64,
 ) -> Result<(), StoreError> {
     let totals: Vec<_> = totals.into_iter().collect();
