@@ -107,3 +107,30 @@ fn causes(e: &anyhow::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    /// Every variable a subcommand reads is a server setting, never
+    /// acceptable as a source's secret (`settings::SETTING_VARS`).
+    #[test]
+    fn every_variable_the_binary_reads_is_a_listed_setting() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let mut seen = 0;
+        for sub in cmd.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if let Some(var) = arg.get_env() {
+                    let var = var.to_string_lossy();
+                    assert!(
+                        crate::settings::SETTING_VARS.contains(&var.as_ref()),
+                        "{var} is missing from SETTING_VARS"
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen > 20, "{seen}");
+    }
+}

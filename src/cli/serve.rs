@@ -197,6 +197,56 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
 
+    /// The defaults `--help` states are `Settings::new`'s.
+    #[test]
+    fn the_defaults_in_help_are_the_shared_ones() {
+        use clap::CommandFactory;
+        let s = Settings::new(SecretEnv::default());
+        let rate = |r: RateSpec| format!("{}:{}", r.per_minute, r.burst);
+        let stated = [
+            ("listen", s.listen.clone()),
+            ("database_url", s.database_url.clone()),
+            ("config_dir", s.config_dir.display().to_string()),
+            ("rate_limit_global", rate(s.rate_global)),
+            ("rate_limit_source", rate(s.rate_source)),
+            ("rate_limit_ip", rate(s.rate_ip)),
+            ("max_connections", s.conn.max_connections.to_string()),
+            (
+                "max_connections_per_ip",
+                s.conn.max_connections_per_ip.to_string(),
+            ),
+            (
+                "header_timeout",
+                s.conn.header_timeout.as_secs().to_string(),
+            ),
+            ("max_header_bytes", s.conn.max_header_bytes.to_string()),
+            ("body_timeout", s.body_timeout.as_secs().to_string()),
+            ("idle_timeout", s.idle_timeout.as_secs().to_string()),
+            ("workers", s.workers.to_string()),
+            ("level_base", s.level_base.to_string()),
+            ("level_coefficient", s.level_coefficient.to_string()),
+            (
+                "watch_config",
+                if s.watch_config { "on" } else { "off" }.into(),
+            ),
+        ];
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        let cmd = Wrapper::command();
+        for (id, value) in stated {
+            let arg = cmd.get_arguments().find(|a| a.get_id() == id).unwrap();
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(
+                help.contains(&format!("default {value}")),
+                "--{id}: {help:?} does not state the default {value}"
+            );
+        }
+    }
+
     #[test]
     fn left_out_settings_keep_the_shared_defaults() {
         let defaults = Settings::new(SecretEnv::default());

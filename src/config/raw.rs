@@ -197,62 +197,74 @@ impl AuthKind {
     }
 }
 
-/// One auth scheme of a source: its kind, where its secret is (exactly one
-/// of `secret_env`, `secret_file`, `secret`; several values rotate), and
-/// the keys of its kind. A key that does not apply to the kind is an error.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAuth {
-    #[serde(rename = "type")]
-    pub kind: AuthKind,
-    /// An environment variable (comma-separated values), or the file its
-    /// `<NAME>_FILE` variable names. A `ROCKET_*` name with `TOKEN`,
-    /// `SECRET`, `KEY` or `PASSWORD` in it, not the server's own settings or
-    /// operator tokens.
-    pub secret_env: Option<String>,
-    /// Takes a `secret_env` name without `TOKEN`, `SECRET`, `KEY` or
-    /// `PASSWORD` in it.
-    #[serde(default)]
-    pub any_secret_name: bool,
-    /// A file, one value per line; relative to the config directory.
-    pub secret_file: Option<std::path::PathBuf>,
-    /// A file of this name in `ROCKET_SECRETS_DIR` (a mounted `/run/secrets`).
-    pub secret: Option<String>,
-    /// The header (hmac: default `X-Signature`; header: required).
-    pub header: Option<String>,
-    /// Before the value in the header (hmac: default `sha256=`).
-    pub prefix: Option<String>,
-    /// How an HMAC signature is written (default hex).
-    pub encoding: Option<SigEncoding>,
-    /// The HMAC's hash: only `sha256`.
-    pub algorithm: Option<String>,
-    /// An HMAC header carrying Unix seconds; when set, the signed content is
-    /// `<timestamp>.<body>` and the timestamp must be within the tolerance.
-    pub timestamp_header: Option<String>,
-    /// Seconds a timestamp may be off, past or future (default 300).
-    pub tolerance_seconds: Option<i64>,
-    /// body_token: the field, `$.token`.
-    pub field: Option<String>,
-    /// query_token: the parameter (default `token`).
-    pub param: Option<String>,
+/// Declares [`RawAuth`] with its kind-specific keys listed once: each is an
+/// optional field, and `keys_set` names those a file set.
+macro_rules! raw_auth {
+    (
+        $(#[$meta:meta])*
+        pub struct RawAuth { $($common:tt)* }
+        kind_keys { $( $(#[doc = $doc:expr])* $key:ident: $ty:ty, )* }
+    ) => {
+        $(#[$meta])*
+        pub struct RawAuth {
+            $($common)*
+            $( $(#[doc = $doc])* pub $key: Option<$ty>, )*
+        }
+
+        impl RawAuth {
+            /// The kind-specific keys set (those [`AuthKind::keys`] allows
+            /// or not).
+            pub fn keys_set(&self) -> Vec<&'static str> {
+                let mut set = Vec::new();
+                $( if self.$key.is_some() { set.push(stringify!($key)); } )*
+                set
+            }
+        }
+    };
 }
 
-impl RawAuth {
-    /// The keys set besides `type` and the secret's.
-    pub fn keys_set(&self) -> Vec<&'static str> {
-        [
-            ("header", self.header.is_some()),
-            ("prefix", self.prefix.is_some()),
-            ("encoding", self.encoding.is_some()),
-            ("algorithm", self.algorithm.is_some()),
-            ("timestamp_header", self.timestamp_header.is_some()),
-            ("tolerance_seconds", self.tolerance_seconds.is_some()),
-            ("field", self.field.is_some()),
-            ("param", self.param.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(k, set)| set.then_some(k))
-        .collect()
+raw_auth! {
+    /// One auth scheme of a source: its kind, where its secret is (exactly
+    /// one of `secret_env`, `secret_file`, `secret`; several values
+    /// rotate), and the keys of its kind. A key that does not apply to the
+    /// kind is an error.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RawAuth {
+        #[serde(rename = "type")]
+        pub kind: AuthKind,
+        /// An environment variable (comma-separated values), or the file its
+        /// `<NAME>_FILE` variable names. A `ROCKET_*` name with `TOKEN`,
+        /// `SECRET`, `KEY` or `PASSWORD` in it, not the server's own settings or
+        /// operator tokens.
+        pub secret_env: Option<String>,
+        /// Takes a `secret_env` name without `TOKEN`, `SECRET`, `KEY` or
+        /// `PASSWORD` in it.
+        #[serde(default)]
+        pub any_secret_name: bool,
+        /// A file, one value per line; relative to the config directory.
+        pub secret_file: Option<std::path::PathBuf>,
+        /// A file of this name in `ROCKET_SECRETS_DIR` (a mounted `/run/secrets`).
+        pub secret: Option<String>,
+    }
+    kind_keys {
+        /// The header (hmac: default `X-Signature`; header: required).
+        header: String,
+        /// Before the value in the header (hmac: default `sha256=`).
+        prefix: String,
+        /// How an HMAC signature is written (default hex).
+        encoding: SigEncoding,
+        /// The HMAC's hash: only `sha256`.
+        algorithm: String,
+        /// An HMAC header carrying Unix seconds; when set, the signed content is
+        /// `<timestamp>.<body>` and the timestamp must be within the tolerance.
+        timestamp_header: String,
+        /// Seconds a timestamp may be off, past or future (default 300).
+        tolerance_seconds: i64,
+        /// body_token: the field, `$.token`.
+        field: String,
+        /// query_token: the parameter (default `token`).
+        param: String,
     }
 }
 

@@ -203,20 +203,16 @@ fn check_fails_with_file_and_line_on_a_broken_copy_and_on_a_failing_case() {
     assert!(stdout.contains(", 1 failed"), "{stdout}");
 }
 
-/// Gives a source a burst of one request, refilled every second.
-fn one_a_second(dir: &std::path::Path, source: &str) {
-    let p = dir.join(format!("sources.d/{source}.yaml"));
-    let text = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(
-        &p,
-        format!("{text}\nrate_limit: {{ per_minute: 60, burst: 1 }}\n"),
-    )
-    .unwrap();
-}
-
 #[tokio::test]
 async fn send_signs_posts_and_honours_retry_after() {
-    let app = spawn_with(|dir| one_a_second(dir, "learnworlds")).await;
+    let app = spawn_with(|dir| {
+        append_to_source(
+            dir,
+            "learnworlds",
+            "rate_limit: { per_minute: 60, burst: 1 }",
+        )
+    })
+    .await;
     let tmp = tempfile::tempdir().unwrap();
     let run = |file: std::path::PathBuf| {
         let (dir, url) = (app.config_dir.clone(), app.url(""));
@@ -290,7 +286,10 @@ async fn with_watching_on_a_new_source_file_goes_live_by_itself() {
 #[tokio::test]
 async fn the_deliver_function_signs_reports_and_retries() {
     use rocket_rewards::cli::send::{deliver, Delivery};
-    let app = spawn_with(|dir| one_a_second(dir, "moodle")).await;
+    let app = spawn_with(|dir| {
+        append_to_source(dir, "moodle", "rate_limit: { per_minute: 60, burst: 1 }")
+    })
+    .await;
     let config = app.server.state.config.load_full();
     let moodle = config.source("moodle").unwrap();
     let delivery = |scheme: usize, id: i64| Delivery {

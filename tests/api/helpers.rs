@@ -221,16 +221,26 @@ impl TestApp {
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
-        self.send(self.client.get(self.url(path)).bearer_auth(ADMIN_TOKEN))
+        self.admin_get_as(path, ADMIN_TOKEN).await
+    }
+
+    /// A GET with `admin` as the bearer token.
+    pub async fn admin_get_as(&self, path: &str, admin: &str) -> Resp {
+        self.send(self.client.get(self.url(path)).bearer_auth(admin))
             .await
     }
 
     /// `POST /api/admin/reload` with the admin token.
     pub async fn reload(&self) -> Resp {
+        self.reload_as(ADMIN_TOKEN).await
+    }
+
+    /// `POST /api/admin/reload` with `admin` as the bearer token.
+    pub async fn reload_as(&self, admin: &str) -> Resp {
         self.send(
             self.client
                 .post(self.url("/api/admin/reload"))
-                .bearer_auth(ADMIN_TOKEN),
+                .bearer_auth(admin),
         )
         .await
     }
@@ -282,16 +292,25 @@ pub fn assert_error(r: &Resp, status: u16, code: &str) {
     );
 }
 
-/// Starts the real binary with `serve` on port 0, the given config dir,
-/// store and environment (secrets included); returns its address (read from
-/// its "listening" log line) and the child, which the caller kills and
-/// waits for. Blocking: call it from `spawn_blocking` in async tests.
+/// The binary serving `dir`'s config (`serve`, on port 0) with the given
+/// store and environment (secrets included), and its log: every stderr
+/// line arrives on `log`; `lines` holds those up to the "listening" one.
+pub struct Launched {
+    pub child: std::process::Child,
+    pub log: std::sync::mpsc::Receiver<String>,
+    pub lines: Vec<String>,
+    pub addr: String,
+}
+
+/// Starts the binary (see [`Launched`]). Blocking: call it from
+/// `spawn_blocking` in async tests. The caller kills and waits for the child.
 #[allow(clippy::zombie_processes)]
-pub fn start_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> (String, std::process::Child) {
+pub fn launch_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> Launched {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
         .arg("serve")
+        .env_remove("ROCKET_LOG")
         .env("ROCKET_LISTEN", "127.0.0.1:0")
         .env("ROCKET_CONFIG_DIR", dir)
         .env("ROCKET_DATABASE_URL", db)
@@ -301,13 +320,45 @@ pub fn start_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> (String, std:
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    loop {
-        let line = lines.next().expect("server log").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            std::thread::spawn(move || lines.for_each(drop));
-            return (v["addr"].as_str().unwrap().to_string(), child);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = std::sync::mpsc::channel::<String>();
+    // Reads to the end even when nobody listens, so the pipe never fills.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
         }
+    });
+    let mut lines = Vec::new();
+    let addr = loop {
+        let line = log
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the server logs that it listens");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        lines.push(line);
+        if v["message"] == "listening" {
+            break v["addr"].as_str().unwrap().to_string();
+        }
+    };
+    Launched {
+        child,
+        log,
+        lines,
+        addr,
     }
+}
+
+/// [`launch_binary`] without its log: the address and the child.
+pub fn start_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> (String, std::process::Child) {
+    let l = launch_binary(dir, db, env);
+    (l.addr, l.child)
+}
+
+/// Appends `text` to a source's file in a config copy.
+pub fn append_to_source(dir: &Path, source: &str, text: &str) {
+    let p = dir.join(format!("sources.d/{source}.yaml"));
+    let before = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, format!("{before}\n{text}\n")).unwrap();
 }

@@ -9,12 +9,6 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-fn append_to_source(dir: &std::path::Path, source: &str, yaml: &str) {
-    let p = dir.join(format!("sources.d/{source}.yaml"));
-    let text = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(&p, format!("{text}\n{yaml}\n")).unwrap();
-}
-
 #[tokio::test]
 async fn with_seed_defaults_one_ip_is_limited_after_about_200_quick_requests() {
     let app = spawn_app().await;

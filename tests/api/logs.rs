@@ -1,57 +1,13 @@
 //! The real binary's logs: one JSON line per hook request, audit lines for
 //! refusals, never a secret, a signature or a body; SIGTERM exits 0.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::helpers::*;
-
-/// Starts the real binary with JSON logs on a pipe: the child, the log
-/// lines still to come, those read so far, and the address it listens on.
-fn serve_logged(
-    dir: &std::path::Path,
-    db: &str,
-    env: &[(&str, &str)],
-) -> (Child, mpsc::Receiver<String>, Vec<String>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
-        .arg("serve")
-        .env_remove("ROCKET_LOG")
-        .envs(env.iter().copied())
-        .env("ROCKET_LISTEN", "127.0.0.1:0")
-        .env("ROCKET_CONFIG_DIR", dir)
-        .env("ROCKET_DATABASE_URL", db)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server logs that it listens");
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
-        lines.push(line);
-        if v["message"] == "listening" {
-            break v["addr"].as_str().unwrap().to_string();
-        }
-    };
-    (child, rx, lines, addr)
-}
 
 /// SIGTERM, a clean exit, and the rest of the log.
 fn stop_logged(child: &mut Child, rx: &mpsc::Receiver<String>, lines: &mut Vec<String>) {
@@ -81,7 +37,12 @@ async fn a_run_logs_each_request_and_refusal_and_never_a_secret() {
         ("ROCKET_TEST_TOKEN", TEST_TOKEN),
     ];
     let db = format!("sqlite://{}/db/x.db", tmp.path().display());
-    let (mut child, rx, mut lines, addr) = serve_logged(
+    let Launched {
+        mut child,
+        log: rx,
+        mut lines,
+        addr,
+    } = launch_binary(
         tmp.path(),
         &db,
         &[&secrets[..], &[("ROCKET_RATE_LIMIT_IP", "5:2")]].concat(),
@@ -176,8 +137,13 @@ async fn tokens_in_the_body_or_the_url_are_never_logged_or_stored() {
     copy_config(tmp.path());
     let db_file = tmp.path().join("db/x.db");
     let db = format!("sqlite://{}", db_file.display());
-    let (mut child, rx, mut lines, addr) = tokio::task::block_in_place(|| {
-        serve_logged(
+    let Launched {
+        mut child,
+        log: rx,
+        mut lines,
+        addr,
+    } = tokio::task::block_in_place(|| {
+        launch_binary(
             tmp.path(),
             &db,
             &[

@@ -45,13 +45,8 @@ fn tool_trigger_completion(id: u32, cm: u32, state: u8) -> String {
 /// POSTs a body with a bearer token and no Content-Type at all (Guzzle 6,
 /// which tool_trigger uses, sends none unless the admin types one).
 async fn untyped(app: &TestApp, source: &str, token: &str, body: String) -> Resp {
-    app.send(
-        app.client
-            .post(app.url(&format!("/api/public/hook/{source}/event")))
-            .bearer_auth(token)
-            .body(body),
-    )
-    .await
+    let auth = format!("Bearer {token}");
+    app.hook(source, body, &[("authorization", &auth)]).await
 }
 
 #[tokio::test]

@@ -40,28 +40,6 @@ impl Filed {
         let ev = json!({"event_id": id, "event_type": "course.completed", "user_id": "f", "course_id": id});
         self.app.bearer("filed", token, &ev).await
     }
-
-    async fn reload_with(&self, admin: &str) -> Resp {
-        self.app
-            .send(
-                self.app
-                    .client
-                    .post(self.app.url("/api/admin/reload"))
-                    .bearer_auth(admin),
-            )
-            .await
-    }
-
-    async fn sources(&self, admin: &str) -> Resp {
-        self.app
-            .send(
-                self.app
-                    .client
-                    .get(self.app.url("/api/admin/sources"))
-                    .bearer_auth(admin),
-            )
-            .await
-    }
 }
 
 /// A server whose `filed` source and admin token read files in a secrets
@@ -99,11 +77,11 @@ async fn a_source_token_rotates_through_a_file_with_reloads_and_no_restart() {
 
     // Add the new value and reload: both work.
     write_secret(&f.file("filed_token"), "old-token\nnew-token\n");
-    let r = f.reload_with("admin-old").await;
+    let r = f.app.reload_as("admin-old").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(f.post("old-token", "3").await.status, 200);
     assert_eq!(f.post("new-token", "4").await.status, 200);
-    let view = f.sources("admin-old").await;
+    let view = f.app.admin_get_as("/api/admin/sources", "admin-old").await;
     let filed = view.body["sources"]
         .as_array()
         .unwrap()
@@ -122,7 +100,7 @@ async fn a_source_token_rotates_through_a_file_with_reloads_and_no_restart() {
 
     // Remove the old one and reload: only the new one works.
     write_secret(&f.file("filed_token"), "new-token\n");
-    assert_eq!(f.reload_with("admin-old").await.status, 200);
+    assert_eq!(f.app.reload_as("admin-old").await.status, 200);
     assert_error(
         &f.post("old-token", "5").await,
         401,
@@ -144,16 +122,52 @@ async fn a_source_token_rotates_through_a_file_with_reloads_and_no_restart() {
 #[tokio::test]
 async fn the_admin_token_rotates_through_its_file() {
     let f = spawn_filed(false).await;
-    assert_eq!(f.sources("admin-old").await.status, 200);
-    assert_eq!(f.sources("admin-new").await.status, 401);
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-old")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-new")
+            .await
+            .status,
+        401
+    );
     write_secret(&f.file("admin_token"), "admin-old\nadmin-new\n");
-    assert_eq!(f.reload_with("admin-old").await.status, 200);
-    assert_eq!(f.sources("admin-old").await.status, 200);
-    assert_eq!(f.sources("admin-new").await.status, 200);
+    assert_eq!(f.app.reload_as("admin-old").await.status, 200);
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-old")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-new")
+            .await
+            .status,
+        200
+    );
     write_secret(&f.file("admin_token"), "admin-new\n");
-    assert_eq!(f.reload_with("admin-new").await.status, 200);
-    assert_eq!(f.sources("admin-old").await.status, 401);
-    assert_eq!(f.sources("admin-new").await.status, 200);
+    assert_eq!(f.app.reload_as("admin-new").await.status, 200);
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-old")
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-new")
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -170,7 +184,7 @@ async fn a_broken_secret_file_refuses_the_reload_and_the_running_config_keeps_se
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let text = errors(&f.reload_with("admin-old").await);
+    let text = errors(&f.app.reload_as("admin-old").await);
     assert!(text.contains("readable by others"), "{text}");
     assert!(
         text.contains("filed_token") && text.contains("filed"),
@@ -182,17 +196,23 @@ async fn a_broken_secret_file_refuses_the_reload_and_the_running_config_keeps_se
     );
     // Empty, then missing.
     write_secret(&path, "\n  \n");
-    assert!(errors(&f.reload_with("admin-old").await).contains("holds no value"));
+    assert!(errors(&f.app.reload_as("admin-old").await).contains("holds no value"));
     std::fs::remove_file(&path).unwrap();
-    assert!(errors(&f.reload_with("admin-old").await).contains("does not exist"));
+    assert!(errors(&f.app.reload_as("admin-old").await).contains("does not exist"));
     // The running config still takes the token it loaded.
     assert_eq!(f.post("old-token", "1").await.status, 200);
     // A missing admin token file refuses the reload too (all or nothing).
     write_secret(&path, "old-token\n");
     std::fs::remove_file(f.file("admin_token")).unwrap();
-    let text = errors(&f.reload_with("admin-old").await);
+    let text = errors(&f.app.reload_as("admin-old").await);
     assert!(text.contains("admin_token"), "{text}");
-    assert_eq!(f.sources("admin-old").await.status, 200);
+    assert_eq!(
+        f.app
+            .admin_get_as("/api/admin/sources", "admin-old")
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
