@@ -40,11 +40,11 @@ pub struct Settings {
     pub rate_limits: bool,
     /// Secrets by environment variable name.
     pub secrets: SecretEnv,
-    /// All hooks together (seed: 1000/min, burst 2000).
+    /// All hooks together (default 1000/min, burst 2000).
     pub rate_global: RateSpec,
-    /// Each source, unless its file says otherwise (seed: 500/min, burst 1000).
+    /// Each source, unless its file says otherwise (default 500/min, burst 1000).
     pub rate_source: RateSpec,
-    /// Each client address (seed: 100/min, burst 200).
+    /// Each client address (default 100/min, burst 200).
     pub rate_ip: RateSpec,
     /// Peers whose `X-Forwarded-For`/`Forwarded` headers name the client.
     pub trusted_proxies: Vec<IpNet>,

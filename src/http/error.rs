@@ -16,7 +16,7 @@ pub struct ErrorBody {
     pub status: String,
     /// Machine-readable code, e.g. `AUTHENTICATION_FAILED`.
     pub error: String,
-    /// The same code, for clients of the seed's other shape.
+    /// The same code, for clients that read `error_code`.
     pub error_code: String,
     /// A human-readable explanation; never a secret, a signature or a body.
     pub message: String,

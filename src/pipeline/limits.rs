@@ -72,7 +72,7 @@ impl RateSpec {
     }
 }
 
-/// The seed's defaults.
+/// The default rates: all hooks, each source, each client address.
 pub const DEFAULT_GLOBAL: RateSpec = RateSpec::new(1000, 2000);
 pub const DEFAULT_SOURCE: RateSpec = RateSpec::new(500, 1000);
 pub const DEFAULT_IP: RateSpec = RateSpec::new(100, 200);

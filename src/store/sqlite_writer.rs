@@ -4,10 +4,9 @@
 //! SQLite takes one writer at a time, so the writer needs no async runtime:
 //! a plain thread blocks on the job queue, takes everything waiting (up to
 //! [`MAX_GROUP`] requests), writes it in one `BEGIN IMMEDIATE` transaction
-//! through prepared, cached single-row statements and commits. Compared with
-//! going through sqlx's pool this saves a thread hand-off per statement and
-//! the compilation of a differently sized multi-row statement per batch: the
-//! statements are compiled once for the life of the connection.
+//! through prepared, cached single-row statements (compiled once for the
+//! life of the connection, with no thread hand-off per statement) and
+//! commits.
 //!
 //! Durability is pipelined. The writer's connection runs with
 //! `synchronous = NORMAL`, so its commit writes the WAL frames but does not
@@ -52,16 +51,14 @@ use super::{StoreError, WalMetrics, EXISTING, INSERT_LEDGER, ONCE_HELD, RESCORE,
 /// random-key index inserts into a large ledger find their pages cached; but
 /// not much larger, because SQLite 3.46 walks the whole page cache at every
 /// commit that split a B-tree page (a page renumbered through a temporary
-/// number beyond the file makes `pcache1Truncate` scan every hash bucket).
-/// With 32 MiB that walk was 10% of the writer's time; 8 MiB measured 41 µs
-/// of writer CPU per event against 53.
+/// number beyond the file makes `pcache1Truncate` scan every hash bucket;
+/// figures in docs/performance.md).
 const CACHE_KIB: i64 = 8 * 1024;
 /// How often, at most, the checkpoint thread copies the WAL into the
 /// database while commits arrive. Each checkpoint ends with an fsync of the
 /// database, and the WAL syncs that answer requests queue behind it on the
-/// disk: rarer, larger checkpoints cost less CPU but lengthen the tail. On
-/// a 1M-event ledger the hook's p99 was 24–28 ms at 10–20 ms, 39 ms at
-/// 50 ms and 65 ms at 200 ms.
+/// disk: rarer, larger checkpoints cost less CPU but lengthen the tail
+/// (figures in docs/performance.md).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(20);
 /// WAL frames (pages of about 4 KiB) after which the writer finishes a
 /// checkpoint itself so the WAL starts over: the WAL stays under ~10 MiB.
