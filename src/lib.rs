@@ -35,6 +35,7 @@ mod meter;
 mod metrics;
 mod net;
 pub mod pipeline;
+pub mod replay;
 mod scoring;
 pub mod secrets;
 pub mod settings;

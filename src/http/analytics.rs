@@ -1,4 +1,4 @@
-//! Reads of the ledger: a user's standing, one event, leaderboards, stats.
+//! Reads of the ledger: a user's standing, leaderboards, stats.
 //! All need the admin token.
 
 use std::sync::Arc;
@@ -59,32 +59,6 @@ pub struct UserView {
     pub recent: Vec<LedgerView>,
 }
 
-/// One stored event.
-#[derive(Debug, Object)]
-pub struct EventView {
-    pub event_id: String,
-    pub source: String,
-    /// `processed`, `queued` or `failed`.
-    pub status: String,
-    #[oai(skip_serializing_if_is_none)]
-    pub event_type: Option<String>,
-    #[oai(skip_serializing_if_is_none)]
-    pub user_id: Option<String>,
-    pub points: i64,
-    /// The dedupe key (the payload's id or `sha256:` of its bytes).
-    pub dedupe_key: String,
-    /// Why processing failed, for a failed event.
-    #[oai(skip_serializing_if_is_none)]
-    pub error: Option<String>,
-    pub attempts: i64,
-    pub received_at: String,
-    #[oai(skip_serializing_if_is_none)]
-    pub processed_at: Option<String>,
-    /// The canonical event.
-    pub canonical: serde_json::Value,
-    pub awards: Vec<LedgerView>,
-}
-
 #[derive(Debug, Object)]
 pub struct LeaderboardEntry {
     /// Standard competition rank: equal points share a rank (1, 1, 3).
@@ -122,14 +96,14 @@ pub struct StatsView {
 
 pub struct AnalyticsApi;
 
-fn rfc3339(ms: i64) -> String {
+pub(super) fn rfc3339(ms: i64) -> String {
     Utc.timestamp_millis_opt(ms)
         .single()
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-fn parse_time(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
+pub(super) fn parse_time(name: &str, v: &Option<String>) -> Result<Option<i64>, ApiError> {
     match v {
         None => Ok(None),
         Some(s) => DateTime::parse_from_rfc3339(s)
@@ -203,48 +177,6 @@ impl AnalyticsApi {
             next_level_at: curve.next_threshold(rec.total_points),
             event_count: rec.events,
             recent: rec.recent.into_iter().map(Into::into).collect(),
-        }))
-    }
-
-    /// One stored event: status, canonical form, points and ledger entries.
-    #[oai(
-        path = "/api/v1/events/:event_id",
-        method = "get",
-        operation_id = "getEvent"
-    )]
-    async fn event(
-        &self,
-        state: Data<&Arc<AppState>>,
-        auth: AdminToken,
-        req: &Request,
-        event_id: Path<String>,
-    ) -> Result<Json<EventView>, ApiError> {
-        state.require_admin(req, &auth)?;
-        let rec = state
-            .store
-            .event(&event_id.0)
-            .await
-            .map_err(|e| state.store_failed(&e, "store read"))?
-            .ok_or_else(|| {
-                ApiError::not_found("UNKNOWN_EVENT", "no event with this id is stored")
-            })?;
-        Ok(Json(EventView {
-            event_id: rec.event_id,
-            source: rec.source,
-            status: crate::store::EventStatus::from_stored(&rec.status)
-                .map_err(|e| state.store_failed(&e, "store read"))?
-                .as_str()
-                .to_string(),
-            event_type: rec.event_type,
-            user_id: rec.user_id,
-            points: rec.points,
-            dedupe_key: rec.dedupe_key,
-            error: rec.error,
-            attempts: rec.attempts,
-            received_at: rfc3339(rec.received_at),
-            processed_at: rec.processed_at.map(rfc3339),
-            canonical: rec.canonical,
-            awards: rec.awards.into_iter().map(Into::into).collect(),
         }))
     }
 

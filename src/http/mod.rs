@@ -5,6 +5,7 @@ pub mod admin;
 pub mod analytics;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod health;
 pub mod hooks;
 pub mod xapi;
@@ -41,6 +42,7 @@ pub type Apis = (
     hooks::HookApi,
     xapi::XapiApi,
     analytics::AnalyticsApi,
+    events::EventsApi,
     admin::AdminApi,
     health::HealthApi,
 );
@@ -52,6 +54,7 @@ pub fn service() -> OpenApiService<Apis, ()> {
             hooks::HookApi,
             xapi::XapiApi,
             analytics::AnalyticsApi,
+            events::EventsApi,
             admin::AdminApi,
             health::HealthApi,
         ),

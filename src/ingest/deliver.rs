@@ -136,9 +136,13 @@ pub async fn deliver(
     let types = mapped.iter().map(|(event, _)| event.event_type.as_deref());
     standing = limits::tighter(standing, charge_types(state, src, d.ip, types)?);
     let queued = src.processing == Processing::Async;
-    let prepared = score_all(state, config, src, mapped, !queued)
+    let mut prepared = score_all(state, config, src, mapped, !queued)
         .await
         .map_err(|e| store_refusal(state, e, "history read"))?;
+    let recorded = super::recorded_headers(src, d.headers);
+    for p in &mut prepared {
+        p.headers = Some(recorded.clone());
+    }
     store(state, src, prepared, queued, standing).await
 }
 
@@ -163,6 +167,7 @@ pub async fn score_all(
             event,
             raw,
             outcome,
+            headers: None,
         });
     }
     Ok(out)

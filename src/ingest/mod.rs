@@ -35,6 +35,7 @@ pub fn prepare(
                 event,
                 raw,
                 outcome,
+                headers: None,
             }
         })
         .collect())
@@ -266,4 +267,50 @@ pub fn map_body(
     now: DateTime<Utc>,
 ) -> Result<Vec<(CanonicalEvent, Bytes)>, PrepareError> {
     map_decoded(source, decode_body(source, content_type, body)?, body, now)
+}
+
+/// Headers kept with each stored event, and how much of each.
+const MAX_RECORDED_HEADERS: usize = 64;
+const MAX_RECORDED_VALUE: usize = 1024;
+/// Always redacted, whatever the source's schemes.
+const ALWAYS_REDACTED: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
+
+/// The request's headers as stored with its events (a JSON object, names
+/// in lower case, repeated headers joined with `, `): the values of the
+/// headers that carry a credential (the source's schemes', and
+/// `Authorization` and `Cookie` always) replaced by `[redacted]`, values cut
+/// at 1 KiB, at most 64 headers.
+pub fn recorded_headers(source: &Source, headers: &poem::http::HeaderMap) -> std::sync::Arc<str> {
+    let secret: Vec<&str> = source
+        .auth
+        .iter()
+        .flat_map(|a| a.credential_headers())
+        .chain(ALWAYS_REDACTED)
+        .collect();
+    let mut out = serde_json::Map::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        let value = if secret.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+            "[redacted]".to_string()
+        } else {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            let mut end = text.len().min(MAX_RECORDED_VALUE);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text[..end].to_string()
+        };
+        let full = out.len() >= MAX_RECORDED_HEADERS;
+        match out.get_mut(name) {
+            Some(serde_json::Value::String(v)) => {
+                v.push_str(", ");
+                v.push_str(&value);
+            }
+            _ if full => {}
+            _ => {
+                out.insert(name.to_string(), serde_json::Value::String(value));
+            }
+        }
+    }
+    serde_json::Value::Object(out).to_string().into()
 }

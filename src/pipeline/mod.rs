@@ -23,6 +23,9 @@ pub struct Prepared {
     pub event: CanonicalEvent,
     pub raw: Bytes,
     pub outcome: Result<Vec<Award>, RuleError>,
+    /// The request's headers as stored with the event (JSON, credentials
+    /// redacted); `None` where there was no request to keep.
+    pub headers: Option<std::sync::Arc<str>>,
 }
 
 impl Prepared {

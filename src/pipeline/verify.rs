@@ -123,6 +123,20 @@ pub enum AuthScheme {
     },
 }
 
+impl AuthScheme {
+    /// The request headers that carry this scheme's credential.
+    pub fn credential_headers(&self) -> Vec<&str> {
+        match self {
+            AuthScheme::Bearer { .. } | AuthScheme::Basic { .. } => vec!["authorization"],
+            AuthScheme::Header { header, .. } | AuthScheme::Hmac { header, .. } => {
+                vec![header.as_str()]
+            }
+            AuthScheme::StandardWebhooks { .. } => vec!["webhook-signature"],
+            AuthScheme::BodyField { .. } | AuthScheme::Query { .. } => Vec::new(),
+        }
+    }
+}
+
 impl std::fmt::Debug for AuthScheme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

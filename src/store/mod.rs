@@ -7,6 +7,7 @@
 //! batch holding its events has committed. Exactly-once comes from the
 //! unique `(source, dedupe_key)` index, so it holds across processes too.
 
+pub mod events;
 mod pg_writer;
 mod plan;
 mod queue;
@@ -242,6 +243,11 @@ pub struct EventRecord {
     pub received_at: i64,
     pub processed_at: Option<i64>,
     pub canonical: serde_json::Value,
+    /// The body as stored (a body token removed).
+    pub raw: Vec<u8>,
+    /// The request's headers, credentials redacted (none for events stored
+    /// before headers were kept).
+    pub request_headers: Option<serde_json::Value>,
     pub awards: Vec<LedgerEntry>,
 }
 
@@ -523,7 +529,7 @@ impl Store {
     /// One stored event with its ledger entries.
     pub async fn event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
         const EVENT: &str = "SELECT id, source, namespace, dedupe_key, status, event_type, user_id, points, error, \
-            attempts, received_at, processed_at, canonical FROM events WHERE id = $1";
+            attempts, received_at, processed_at, canonical, raw, request_headers FROM events WHERE id = $1";
         // Through the user's ledger index: only events with a user have awards.
         const AWARDS: &str =
             "SELECT event_id, rule, points, reason, course_id, occurred_at FROM ledger \
@@ -553,6 +559,10 @@ impl Store {
                 received_at: row.try_get("received_at")?,
                 processed_at: row.try_get("processed_at")?,
                 canonical: serde_json::from_str(&canonical).unwrap_or(serde_json::Value::Null),
+                raw: row.try_get("raw")?,
+                request_headers: row
+                    .try_get::<Option<String>, _>("request_headers")?
+                    .and_then(|h| serde_json::from_str(&h).ok()),
                 awards: awards.iter().map(ledger_entry).collect::<Result<_, _>>()?,
             }))
         })

@@ -192,7 +192,7 @@ async fn insert_events(
     for chunk in rows.chunks(EVENT_ROWS) {
         let mut qb = sqlx::QueryBuilder::new(
             "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
-             course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw) ",
+             course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw, request_headers) ",
         );
         qb.push_values(chunk, |mut b, ((ns, it), settled)| {
             let ev = &it.prepared.event;
@@ -212,7 +212,8 @@ async fn insert_events(
                 .push_bind(settled.points)
                 .push_bind(&it.error)
                 .push_bind(&it.canonical)
-                .push_bind(it.prepared.raw.as_ref());
+                .push_bind(it.prepared.raw.as_ref())
+                .push_bind(it.prepared.headers.as_deref());
         });
         qb.push(" ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id");
         for row in qb.build().fetch_all(&mut *tx).await? {

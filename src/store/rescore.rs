@@ -43,6 +43,26 @@ pub(super) const AWARDS: &str =
     "SELECT rule, points, once_key FROM ledger WHERE namespace = $1 AND user_id = $2 \
     AND event_id = $3 ORDER BY id";
 
+fn stored_of<R: Row>(r: &R) -> Result<Stored, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(Stored {
+        id: r.try_get("id")?,
+        source: r.try_get("source")?,
+        namespace: r.try_get("namespace")?,
+        user_id: r.try_get("user_id")?,
+        course_id: r.try_get("course_id")?,
+        occurred_at: r.try_get("occurred_at")?,
+        status: r.try_get("status")?,
+        points: r.try_get("points")?,
+        canonical: r.try_get("canonical")?,
+    })
+}
+
 impl Store {
     /// The next page of events after `(after_ms, after_id)`, oldest first.
     pub async fn rescore_page(
@@ -60,22 +80,28 @@ impl Store {
                 .bind(limit)
                 .fetch_all(p)
                 .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Stored {
-                        id: r.try_get("id")?,
-                        source: r.try_get("source")?,
-                        namespace: r.try_get("namespace")?,
-                        user_id: r.try_get("user_id")?,
-                        course_id: r.try_get("course_id")?,
-                        occurred_at: r.try_get("occurred_at")?,
-                        status: r.try_get("status")?,
-                        points: r.try_get("points")?,
-                        canonical: r.try_get("canonical")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(StoreError::from)
+            rows.iter().map(stored_of).collect::<Result<Vec<_>, sqlx::Error>>().map_err(StoreError::from)
+        })
+    }
+
+    /// The events with these ids, in no particular order (unknown ids are
+    /// left out).
+    pub async fn stored_events(&self, ids: &[String]) -> Result<Vec<Stored>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        with_pool!(&self.pool, p => {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT id, source, namespace, user_id, course_id, occurred_at, status, points, canonical \
+                 FROM events WHERE id IN (",
+            );
+            let mut list = q.separated(", ");
+            for id in ids {
+                list.push_bind(id.clone());
+            }
+            q.push(")");
+            let rows = q.build().fetch_all(p).await?;
+            rows.iter().map(stored_of).collect::<Result<Vec<_>, sqlx::Error>>().map_err(StoreError::from)
         })
     }
 

@@ -66,8 +66,8 @@ const WAL_LIMIT_FRAMES: i64 = 2000;
 
 const INSERT_EVENT: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, \
     vendor_event_type, user_id, course_id, object_id, occurred_at, received_at, processed_at, \
-    status, points, error, canonical, raw) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
+    status, points, error, canonical, raw, request_headers) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
     ON CONFLICT (source, dedupe_key) DO NOTHING";
 
 /// The database file as the server opened it: its path, an open handle and
@@ -507,6 +507,7 @@ fn insert_event(
         it.error,
         it.canonical,
         it.prepared.raw.as_ref(),
+        it.prepared.headers.as_deref(),
     ])? == 1)
 }
 

@@ -4,6 +4,7 @@
 mod analytics;
 mod config;
 mod crash;
+mod events;
 mod guide;
 mod helpers;
 mod hostile;
