@@ -185,6 +185,9 @@ pub async fn replay(
             EventStatus::Queued => Replayed::Skipped {
                 reason: "queued: a worker scores it".into(),
             },
+            EventStatus::Erased => Replayed::Skipped {
+                reason: "its learner was erased".into(),
+            },
             EventStatus::Processed if !rescore => Replayed::Skipped {
                 reason: "already processed; ask for rescore to score it again".into(),
             },

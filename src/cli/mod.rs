@@ -2,6 +2,7 @@
 //! [`Cli`] and hands it to [`run`].
 
 pub mod check;
+pub mod erase;
 pub mod rescore;
 pub mod send;
 pub mod serve;
@@ -48,6 +49,9 @@ pub enum Cmd {
     /// reads it) and post it, retrying with exponential backoff that
     /// honours Retry-After.
     Send(send::SendArgs),
+    /// Erase a learner: their events, raw bodies, ledger entries and total,
+    /// in one transaction (safe while the server serves).
+    Erase(erase::EraseArgs),
 }
 
 /// Runs a parsed command line.
@@ -65,6 +69,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Check { config_dir } => check::run(&config_dir),
         Cmd::Rescore(args) => report(on_runtime(rescore::run(args))),
         Cmd::Send(args) => report(on_runtime(send::run(args))),
+        Cmd::Erase(args) => report(on_runtime(erase::run(args))),
         Cmd::Serve(args) => report(serve::run(*args)),
     }
 }

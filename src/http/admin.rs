@@ -1,4 +1,5 @@
-//! Operator endpoints: the loaded sources (no secrets) and config reload.
+//! Operator endpoints: the loaded sources (no secrets), config reload,
+//! queueing a failed event again, erasing a learner.
 
 use std::sync::Arc;
 
@@ -68,6 +69,20 @@ pub struct RetryResult {
     /// Always `queued`.
     pub status: String,
     pub event_id: String,
+}
+
+/// What erasing a learner removed.
+#[derive(Debug, Object)]
+pub struct ErasureResult {
+    /// Always `success`.
+    pub status: String,
+    pub namespace: String,
+    /// Events whose personal data was removed (kept as tombstones, so a
+    /// redelivery awards and stores nothing).
+    pub events: u64,
+    pub ledger_entries: u64,
+    /// The learner's total before.
+    pub points: i64,
 }
 
 pub struct AdminApi;
@@ -194,5 +209,48 @@ impl AdminApi {
                 ),
             )),
         }
+    }
+
+    /// Erase a learner: their events, raw bodies and request headers, ledger
+    /// entries and total, in one transaction.
+    ///
+    /// Idempotent: erasing again answers zeros.
+    /// The erased events stay as tombstones without personal data (id,
+    /// source, dedupe key, types, times), so a redelivery of one is
+    /// answered as a duplicate with 0 points and stores nothing; events
+    /// that arrive later with new ids are stored as usual. The log keeps
+    /// one audit line with the namespace and the counts, not the user.
+    #[oai(
+        path = "/api/admin/users/:namespace/:user_id",
+        method = "delete",
+        operation_id = "eraseUser"
+    )]
+    async fn erase(
+        &self,
+        state: Data<&Arc<AppState>>,
+        auth: AdminToken,
+        req: &Request,
+        namespace: Path<String>,
+        user_id: Path<String>,
+    ) -> Result<Json<ErasureResult>, ApiError> {
+        state.require_admin(req, &auth)?;
+        let erased = state
+            .store
+            .erase_user(&namespace.0, &user_id.0)
+            .await
+            .map_err(|e| state.store_failed(&e, "erasure"))?;
+        tracing::info!(
+            namespace = %namespace.0,
+            events = erased.events,
+            ledger_entries = erased.ledger_entries,
+            "learner erased"
+        );
+        Ok(Json(ErasureResult {
+            status: "success".into(),
+            namespace: namespace.0,
+            events: erased.events,
+            ledger_entries: erased.ledger_entries,
+            points: erased.points,
+        }))
     }
 }

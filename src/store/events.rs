@@ -45,6 +45,25 @@ pub fn first_id_at(ms: i64) -> String {
     format!("evt_{}", ulid::Ulid::from_parts(ms, 0))
 }
 
+/// What erasing a learner removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Erasure {
+    pub events: u64,
+    pub ledger_entries: u64,
+    /// The learner's total before.
+    pub points: i64,
+}
+
+// An erased event keeps its id, source, dedupe key, types and times (none
+// personal), so that a redelivery is recognised; everything that named or
+// described the learner goes.
+const SCRUB_EVENTS: &str = "UPDATE events SET status = 'erased', user_id = NULL, course_id = NULL, \
+    object_id = NULL, points = 0, error = NULL, canonical = '{}', raw = $1, request_headers = NULL, \
+    claim = NULL WHERE namespace = $2 AND user_id = $3";
+const DELETE_LEDGER: &str = "DELETE FROM ledger WHERE namespace = $1 AND user_id = $2";
+const DELETE_TOTAL: &str =
+    "DELETE FROM totals WHERE namespace = $1 AND user_id = $2 RETURNING points";
+
 const COLUMNS: &str = "id, source, namespace, vendor_event_type, event_type, user_id, status, \
     points, received_at, error";
 
@@ -129,6 +148,38 @@ impl Store {
                     })
                 })
                 .collect()
+        })
+    }
+
+    /// Erases a learner in one transaction: their events become tombstones
+    /// without personal data (raw bodies and headers gone), their ledger
+    /// entries and total are deleted. Erasing again removes nothing more.
+    pub async fn erase_user(&self, namespace: &str, user: &str) -> Result<Erasure, StoreError> {
+        with_pool!(&self.pool, p => {
+            let mut tx = p.begin().await?;
+            let events = sqlx::query(SCRUB_EVENTS)
+                .bind(Vec::<u8>::new())
+                .bind(namespace)
+                .bind(user)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let ledger_entries = sqlx::query(DELETE_LEDGER)
+                .bind(namespace)
+                .bind(user)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            let points = sqlx::query(DELETE_TOTAL)
+                .bind(namespace)
+                .bind(user)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get::<i64, _>("points"))
+                .transpose()?
+                .unwrap_or(0);
+            tx.commit().await?;
+            Ok(Erasure { events, ledger_entries, points })
         })
     }
 

@@ -817,6 +817,7 @@ mod tests {
             ("failed", EventStatus::Failed),
             ("queued", EventStatus::Queued),
             ("processing", EventStatus::Queued),
+            ("erased", EventStatus::Erased),
         ] {
             assert_eq!(EventStatus::from_stored(text).unwrap(), want);
         }

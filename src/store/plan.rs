@@ -33,6 +33,9 @@ pub enum EventStatus {
     Queued,
     Processed,
     Failed,
+    /// Its learner was erased: a tombstone without personal data, so that
+    /// a redelivery is a duplicate, awarded and stored nothing.
+    Erased,
 }
 
 impl EventStatus {
@@ -41,6 +44,7 @@ impl EventStatus {
             EventStatus::Queued => "queued",
             EventStatus::Processed => "processed",
             EventStatus::Failed => "failed",
+            EventStatus::Erased => "erased",
         }
     }
 }
@@ -204,6 +208,7 @@ impl EventStatus {
             "processed" => Ok(EventStatus::Processed),
             "failed" => Ok(EventStatus::Failed),
             "queued" | "processing" => Ok(EventStatus::Queued),
+            "erased" => Ok(EventStatus::Erased),
             other => Err(StoreError::UnknownStatus(other.chars().take(32).collect())),
         }
     }

@@ -9,6 +9,7 @@ mod guide;
 mod helpers;
 mod hostile;
 mod ingest;
+mod lifecycle;
 mod logs;
 mod observability;
 mod platforms;
