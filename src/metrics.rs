@@ -25,6 +25,9 @@ pub struct Metrics {
     pub rate_utilization: GaugeVec,
     pub ip_refusals: IntCounterVec,
     pub sources_loaded: IntGauge,
+    /// Read from the store at each scrape.
+    pub events_failed: IntGauge,
+    pub queue_oldest_age: prometheus::Gauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -132,6 +135,22 @@ impl Metrics {
         registry
             .register(Box::new(sources_loaded.clone()))
             .unwrap_or_else(|e| panic!("gauge: {e}"));
+        let events_failed = IntGauge::new(
+            "rocket_events_failed",
+            "Events stored as failed, waiting for a fix and a replay (read from the store at each scrape).",
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        registry
+            .register(Box::new(events_failed.clone()))
+            .unwrap_or_else(|e| panic!("gauge: {e}"));
+        let queue_oldest_age = prometheus::Gauge::new(
+            "rocket_queue_oldest_age_seconds",
+            "Age of the oldest queued event of async sources; 0 when none is queued (read at each scrape).",
+        )
+        .unwrap_or_else(|e| panic!("gauge: {e}"));
+        registry
+            .register(Box::new(queue_oldest_age.clone()))
+            .unwrap_or_else(|e| panic!("gauge: {e}"));
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::new(
@@ -155,6 +174,8 @@ impl Metrics {
             rate_utilization,
             ip_refusals,
             sources_loaded,
+            events_failed,
+            queue_oldest_age,
         }
     }
 

@@ -50,6 +50,20 @@ impl HealthApi {
     /// Prometheus metrics (text exposition format).
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
     async fn metrics(&self, state: Data<&Arc<AppState>>) -> MetricsText {
+        match state.store.backlog().await {
+            Ok((failed, oldest)) => {
+                let m = &state.metrics;
+                m.events_failed.set(failed);
+                let now = chrono::Utc::now().timestamp_millis();
+                let age = oldest.map_or(0.0, |at| (now - at).max(0) as f64 / 1000.0);
+                m.queue_oldest_age.set(age);
+            }
+            // The gauges keep their last values; the failure is counted.
+            Err(e) => {
+                state.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "reading the backlog for /metrics failed");
+            }
+        }
         MetricsText::Ok(PlainText(state.metrics.render()))
     }
 }

@@ -151,6 +151,19 @@ impl Store {
         })
     }
 
+    /// How many events are failed, and when the oldest queued one was
+    /// received (ms); both read through partial indexes of those statuses.
+    pub async fn backlog(&self) -> Result<(i64, Option<i64>), StoreError> {
+        const FAILED: &str = "SELECT COUNT(*) FROM events WHERE status = 'failed'";
+        const OLDEST: &str =
+            "SELECT MIN(received_at) FROM events WHERE status IN ('queued', 'processing')";
+        with_pool!(&self.pool, p => {
+            let failed: i64 = sqlx::query_scalar(FAILED).fetch_one(p).await?;
+            let oldest: Option<i64> = sqlx::query_scalar(OLDEST).fetch_one(p).await?;
+            Ok((failed, oldest))
+        })
+    }
+
     /// Erases a learner in one transaction: their events become tombstones
     /// without personal data (raw bodies and headers gone), their ledger
     /// entries and total are deleted. Erasing again removes nothing more.

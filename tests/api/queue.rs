@@ -227,3 +227,54 @@ async fn an_async_source_awards_a_once_award_once() {
     assert_eq!(points, [0, 0, 50]);
     assert_eq!(app.user_points("queued", "qo").await, 50);
 }
+
+/// The value of an unlabelled series in `/metrics`.
+async fn gauge(app: &TestApp, name: &str) -> f64 {
+    let text = app.send(app.client.get(app.url("/metrics"))).await.text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .parse()
+        .unwrap()
+}
+
+/// The backlog gauges read the store at each scrape: failed events, and
+/// the age of the oldest queued one (with no worker here to drain it).
+#[tokio::test]
+async fn the_backlog_gauges_count_failed_and_queued_events() {
+    let app = spawn_custom(
+        |d| {
+            make_async(d, "rules: [course_completed]");
+            std::fs::write(d.join("rules/boom.rhai"), "throw \"boom\"").unwrap();
+            let p = d.join("sources.d/custom.yaml");
+            let text = std::fs::read_to_string(&p).unwrap();
+            std::fs::write(
+                &p,
+                text.replace(
+                    "rules: [course_completed, lesson_completed, quiz_passed]",
+                    "rules: [boom]",
+                ),
+            )
+            .unwrap();
+        },
+        |s| s.workers = 0,
+    )
+    .await;
+    assert_eq!(gauge(&app, "rocket_events_failed").await, 0.0);
+    assert_eq!(gauge(&app, "rocket_queue_oldest_age_seconds").await, 0.0);
+    for id in ["f1", "f2"] {
+        let ev = json!({"event_id": id, "event_type": "course.completed", "user_id": "u"});
+        assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev).await.status, 500);
+    }
+    let ev = json!({"event_id": "q1", "event_type": "course.completed", "user_id": "u"});
+    assert_eq!(app.bearer("queued", CUSTOM_TOKEN, &ev).await.status, 202);
+    assert_eq!(gauge(&app, "rocket_events_failed").await, 2.0);
+    let first = gauge(&app, "rocket_queue_oldest_age_seconds").await;
+    assert!(first >= 0.0);
+    // Ageing: a later scrape reads an older queue (ms resolution).
+    let mut scrapes = 0;
+    while gauge(&app, "rocket_queue_oldest_age_seconds").await <= first {
+        scrapes += 1;
+        assert!(scrapes < 100_000, "the queued event never aged");
+    }
+}
