@@ -1,6 +1,7 @@
 //! The `rocket-rewards` binary's subcommands, one file each; `main` parses
 //! [`Cli`] and hands it to [`run`].
 
+pub mod backup;
 pub mod check;
 pub mod erase;
 pub mod rescore;
@@ -52,6 +53,9 @@ pub enum Cmd {
     /// Erase a learner: their events, raw bodies, ledger entries and total,
     /// in one transaction (safe while the server serves).
     Erase(erase::EraseArgs),
+    /// Write a consistent copy of the SQLite store to a new file while the
+    /// server serves (PostgreSQL: use pg_dump).
+    Backup(backup::BackupArgs),
 }
 
 /// Runs a parsed command line.
@@ -70,6 +74,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Rescore(args) => report(on_runtime(rescore::run(args))),
         Cmd::Send(args) => report(on_runtime(send::run(args))),
         Cmd::Erase(args) => report(on_runtime(erase::run(args))),
+        Cmd::Backup(args) => report(on_runtime(backup::run(args))),
         Cmd::Serve(args) => report(serve::run(*args)),
     }
 }

@@ -7,6 +7,7 @@
 //! batch holding its events has committed. Exactly-once comes from the
 //! unique `(source, dedupe_key)` index, so it holds across processes too.
 
+pub mod backup;
 pub mod events;
 mod pg_writer;
 mod plan;
@@ -62,6 +63,9 @@ pub enum StoreError {
     /// A status column holds a value no version of this server writes.
     #[error("unknown event status {0:?} in the store")]
     UnknownStatus(String),
+    /// A backup could not be taken (the message says why).
+    #[error("{0}")]
+    Backup(String),
     /// Writes failed for want of a writable store (see [`StoreError::reason`]).
     #[error("{0}")]
     Unwritable(&'static str),

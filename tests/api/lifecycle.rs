@@ -1,5 +1,6 @@
 //! The data lifecycle: erasing a learner, retention, backup and restore.
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -117,4 +118,106 @@ async fn the_erase_subcommand_erases_on_a_running_servers_store() {
         "{text}"
     );
     assert_eq!(app.user_points("custom", "cy").await, 0);
+}
+
+/// `rocket-rewards backup` on the store of a server under load, then a new
+/// server on the copy: every event acknowledged before the backup began is
+/// there. (PostgreSQL: the subcommand points to pg_dump.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_load_restores_every_event_acknowledged_before_it_began() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let app = spawn_custom(|_| {}, |s| s.rate_limits = false).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("backup.db");
+    let backup = |url: String, copy: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_rocket-rewards"))
+                .arg("backup")
+                .arg(&copy)
+                .env("ROCKET_DATABASE_URL", url)
+                .output()
+                .unwrap()
+        })
+    };
+    if app.database_url.starts_with("postgres") {
+        let out = backup(app.database_url.clone(), copy).await.unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("pg_dump"));
+        return;
+    }
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let app = Arc::new(app);
+    let mut senders = Vec::new();
+    for t in 0..4 {
+        let (app, acked, stop) = (app.clone(), acked.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let ev = json!({"event_id": format!("t{t}-{i}"), "event_type": "course.completed", "user_id": format!("u{t}"), "course_id": format!("c{i}")});
+                let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
+                assert_eq!(r.status, 200, "{}", r.text);
+                acked.lock().unwrap().push(r.body["event_id"].as_str().unwrap().to_string());
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 200 {
+        tokio::task::yield_now().await;
+    }
+    let before: Vec<String> = acked.lock().unwrap().clone();
+    let out = backup(app.database_url.clone(), copy.clone())
+        .await
+        .unwrap();
+    let during = acked.lock().unwrap().len() - before.len();
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed up to"));
+    // Never over an existing file.
+    let again = backup(app.database_url.clone(), copy.clone())
+        .await
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+
+    let restored_url = format!("sqlite://{}", copy.display());
+    let restored = spawn_custom(|_| {}, |s| s.database_url = restored_url).await;
+    for id in &before {
+        let r = restored.admin_get(&format!("/api/v1/events/{id}")).await;
+        assert_eq!(
+            r.status, 200,
+            "{id} was acknowledged before the backup began"
+        );
+    }
+    let totals: i64 = (0..4)
+        .map(|t| format!("u{t}"))
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|u| {
+            let restored = &restored;
+            let u = u.clone();
+            async move { restored.user_points("custom", &u).await }
+        })
+        .collect::<futures_util::stream::FuturesOrdered<_>>()
+        .collect::<Vec<i64>>()
+        .await
+        .into_iter()
+        .sum();
+    assert!(
+        totals >= 50 * before.len() as i64,
+        "{totals} for {} events",
+        before.len()
+    );
+    eprintln!(
+        "{} events acknowledged before the backup, {during} while it ran",
+        before.len()
+    );
 }
