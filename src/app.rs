@@ -109,6 +109,7 @@ impl App {
         for _ in 0..self.state.settings.workers {
             tokio::spawn(crate::worker::run(Arc::downgrade(&self.state)));
         }
+        tokio::spawn(crate::retention::run(Arc::downgrade(&self.state)));
         if self.state.settings.watch_config {
             tokio::spawn(watch_config(Arc::downgrade(&self.state), self.fingerprint));
         }

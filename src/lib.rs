@@ -36,6 +36,7 @@ mod metrics;
 mod net;
 pub mod pipeline;
 pub mod replay;
+pub mod retention;
 mod scoring;
 pub mod secrets;
 pub mod settings;

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub sources_loaded: IntGauge,
     /// Read from the store at each scrape.
     pub events_failed: IntGauge,
+    pub retention_pruned: IntCounterVec,
     pub queue_oldest_age: prometheus::Gauge,
 }
 
@@ -135,6 +136,12 @@ impl Metrics {
         registry
             .register(Box::new(sources_loaded.clone()))
             .unwrap_or_else(|e| panic!("gauge: {e}"));
+        let retention_pruned = counter(
+            &registry,
+            "rocket_retention_pruned_total",
+            "What retention pruned: raw bodies (what=raw) and zero-point events (what=events).",
+            &["what"],
+        );
         let events_failed = IntGauge::new(
             "rocket_events_failed",
             "Events stored as failed, waiting for a fix and a replay (read from the store at each scrape).",
@@ -175,6 +182,7 @@ impl Metrics {
             ip_refusals,
             sources_loaded,
             events_failed,
+            retention_pruned,
             queue_oldest_age,
         }
     }
@@ -208,6 +216,9 @@ impl Metrics {
         }
         for scope in crate::pipeline::limits::Scope::ALL {
             self.rate_limited.with_label_values(&[scope.label()]);
+        }
+        for what in ["raw", "events"] {
+            self.retention_pruned.with_label_values(&[what]);
         }
         for rule in config.rules.keys() {
             self.rule_errors.with_label_values(&[rule]);

@@ -63,6 +63,9 @@ pub struct Settings {
     /// The level curve: the points of the first step and the factor of each next one.
     pub level_base: f64,
     pub level_coefficient: f64,
+    /// How long data is kept where a source's file does not say (default:
+    /// forever).
+    pub retention: Retention,
 }
 
 /// The server's own settings variables: never a source's secret.
@@ -89,6 +92,8 @@ pub const SETTING_VARS: &[&str] = &[
     "ROCKET_WORKERS",
     "ROCKET_LEVEL_BASE",
     "ROCKET_LEVEL_COEFFICIENT",
+    "ROCKET_RETAIN_RAW_DAYS",
+    "ROCKET_RETAIN_ZERO_POINT_EVENTS_DAYS",
     "ROCKET_SECRETS_DIR",
     "ROCKET_SECRETS_ALLOW_SHARED",
     "ROCKET_URL",
@@ -119,6 +124,32 @@ impl Settings {
             workers: 2,
             level_base: 120.0,
             level_coefficient: 1.3,
+            retention: Default::default(),
+        }
+    }
+}
+
+/// How long stored data is kept, in days; `None`: forever. Ledger entries
+/// and totals are never pruned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// After this, an event's raw body and request headers are dropped (its
+    /// canonical form, points and awards stay).
+    pub raw_days: Option<u32>,
+    /// After this, processed (or erased) events of zero points with no
+    /// ledger entry are deleted whole.
+    pub zero_point_events_days: Option<u32>,
+}
+
+impl Retention {
+    /// This one's days where set, else `fallback`'s.
+    pub fn or(self, fallback: Retention) -> Retention {
+        Retention {
+            raw_days: self.raw_days.or(fallback.raw_days),
+            zero_point_events_days: self
+                .zero_point_events_days
+                .or(fallback.zero_point_events_days),
         }
     }
 }

@@ -84,6 +84,15 @@ pub struct ServeArgs {
     /// Seconds an idle keep-alive connection stays open (default 120).
     #[arg(long, env = "ROCKET_IDLE_TIMEOUT")]
     pub idle_timeout: Option<u64>,
+    /// Days after which events' raw bodies and request headers are dropped,
+    /// where a source's `retention` does not say (default: kept forever).
+    #[arg(long, env = "ROCKET_RETAIN_RAW_DAYS")]
+    pub retain_raw_days: Option<u32>,
+    /// Days after which processed events of zero points (no ledger entry)
+    /// are deleted, where a source's `retention` does not say (default:
+    /// kept forever).
+    #[arg(long, env = "ROCKET_RETAIN_ZERO_POINT_EVENTS_DAYS")]
+    pub retain_zero_point_events_days: Option<u32>,
 }
 
 impl ServeArgs {
@@ -126,6 +135,10 @@ impl ServeArgs {
         s.workers = self.workers.unwrap_or(s.workers);
         s.level_base = self.level_base.unwrap_or(s.level_base);
         s.level_coefficient = self.level_coefficient.unwrap_or(s.level_coefficient);
+        s.retention.raw_days = self.retain_raw_days.or(s.retention.raw_days);
+        s.retention.zero_point_events_days = self
+            .retain_zero_point_events_days
+            .or(s.retention.zero_point_events_days);
         s
     }
 }

@@ -93,6 +93,8 @@ pub struct Source {
     pub event_type_rates: HashMap<String, RateSpec>,
     pub allow_ips: Vec<IpNet>,
     pub proxy_headers: Vec<ProxyHeader>,
+    /// What the file says; the server's settings fill the rest.
+    pub retention: crate::settings::Retention,
     pub mapping: Mapping,
     pub rules: Vec<Arc<Rule>>,
     pub dry_run: bool,
@@ -685,6 +687,7 @@ pub fn compile_source(
         proxy_headers: raw
             .proxy_headers
             .unwrap_or_else(|| vec![ProxyHeader::XForwardedFor, ProxyHeader::Forwarded]),
+        retention: raw.retention,
         mapping,
         rules: source_rules,
         dry_run: raw.dry_run,

@@ -37,7 +37,8 @@ pub struct RawSource {
     /// Users are identified within this namespace; defaults to the name.
     /// Sources that share one share their users.
     pub namespace: Option<String>,
-    /// `sync` (200 after commit); `async` is reserved for queued processing.
+    /// `sync` (scored before the answer, 200 after the commit) or `async`
+    /// (stored and answered 202; the queue workers score it).
     #[serde(default)]
     pub processing: Processing,
     /// One scheme or a list; any one that verifies accepts the request.
@@ -69,6 +70,10 @@ pub struct RawSource {
     /// Client addresses allowed (CIDR, IPv4 or IPv6); empty allows all.
     #[serde(default)]
     pub allow_ips: Vec<String>,
+    /// How long this source's data is kept (default: the server's
+    /// `ROCKET_RETAIN_*` settings; unset there too: forever).
+    #[serde(default)]
+    pub retention: crate::settings::Retention,
     /// Proxy headers that name the client when the peer is a trusted proxy
     /// (default both `x-forwarded-for` and `forwarded`).
     pub proxy_headers: Option<Vec<ProxyHeader>>,

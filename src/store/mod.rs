@@ -13,6 +13,7 @@ mod pg_writer;
 mod plan;
 mod queue;
 pub mod rescore;
+pub mod retention;
 mod sqlite_writer;
 
 use std::str::FromStr;

@@ -221,3 +221,71 @@ async fn a_backup_under_load_restores_every_event_acknowledged_before_it_began()
         before.len()
     );
 }
+
+/// Retention (a source's `retention`, 0 days here: everything received
+/// before the pass) drops raw bodies and request headers, deletes
+/// zero-point events, and never touches ledger entries or totals; a second
+/// pass starts where the first stopped and finds nothing; a source without
+/// retention is untouched.
+#[tokio::test]
+async fn retention_prunes_raw_bodies_and_zero_point_events_but_never_the_ledger() {
+    let app = spawn_with(|dir| {
+        append_to_source(
+            dir,
+            "custom",
+            "retention: { raw_days: 0, zero_point_events_days: 0 }",
+        )
+    })
+    .await;
+    let scored = custom(&app, "r1", "ada").await;
+    let zero = app
+        .bearer(
+            "custom",
+            CUSTOM_TOKEN,
+            &json!({"event_id": "r2", "event_type": "quiz.failed", "user_id": "ada"}),
+        )
+        .await;
+    assert_eq!(zero.body["points_awarded"], 0, "{}", zero.text);
+    let moodle = app
+        .bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 5))
+        .await;
+    let id = |r: &Resp| r.body["event_id"].as_str().unwrap().to_string();
+    let (scored, zero, moodle) = (id(&scored), id(&zero), id(&moodle));
+    // The cutoff is a millisecond: let the clock pass the last receipt.
+    let received = chrono::Utc::now().timestamp_millis();
+    while chrono::Utc::now().timestamp_millis() <= received {
+        std::hint::spin_loop();
+    }
+    let pruned = rocket_rewards::retention::prune(&app.server.state)
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned,
+        rocket_rewards::retention::Pruned { raw: 2, events: 1 }
+    );
+    let kept = app.admin_get(&format!("/api/v1/events/{scored}")).await;
+    assert_eq!(kept.status, 200);
+    assert_eq!(kept.body["request"]["body"], "");
+    assert_eq!(kept.body["request"].get("headers"), None);
+    assert_eq!(kept.body["points"], 50);
+    assert_eq!(kept.body["awards"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        app.admin_get(&format!("/api/v1/events/{zero}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(app.user_points("custom", "ada").await, 50);
+    let untouched = app.admin_get(&format!("/api/v1/events/{moodle}")).await;
+    assert_ne!(untouched.body["request"]["body"], "");
+    let again = rocket_rewards::retention::prune(&app.server.state)
+        .await
+        .unwrap();
+    assert_eq!(again, rocket_rewards::retention::Pruned::default());
+    let metrics = app.send(app.client.get(app.url("/metrics"))).await.text;
+    assert!(
+        metrics.contains("rocket_retention_pruned_total{what=\"raw\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("rocket_retention_pruned_total{what=\"events\"} 1"));
+}
