@@ -36,10 +36,15 @@ pub enum Cmd {
         config_dir: PathBuf,
     },
     /// Print the OpenAPI spec.
+    /// Print the OpenAPI document for a config directory: every operation,
+    /// and one per source (what `/openapi.json` serves for that config).
     Openapi {
         /// YAML instead of JSON.
         #[arg(long)]
         yaml: bool,
+        /// The folder holding sources.d/ and rules/.
+        #[arg(long, env = "ROCKET_CONFIG_DIR", default_value = ".")]
+        config_dir: PathBuf,
     },
     /// Print a new random secret: 32 bytes as hex.
     Token,
@@ -65,11 +70,21 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("{}", new_token());
             ExitCode::SUCCESS
         }
-        Cmd::Openapi { yaml } => {
-            let svc = crate::http::service();
-            println!("{}", if yaml { svc.spec_yaml() } else { svc.spec() });
-            ExitCode::SUCCESS
-        }
+        Cmd::Openapi { yaml, config_dir } => match openapi_config(&config_dir) {
+            Ok(config) => {
+                let doc = if yaml {
+                    crate::http::spec::yaml(&config)
+                } else {
+                    crate::http::spec::json(&config)
+                };
+                println!("{doc}");
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Check { config_dir } => check::run(&config_dir),
         Cmd::Rescore(args) => report(on_runtime(rescore::run(args))),
         Cmd::Send(args) => report(on_runtime(send::run(args))),
@@ -77,6 +92,19 @@ pub fn run(cli: Cli) -> ExitCode {
         Cmd::Backup(args) => report(on_runtime(backup::run(args))),
         Cmd::Serve(args) => report(serve::run(*args)),
     }
+}
+
+/// The config an OpenAPI document is generated from: no secret values are
+/// read (the document names where secrets come from, never what they are),
+/// so it is the same on every machine.
+pub fn openapi_config(
+    dir: &std::path::Path,
+) -> Result<crate::config::Config, crate::config::ConfigErrors> {
+    crate::config::load(
+        dir,
+        &crate::settings::SecretEnv::default().lenient(),
+        crate::pipeline::limits::DEFAULT_SOURCE,
+    )
 }
 
 /// 32 random bytes as hex.

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod hooks;
+pub mod spec;
 pub mod xapi;
 
 use std::sync::Arc;
@@ -67,23 +68,43 @@ pub fn service() -> OpenApiService<Apis, ()> {
     )
 }
 
-/// The generated spec as JSON (what `rocket-rewards openapi` prints and
-/// `openapi/openapi.json` holds).
-pub fn spec_json() -> String {
-    service().spec()
+/// The Swagger UI page around a spec: poem-openapi's page, split where it
+/// embeds its (static) spec, so that the config's spec goes in its place.
+fn docs_page() -> (String, String) {
+    let api = service();
+    let (page, spec) = (api.swagger_ui_html(), api.spec());
+    match page.split_once(&spec) {
+        Some((head, tail)) => (head.to_string(), tail.to_string()),
+        None => (page, String::new()),
+    }
 }
 
 /// The full endpoint: API, spec, docs UI, one error body everywhere.
 pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
     let api = service();
-    let spec_json = api.spec_endpoint();
-    let spec_yaml = api.spec_endpoint_yaml();
-    let docs = api.swagger_ui();
+    let (head, tail) = docs_page();
+    let config_of = |req: &Request| req.data::<Arc<AppState>>().map(|s| s.config.load_full());
+    let spec_json = poem::endpoint::make_sync(move |req| {
+        let text = config_of(&req).map(|c| spec::json(&c)).unwrap_or_default();
+        Response::builder()
+            .content_type("application/json; charset=utf-8")
+            .body(text)
+    });
+    let spec_yaml = poem::endpoint::make_sync(move |req| {
+        let text = config_of(&req).map(|c| spec::yaml(&c)).unwrap_or_default();
+        Response::builder()
+            .content_type("application/x-yaml; charset=utf-8")
+            .body(text)
+    });
+    let docs = poem::endpoint::make_sync(move |req| {
+        let spec = config_of(&req).map(|c| spec::json(&c)).unwrap_or_default();
+        poem::web::Html(format!("{head}{spec}{tail}"))
+    });
     Route::new()
         .nest("/", api)
         .at("/openapi.json", spec_json)
         .at("/openapi.yaml", spec_yaml)
-        .nest("/docs", docs)
+        .at("/docs", docs)
         .catch_all_error(error::into_error_body)
         .around(response_headers)
         .with(CatchPanic::new().with_handler(|_| {

@@ -204,7 +204,7 @@ pub fn decode(format: BodyFormat, body: &[u8], batch: bool) -> Result<Vec<Value>
 /// `key=value` with a non-empty key, values percent-decode to valid UTF-8
 /// (`%ff` is refused, not replaced, so different bytes never name one
 /// user), and a repeated key is refused (which one would count?).
-fn decode_form(body: &[u8]) -> Result<Map<String, Value>, DecodeError> {
+pub fn decode_form(body: &[u8]) -> Result<Map<String, Value>, DecodeError> {
     let text = std::str::from_utf8(body).map_err(|_| DecodeError::Form("not UTF-8".into()))?;
     let decode = |part: &str, what: &str| -> Result<String, DecodeError> {
         let spaced = part.replace('+', " ");

@@ -56,11 +56,98 @@ async fn the_spec_and_docs_are_served_and_the_committed_spec_is_current() {
 
     let committed =
         std::fs::read_to_string(repo_dir().join("openapi/openapi.json")).unwrap_or_default();
-    let generated = rocket_rewards::http::spec_json();
+    let shipped = rocket_rewards::cli::openapi_config(&repo_dir()).unwrap();
+    let generated = rocket_rewards::http::spec::json(&shipped);
     assert!(
         committed.trim() == generated.trim(),
-        "openapi/openapi.json is stale: run `cargo run -- openapi > openapi/openapi.json`"
+        "openapi/openapi.json is stale: run `cargo run -q -- openapi > openapi/openapi.json`"
     );
+}
+
+/// Each loaded source is an operation of its own in the served document:
+/// its credentials as security schemes, its content types, its test
+/// payloads as examples with what they earn; a reload adds a new source's.
+#[tokio::test]
+async fn the_served_spec_documents_each_source_and_follows_a_reload() {
+    let app = spawn_app().await;
+    let spec = app
+        .send(app.client.get(app.url("/openapi.json")))
+        .await
+        .body;
+    let moodle = &spec["paths"]["/api/public/hook/moodle/event"]["post"];
+    assert_eq!(moodle["tags"], serde_json::json!(["Sources"]));
+    assert_eq!(moodle["operationId"], "hook_moodle");
+    let schemes = &spec["components"]["securitySchemes"];
+    let first = moodle["security"][0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(schemes[&first]["scheme"], "bearer", "{}", schemes);
+    let examples = &moodle["requestBody"]["content"]["application/json"]["examples"];
+    let example = examples
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .expect("an example from tests:");
+    assert!(example["value"].is_object());
+    assert!(
+        example["description"]
+            .as_str()
+            .unwrap()
+            .contains("course.completed"),
+        "{example}"
+    );
+    assert!(
+        example["description"].as_str().unwrap().contains("50"),
+        "{example}"
+    );
+    let lw = &spec["paths"]["/api/public/hook/learnworlds/event"]["post"];
+    let lw_scheme = lw["security"][0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(schemes[&lw_scheme]["type"], "apiKey");
+    assert_eq!(schemes[&lw_scheme]["in"], "header");
+    // The test token where it is taken; rate-limit headers on hook answers.
+    assert_eq!(
+        spec["paths"]["/api/public/hook/test/event"]["post"]["security"][0]["TestToken"],
+        serde_json::json!([])
+    );
+    let limited = &moodle["responses"]["429"]["headers"];
+    assert!(
+        limited["X-RateLimit-Remaining"].is_object() && limited["Retry-After"].is_object(),
+        "{limited}"
+    );
+    assert!(spec["paths"]["/api/public/hook/kajabi/event"].is_null());
+
+    std::fs::copy(
+        app.config_dir.join("sources.d/custom.yaml"),
+        app.config_dir.join("sources.d/kajabi.yaml"),
+    )
+    .unwrap();
+    assert_eq!(app.reload().await.status, 200);
+    let spec = app
+        .send(app.client.get(app.url("/openapi.json")))
+        .await
+        .body;
+    assert_eq!(
+        spec["paths"]["/api/public/hook/kajabi/event"]["post"]["operationId"],
+        "hook_kajabi"
+    );
+    let docs = app.send(app.client.get(app.url("/docs"))).await.text;
+    assert!(docs.contains("hook_kajabi"));
+    let yaml = app
+        .send(app.client.get(app.url("/openapi.yaml")))
+        .await
+        .text;
+    assert!(yaml.contains("hook_kajabi"));
 }
 
 #[tokio::test]
