@@ -255,8 +255,8 @@ impl HookApi {
 
     /// Dry run: the full pipeline with nothing stored.
     ///
-    /// Authenticated with the test token (`ROCKET_TEST_TOKEN`). `?as=SOURCE`
-    /// chooses the mapping and rules; without it, any payload is tried
+    /// Authenticated with the test token (`ROCKET_TEST_TOKEN`) or the admin
+    /// token (the console's playground). `?as=SOURCE` chooses the mapping and rules; without it, any payload is tried
     /// against the canonical event format (the `test` source), then against
     /// each source's mapping by name, and the first that accepts it is used
     /// (`source` in the answer says which). The source's own signature is
@@ -274,7 +274,7 @@ impl HookApi {
         body: HookBody,
     ) -> Result<Json<DryRunResult>, ApiError> {
         let config = state.config.load_full();
-        state.require_test_or_admin(req, false)?;
+        state.require_test_or_admin(req, true)?;
         let (src, bytes) = chosen_or_detected(&state, &config, as_source.0, req, body).await?;
         let mapped = ingest::map_body(&src, req.content_type(), &bytes, Utc::now());
         let prepared = prepare(&state, &config, &src, mapped, true).await?;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod analytics;
+pub mod console;
 pub mod context;
 pub mod error;
 pub mod events;
@@ -105,6 +106,9 @@ pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
         .at("/openapi.json", spec_json)
         .at("/openapi.yaml", spec_yaml)
         .at("/docs", docs)
+        .at("/console", poem::get(console::page))
+        .at("/console/app.js", poem::get(console::script))
+        .at("/console/app.css", poem::get(console::style))
         .catch_all_error(error::into_error_body)
         .around(response_headers)
         .with(CatchPanic::new().with_handler(|_| {

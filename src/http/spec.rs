@@ -58,16 +58,19 @@ pub fn yaml(config: &Config) -> String {
     serde_yaml_ng::to_string(&document(config)).unwrap_or_default()
 }
 
-/// The dry run takes the test token; validation the test or admin token.
+/// The dry run and validation take the test or the admin token.
 fn declare_test_token(doc: &mut Value) {
     doc["components"]["securitySchemes"]["TestToken"] = json!({
         "type": "http",
         "scheme": "bearer",
         "description": "The test token (`ROCKET_TEST_TOKEN`), as `Authorization: Bearer …`: dry runs and validation, nothing stored."
     });
-    doc["paths"]["/api/public/hook/test/event"]["post"]["security"] = json!([{ "TestToken": [] }]);
-    doc["paths"]["/api/public/validate/webhook"]["post"]["security"] =
-        json!([{ "TestToken": [] }, { "AdminToken": [] }]);
+    for path in [
+        "/api/public/hook/test/event",
+        "/api/public/validate/webhook",
+    ] {
+        doc["paths"][path]["post"]["security"] = json!([{ "TestToken": [] }, { "AdminToken": [] }]);
+    }
 }
 
 /// Every response of the hook and xAPI routes carries the rate-limit

@@ -2,6 +2,7 @@
 //! with a fresh store and speaks HTTP to it.
 
 mod analytics;
+mod browser;
 mod config;
 mod crash;
 mod events;
