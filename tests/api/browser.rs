@@ -348,6 +348,26 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     b.wait_for("document.querySelectorAll('#board-rows tr').length >= 2")
         .await;
     b.screenshot("learners").await;
+    // A source dropped in and reloaded: listed, and it scores a payload.
+    std::fs::copy(
+        app.config_dir.join("sources.d/custom.yaml"),
+        app.config_dir.join("sources.d/kajabi.yaml"),
+    )
+    .unwrap();
+    assert_eq!(app.reload().await.status, 200);
+    b.goto(&app.url("/console#playground")).await;
+    b.wait_for("[...document.querySelectorAll('#playground-source option')].some(o => o.value === 'kajabi')")
+        .await;
+    b.fill("#playground-source", "kajabi").await;
+    b.fill(
+        "#payload",
+        r#"{"event_id": "k-1", "event_type": "course.completed", "user_id": "k", "course_id": "c"}"#,
+    )
+    .await;
+    b.eval("document.getElementById('playground-form').requestSubmit()")
+        .await;
+    b.wait_for("(document.getElementById('playground-outcome') || {innerText: ''}).innerText.includes('Source kajabi: 50 points')")
+        .await;
     // The sources again, with the day's events counted.
     b.eval("location.hash = '#sources'").await;
     b.wait_for("document.getElementById('sources-rows').innerText.includes('processed')")

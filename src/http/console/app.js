@@ -98,7 +98,8 @@ async function login(event) {
 }
 
 async function loadPage(page) {
-  if (!sources.length) await loadSources();
+  // Read again on every page: a reload of the config shows at once.
+  await loadSources();
   if (page === "sources") renderSources();
   if (page === "events" && !$("events-rows").children.length) searchEvents();
 }
@@ -118,7 +119,9 @@ async function loadSources() {
 }
 
 function fillSelect(select, values, empty) {
+  const chosen = select.value;
   select.replaceChildren(...(empty ? [el("option", { value: "" }, empty)] : []), ...values.map((v) => el("option", { value: v }, v)));
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
 }
 
 async function renderSources() {
@@ -224,6 +227,15 @@ function commandsFor(name, contentType) {
   return lines.join("\n");
 }
 
+async function copyCommands() {
+  try {
+    await navigator.clipboard.writeText($("playground-commands").innerText);
+    say("Copied.");
+  } catch (_) {
+    say("The browser refused the clipboard: select the text instead.", true);
+  }
+}
+
 async function runPlayground(event) {
   event.preventDefault();
   const f = new FormData($("playground-form"));
@@ -247,7 +259,8 @@ async function runPlayground(event) {
       e.rule_error ? el("p", { class: "error" }, "A rule fails: " + e.rule_error) : null,
       el("ul", {}, e.awards.map((a) => el("li", {}, `${a.rule}: ${a.points}`))))),
     el("h4", {}, "Send it"),
-    el("pre", { id: "playground-commands" }, commandsFor(b.source, f.get("content_type")))));
+    el("pre", { id: "playground-commands" }, commandsFor(b.source, f.get("content_type"))),
+    el("button", { type: "button", class: "secondary", onclick: copyCommands }, "Copy")));
 }
 
 // --------------------------------------------------------------- learners
@@ -287,6 +300,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("playground-form").addEventListener("submit", runPlayground);
   $("learner-form").addEventListener("submit", lookUpLearner);
   $("board-form").addEventListener("submit", showBoard);
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", () => { say(""); route(); });
   route();
 });
