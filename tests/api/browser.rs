@@ -368,6 +368,25 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
         .await;
     b.wait_for("(document.getElementById('playground-outcome') || {innerText: ''}).innerText.includes('Source kajabi: 50 points')")
         .await;
+    // On a phone's width every page fits: nothing wider than the screen
+    // but the tables, which scroll in their own box.
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
+    )
+    .await;
+    for page in ["sources", "events", "playground", "learners"] {
+        b.eval(&format!("location.hash = '#{page}'")).await;
+        b.wait_for(&format!("!document.getElementById('{page}').hidden"))
+            .await;
+        let fits = b
+            .eval("document.documentElement.scrollWidth <= window.innerWidth")
+            .await;
+        assert_eq!(fits, json!(true), "{page} is wider than a phone");
+    }
+    b.screenshot("phone").await;
+    b.call("Emulation.clearDeviceMetricsOverride", json!({}))
+        .await;
     // The sources again, with the day's events counted.
     b.eval("location.hash = '#sources'").await;
     b.wait_for("document.getElementById('sources-rows').innerText.includes('processed')")
