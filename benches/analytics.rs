@@ -181,7 +181,7 @@ async fn bench(label: &str, url: &str, rows: i64) {
             occurred_at: chrono::Utc::now(),
             attributes: Default::default(),
         };
-        async move { s.history("moodle", &ev).await.unwrap() }
+        async move { s.history("moodle", &ev, None).await.unwrap() }
     })
     .await;
     store.close().await;

@@ -120,7 +120,17 @@ pub(crate) async fn scored(
         Ok(c) => c,
         Err(e) => return Ok(Err(format!("canonical form unreadable ({e})"))),
     };
-    let history = scoring::history(store, src, &canonical).await?;
+    // Its history as it was when it first arrived: without itself (and,
+    // when it was processed, without its own points in the total).
+    let own = crate::store::StoredSelf {
+        id: &ev.id,
+        points: if ev.status == "processed" {
+            ev.points
+        } else {
+            0
+        },
+    };
+    let history = scoring::history_of(store, src, &canonical, Some(own)).await?;
     let scored = match scoring::score(config, src, &canonical, &history) {
         Ok(a) => a,
         Err(e) => return Ok(Err(e.to_string())),
@@ -221,6 +231,8 @@ async fn replay_one(
         }
     }
     if !store.rewrite_awards(ev, &awards).await? {
+        // Nothing was written: its once-award claims go back.
+        claimed.retain(|_, holder| *holder != ev.id);
         return Ok(Replayed::Skipped {
             reason: "changed while replaying (another replay or a redelivery scored it)".into(),
         });

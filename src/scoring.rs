@@ -16,8 +16,19 @@ pub async fn history(
     source: &Source,
     event: &CanonicalEvent,
 ) -> Result<History, StoreError> {
+    history_of(store, source, event, None).await
+}
+
+/// [`history`] for an event scored again (`stored`): as it was before this
+/// event, without the event itself.
+pub async fn history_of(
+    store: &Store,
+    source: &Source,
+    event: &CanonicalEvent,
+    stored: Option<crate::store::StoredSelf<'_>>,
+) -> Result<History, StoreError> {
     if event.event_type.is_some() && source.rules.iter().any(|r| r.uses_history) {
-        store.history(&source.namespace, event).await
+        store.history(&source.namespace, event, stored).await
     } else {
         Ok(History::default())
     }

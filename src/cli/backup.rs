@@ -18,7 +18,7 @@ pub struct BackupArgs {
 }
 
 pub async fn run(args: BackupArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&args.database_url).await?;
+    let store = Store::connect_existing(&args.database_url).await?;
     let size = store.backup(&args.file).await;
     store.close().await;
     println!("backed up to {} ({} bytes)", args.file.display(), size?);

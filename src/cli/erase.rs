@@ -20,7 +20,7 @@ pub struct EraseArgs {
 }
 
 pub async fn run(args: EraseArgs) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&args.database_url).await?;
+    let store = Store::connect_existing(&args.database_url).await?;
     let erased = store.erase_user(&args.namespace, &args.user).await?;
     println!(
         "erased in {}: {} events, {} ledger entries, {} points",

@@ -670,6 +670,16 @@ pub fn compile_source(
     if !errors.is_empty() {
         return Err(errors);
     }
+    if let Some(days) = raw
+        .retention
+        .zero_point_events_days
+        .filter(|d| i64::from(*d) < crate::pipeline::rules::HISTORY_DAYS)
+    {
+        warnings.push(format!(
+            "source {name}: retention deletes zero-point events after {days} days, sooner than the {} days rules' history reaches back (caps, streaks and first completions then see fewer events)",
+            crate::pipeline::rules::HISTORY_DAYS
+        ));
+    }
     Ok(Source {
         name,
         description: raw.description,

@@ -94,7 +94,7 @@ pub struct LoggedEventView {
     pub event_type: Option<String>,
     #[oai(skip_serializing_if_is_none)]
     pub user_id: Option<String>,
-    /// `processed`, `queued` or `failed`.
+    /// `processed`, `queued`, `failed` or `erased`.
     pub status: String,
     pub points: i64,
     pub received_at: String,
@@ -136,7 +136,8 @@ pub struct ReplayRequest {
     pub event_ids: Option<Vec<String>>,
     /// Only this source's events.
     pub source: Option<String>,
-    /// `failed` (the default), `processed` (with `rescore`) or `queued`.
+    /// `failed` (the default), `processed` (with `rescore`), `queued` or
+    /// `erased` (both reported skipped).
     pub status: Option<String>,
     pub event_type: Option<String>,
     pub user_id: Option<String>,
@@ -197,8 +198,9 @@ pub struct EventsApi;
 impl EventsApi {
     /// The event log, newest first, filtered, a page at a time.
     ///
-    /// Each filter is served by an index. `since`/`until` bound the time
-    /// an event was received; `user_id` looks in the namespaces of the
+    /// The source, failed status, learner and time bounds are served by
+    /// indexes; the type and other statuses narrow those. `since`/`until`
+    /// bound the time an event was received; `user_id` looks in the namespaces of the
     /// loaded sources (or of `source`). The cursor keeps working while new
     /// events arrive: a page never shifts.
     #[oai(
@@ -215,7 +217,7 @@ impl EventsApi {
         req: &Request,
         /// Only this source's events.
         source: Query<Option<String>>,
-        /// `processed`, `queued` or `failed`.
+        /// `processed`, `queued`, `failed` or `erased`.
         status: Query<Option<String>>,
         /// Only events of this canonical type.
         event_type: Query<Option<String>>,
@@ -457,10 +459,11 @@ fn event_filter(
         Some("processed") => Some(EventStatus::Processed),
         Some("queued") => Some(EventStatus::Queued),
         Some("failed") => Some(EventStatus::Failed),
+        Some("erased") => Some(EventStatus::Erased),
         Some(_) => {
             return Err(invalid(
                 "status",
-                "`status` is processed, queued or failed".into(),
+                "`status` is processed, queued, failed or erased".into(),
             ))
         }
     };

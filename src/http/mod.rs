@@ -86,19 +86,25 @@ pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
     let (head, tail) = docs_page();
     let config_of = |req: &Request| req.data::<Arc<AppState>>().map(|s| s.config.load_full());
     let spec_json = poem::endpoint::make_sync(move |req| {
-        let text = config_of(&req).map(|c| spec::json(&c)).unwrap_or_default();
+        let text = config_of(&req)
+            .map(|c| spec::rendered(&c).json.clone())
+            .unwrap_or_default();
         Response::builder()
             .content_type("application/json; charset=utf-8")
             .body(text)
     });
     let spec_yaml = poem::endpoint::make_sync(move |req| {
-        let text = config_of(&req).map(|c| spec::yaml(&c)).unwrap_or_default();
+        let text = config_of(&req)
+            .map(|c| spec::rendered(&c).yaml.clone())
+            .unwrap_or_default();
         Response::builder()
             .content_type("application/x-yaml; charset=utf-8")
             .body(text)
     });
     let docs = poem::endpoint::make_sync(move |req| {
-        let spec = config_of(&req).map(|c| spec::json(&c)).unwrap_or_default();
+        let spec = config_of(&req)
+            .map(|c| spec::rendered(&c).in_script.clone())
+            .unwrap_or_default();
         poem::web::Html(format!("{head}{spec}{tail}"))
     });
     Route::new()

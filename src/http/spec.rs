@@ -58,6 +58,40 @@ pub fn yaml(config: &Config) -> String {
     serde_yaml_ng::to_string(&document(config)).unwrap_or_default()
 }
 
+/// The served forms of one config's document.
+pub struct Rendered {
+    pub json: String,
+    pub yaml: String,
+    /// The JSON with `<` escaped, to sit inside the docs page's `<script>`
+    /// (a `</script>` in a description cannot end it).
+    pub in_script: String,
+}
+
+/// The rendered document of the config in use, built once per config (the
+/// examples are scored, so building is not free; strangers may ask often).
+pub fn rendered(config: &std::sync::Arc<Config>) -> std::sync::Arc<Rendered> {
+    type Cached = (std::sync::Weak<Config>, std::sync::Arc<Rendered>);
+    static CACHE: std::sync::Mutex<Option<Cached>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((of, doc)) = cache.as_ref() {
+        if of
+            .upgrade()
+            .is_some_and(|c| std::sync::Arc::ptr_eq(&c, config))
+        {
+            return doc.clone();
+        }
+    }
+    let doc = document(config);
+    let json = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    let done = std::sync::Arc::new(Rendered {
+        in_script: json.replace('<', "\\u003c"),
+        yaml: serde_yaml_ng::to_string(&doc).unwrap_or_default(),
+        json,
+    });
+    *cache = Some((std::sync::Arc::downgrade(config), done.clone()));
+    done
+}
+
 /// The dry run and validation take the test or the admin token.
 fn declare_test_token(doc: &mut Value) {
     doc["components"]["securitySchemes"]["TestToken"] = json!({

@@ -139,9 +139,9 @@ pub async fn deliver(
     let mut prepared = score_all(state, config, src, mapped, !queued)
         .await
         .map_err(|e| store_refusal(state, e, "history read"))?;
-    let recorded = super::recorded_headers(src, d.headers);
-    for p in &mut prepared {
-        p.headers = Some(recorded.clone());
+    // Kept once per request: on a batch's first event.
+    if let Some(first) = prepared.first_mut() {
+        first.headers = Some(super::recorded_headers(src, d.headers));
     }
     store(state, src, prepared, queued, standing).await
 }

@@ -277,9 +277,10 @@ const ALWAYS_REDACTED: [&str; 3] = ["authorization", "proxy-authorization", "coo
 
 /// The request's headers as stored with its events (a JSON object, names
 /// in lower case, repeated headers joined with `, `): the values of the
-/// headers that carry a credential (the source's schemes', and
-/// `Authorization` and `Cookie` always) replaced by `[redacted]`, values cut
-/// at 1 KiB, at most 64 headers.
+/// headers that carry a credential (the source's schemes', `Authorization`
+/// and `Cookie` always, and any that holds the source's query-token
+/// parameter) replaced by `[redacted]`, values cut at 1 KiB, at most 64
+/// headers.
 pub fn recorded_headers(source: &Source, headers: &poem::http::HeaderMap) -> std::sync::Arc<str> {
     let secret: Vec<&str> = source
         .auth
@@ -287,10 +288,25 @@ pub fn recorded_headers(source: &Source, headers: &poem::http::HeaderMap) -> std
         .flat_map(|a| a.credential_headers())
         .chain(ALWAYS_REDACTED)
         .collect();
+    // A proxy may copy the URL, query token and all, into a header
+    // (`X-Original-URI`, `X-Forwarded-Uri`, `Referer`).
+    let query_params: Vec<String> = source
+        .auth
+        .iter()
+        .filter_map(|a| match a {
+            crate::pipeline::verify::AuthScheme::Query { param, .. } => Some(format!("{param}=")),
+            _ => None,
+        })
+        .collect();
     let mut out = serde_json::Map::new();
     for (name, value) in headers {
         let name = name.as_str();
-        let value = if secret.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+        let carries_query_token = || {
+            let v = String::from_utf8_lossy(value.as_bytes());
+            query_params.iter().any(|p| v.contains(p.as_str()))
+        };
+        let value = if secret.iter().any(|s| s.eq_ignore_ascii_case(name)) || carries_query_token()
+        {
             "[redacted]".to_string()
         } else {
             let text = String::from_utf8_lossy(value.as_bytes());

@@ -8,6 +8,9 @@ pub(super) enum Phase {
     /// Accepted, nothing read yet: the first request must arrive within the
     /// head deadline.
     Fresh,
+    /// The first bytes match the start of the HTTP/2 preface this far: the
+    /// protocol is decided once all of it arrived or a byte differs.
+    Sniff(usize),
     /// Between requests: waiting is the idle timeout's business.
     Idle,
     /// A request head has started: it must end within the deadline.
@@ -32,7 +35,7 @@ impl Phase {
     /// or whose headers have not ended.
     pub(super) fn waits_for_headers(&self) -> bool {
         match self {
-            Phase::Fresh | Phase::Head { .. } => true,
+            Phase::Fresh | Phase::Sniff(_) | Phase::Head { .. } => true,
             Phase::H2(f) => !f.seen_request || f.open_block,
             Phase::Idle | Phase::Rest => false,
         }
@@ -96,9 +99,10 @@ const CONTINUATION: u8 = 0x9;
 const END_HEADERS: u8 = 0x4;
 
 impl H2Frames {
-    pub(super) fn new() -> Self {
+    /// A reader whose first `seen` preface bytes were already read.
+    pub(super) fn after(seen: usize) -> Self {
         Self {
-            preface_left: H2_PREFACE.len(),
+            preface_left: H2_PREFACE.len().saturating_sub(seen),
             header: [0; 9],
             have: 0,
             payload_left: 0,
@@ -200,7 +204,7 @@ mod tests {
         let open_end = bytes.len();
         bytes.extend(frame(CONTINUATION, END_HEADERS, &[7; 5]));
         for split in 0..bytes.len() {
-            let p = Phase::H2(H2Frames::new());
+            let p = Phase::H2(H2Frames::after(0));
             let p = p.advance(&bytes[..split], 0).unwrap();
             let Phase::H2(f) = p else { unreachable!() };
             assert_eq!(
@@ -215,5 +219,41 @@ mod tests {
             assert!(f.seen_request && !f.open_block, "{split}");
             assert!(!Phase::H2(f).waits_for_headers());
         }
+    }
+}
+
+/// The phase after a connection's first bytes (`matched` of them, read
+/// before, matched the HTTP/2 preface): HTTP/2 only once the whole preface
+/// has arrived, HTTP/1.1 as soon as a byte differs, still undecided
+/// otherwise. The caller then feeds `new` to the phase returned.
+pub(super) fn sniff(matched: usize, new: &[u8]) -> Phase {
+    let want = &H2_PREFACE[matched..];
+    let n = new.len().min(want.len());
+    if new[..n] != want[..n] {
+        Phase::head()
+    } else if matched + n == H2_PREFACE.len() {
+        Phase::H2(H2Frames::after(matched))
+    } else {
+        Phase::Sniff(matched + n)
+    }
+}
+
+#[cfg(test)]
+mod sniff_tests {
+    use super::*;
+
+    #[test]
+    fn http2_is_decided_by_the_whole_preface_not_its_first_byte() {
+        // One byte of the preface decides nothing.
+        assert_eq!(sniff(0, b"P"), Phase::Sniff(1));
+        // Then HTTP/1.1 after all: a head, under the head deadline.
+        assert_eq!(sniff(1, b"OST /x HTTP/1.1\r\n"), Phase::head());
+        // The preface in pieces.
+        assert_eq!(sniff(0, &H2_PREFACE[..10]), Phase::Sniff(10));
+        let Phase::H2(f) = sniff(10, &H2_PREFACE[10..]) else {
+            panic!("the whole preface is HTTP/2")
+        };
+        assert_eq!(f.preface_left, H2_PREFACE.len() - 10);
+        assert!(Phase::Sniff(3).waits_for_headers());
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use evict::{Idleness, Tracked};
-use head::{end_of_request, H2Frames, Phase, H2_PREFACE, HEADERS_TOO_LARGE};
+use head::{end_of_request, Phase, HEADERS_TOO_LARGE};
 
 /// Limits applied to every connection.
 #[derive(Clone, Debug)]
@@ -155,8 +155,9 @@ impl<A: Acceptor> Acceptor for GuardedAcceptor<A> {
 }
 
 /// A place under the global cap for a connection just accepted: at the
-/// cap, the connection idle longest is asked to close (again every 100 ms
-/// while one is idle, in case the one asked started a request).
+/// cap, the connection idle longest is asked to close, and again every
+/// 100 ms while the cap holds (one asked may have started a request, and
+/// busy ones become idle).
 async fn permit(
     permits: Arc<Semaphore>,
     idleness: Arc<Idleness>,
@@ -170,13 +171,12 @@ async fn permit(
             }
             Err(tokio::sync::TryAcquireError::NoPermits) => {}
         }
-        if !idleness.evict_oldest() {
-            return permits.clone().acquire_owned().await.map_err(closed);
+        if idleness.evict_oldest() {
+            tracing::debug!(
+                reason = "connection_cap",
+                "closing the connection idle longest"
+            );
         }
-        tracing::debug!(
-            reason = "connection_cap",
-            "closing the connection idle longest"
-        );
         if let Ok(p) =
             tokio::time::timeout(Duration::from_millis(100), permits.clone().acquire_owned()).await
         {
@@ -230,14 +230,14 @@ impl<T> GuardedIo<T> {
     /// Moves the phase on for bytes just read; `Err` for a head too large.
     fn saw(&mut self, cx: &mut Context<'_>, new: &[u8]) -> Result<(), ()> {
         match self.phase {
-            Phase::Fresh => {
+            Phase::Fresh | Phase::Sniff(_) => {
                 self.tracked.busy();
                 // The deadline set at accept keeps running.
-                self.phase = if new.starts_with(&H2_PREFACE[..new.len().min(H2_PREFACE.len())]) {
-                    Phase::H2(H2Frames::new())
-                } else {
-                    Phase::head()
+                let matched = match self.phase {
+                    Phase::Sniff(m) => m,
+                    _ => 0,
                 };
+                self.phase = head::sniff(matched, new);
             }
             Phase::Idle => {
                 self.tracked.busy();

@@ -12,16 +12,16 @@ use super::{Pool, Store, StoreError};
 impl Store {
     /// Writes a consistent copy of the store to `dest` (a new file: an
     /// existing one is never overwritten); returns its size in bytes. The
-    /// copy is written beside `dest` and renamed into place once synced, so
+    /// copy is written beside `dest` and linked into place once synced, so
     /// `dest` is either absent or whole.
     pub async fn backup(&self, dest: &Path) -> Result<u64, StoreError> {
         let Pool::Sqlite(pool) = &self.pool else {
-            return Err(StoreError::Backup(
+            return Err(StoreError::Refused(
                 "this is a PostgreSQL store: back it up with pg_dump (see docs/storage.md)".into(),
             ));
         };
         if dest.exists() {
-            return Err(StoreError::Backup(format!(
+            return Err(StoreError::Refused(format!(
                 "{} exists; a backup never overwrites a file",
                 dest.display()
             )));
@@ -30,19 +30,21 @@ impl Store {
         let _ = std::fs::remove_file(&partial);
         let target = partial
             .to_str()
-            .ok_or_else(|| StoreError::Backup(format!("{} is not UTF-8", partial.display())))?;
+            .ok_or_else(|| StoreError::Refused(format!("{} is not UTF-8", partial.display())))?;
         sqlx::query("VACUUM INTO ?")
             .bind(target)
             .execute(pool)
             .await?;
         let io = |what: &str, e: std::io::Error| {
             let _ = std::fs::remove_file(&partial);
-            StoreError::Backup(format!("{what} {}: {e}", partial.display()))
+            StoreError::Refused(format!("{what} {}: {e}", partial.display()))
         };
         let file = std::fs::File::open(&partial).map_err(|e| io("cannot open", e))?;
         file.sync_all().map_err(|e| io("cannot sync", e))?;
         let size = file.metadata().map_err(|e| io("cannot read", e))?.len();
-        std::fs::rename(&partial, dest).map_err(|e| io("cannot rename", e))?;
+        // A hard link fails if `dest` appeared meanwhile: never overwritten.
+        std::fs::hard_link(&partial, dest).map_err(|e| io("cannot move into place", e))?;
+        let _ = std::fs::remove_file(&partial);
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             // The rename itself must survive a power cut.
             if let Ok(d) = std::fs::File::open(dir) {

@@ -1,9 +1,10 @@
 //! The event log: stored events newest first, filtered, with a cursor that
 //! keeps working while new events arrive (an event's id is a ULID of the
 //! time it was received, so "newer than the cursor" never shifts a page).
-//! Each filter is served by an index: a source's events by
-//! `events_source_log`, the failed ones by `events_failed_log`, a learner's
-//! by `events_user`, time bounds as bounds on the id.
+//! Indexes serve the filters: a source's events by `events_source_log`,
+//! the failed ones by `events_failed_log`, a learner's by `events_user`,
+//! time bounds as bounds on the id; a type or another status narrows them.
+//! Also: a learner's erasure, and the backlog the metrics report.
 
 use sqlx::Row;
 
@@ -41,7 +42,8 @@ pub struct LoggedEvent {
 
 /// The smallest event id received at `ms` (ids are `evt_` and a ULID).
 pub fn first_id_at(ms: i64) -> String {
-    let ms = u64::try_from(ms.max(0)).unwrap_or(0);
+    // A ULID holds 48 bits of milliseconds (until the year 10889).
+    let ms = u64::try_from(ms.max(0)).unwrap_or(0).min((1 << 48) - 1);
     format!("evt_{}", ulid::Ulid::from_parts(ms, 0))
 }
 

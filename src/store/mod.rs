@@ -64,9 +64,10 @@ pub enum StoreError {
     /// A status column holds a value no version of this server writes.
     #[error("unknown event status {0:?} in the store")]
     UnknownStatus(String),
-    /// A backup could not be taken (the message says why).
+    /// An operation on the store refused (a backup, a subcommand on a
+    /// missing database); the message says why.
     #[error("{0}")]
-    Backup(String),
+    Refused(String),
     /// Writes failed for want of a writable store (see [`StoreError::reason`]).
     #[error("{0}")]
     Unwritable(&'static str),
@@ -230,6 +231,14 @@ fn group_size_histogram() -> prometheus::Histogram {
         .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
     )
     .unwrap_or_else(|e| panic!("histogram: {e}"))
+}
+
+/// An event being scored again: its own row is left out of its history,
+/// and its points (counted in the total when processed) taken off.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredSelf<'a> {
+    pub id: &'a str,
+    pub points: i64,
 }
 
 /// A stored event as the API shows it.
@@ -397,27 +406,48 @@ async fn connect_sqlite(
     Ok((Pool::Sqlite(pool), writer, wal, identity))
 }
 
+/// The SQLite connection options a URL names (`sqlite:` URLs, and plain
+/// paths with no scheme); `None` for another scheme.
+fn sqlite_options(url: &str) -> Result<Option<SqliteConnectOptions>, StoreError> {
+    let plain_path = !url.is_empty()
+        && (!url.contains(':') || (!url.contains("://") && url.starts_with(['/', '.'])));
+    if plain_path {
+        // Taken as it is, not parsed as a URL (`%`, `?`, `#` are file
+        // name characters here).
+        Ok(Some(SqliteConnectOptions::new().filename(url)))
+    } else if url.starts_with("sqlite:") {
+        // The writer thread opens the file again: an in-memory database
+        // would be a different, empty one there.
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::InMemory);
+        }
+        Ok(Some(SqliteConnectOptions::from_str(url)?))
+    } else {
+        Ok(None)
+    }
+}
+
 impl Store {
+    /// Connects to a store that must exist already: for the subcommands
+    /// that work on the server's data (`backup`, `erase`), where a mistyped
+    /// path must not create an empty database and report success on it.
+    pub async fn connect_existing(url: &str) -> Result<Store, StoreError> {
+        if let Some(opts) = sqlite_options(url)? {
+            let file = opts.get_filename();
+            if !file.is_file() {
+                return Err(StoreError::Refused(format!(
+                    "no database at {} (check ROCKET_DATABASE_URL or --database-url)",
+                    file.display()
+                )));
+            }
+        }
+        Store::connect(url).await
+    }
+
     /// Connects, creating the SQLite file and folder if needed, and runs the
     /// backend's migrations.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        // `sqlite:` URLs, and plain paths (no scheme), are SQLite files.
-        let plain_path = !url.is_empty()
-            && (!url.contains(':') || (!url.contains("://") && url.starts_with(['/', '.'])));
-        let sqlite = if plain_path {
-            // Taken as it is, not parsed as a URL (`%`, `?`, `#` are file
-            // name characters here).
-            Some(SqliteConnectOptions::new().filename(url))
-        } else if url.starts_with("sqlite:") {
-            // The writer thread opens the file again: an in-memory database
-            // would be a different, empty one there.
-            if url.contains(":memory:") || url.contains("mode=memory") {
-                return Err(StoreError::InMemory);
-            }
-            Some(SqliteConnectOptions::from_str(url)?)
-        } else {
-            None
-        };
+        let sqlite = sqlite_options(url)?;
         let group_sizes = group_size_histogram();
         let sync_failed = Arc::new(AtomicBool::new(false));
         let (pool, writer, backend, sqlite_parts) = if let Some(opts) = sqlite {
@@ -710,38 +740,41 @@ impl Store {
         &self,
         namespace: &str,
         ev: &CanonicalEvent,
+        stored: Option<StoredSelf<'_>>,
     ) -> Result<History, StoreError> {
         const TOTAL: &str = "SELECT points FROM totals WHERE namespace = $1 AND user_id = $2";
         const RECENT: &str =
             "SELECT event_type, occurred_at FROM events WHERE namespace = $1 AND user_id = $2 \
             AND status = 'processed' AND event_type IS NOT NULL AND occurred_at >= $3 \
-            ORDER BY occurred_at DESC LIMIT $4";
+            AND id <> $5 ORDER BY occurred_at DESC LIMIT $4";
         const SEEN_OBJECT: &str =
             "SELECT 1 AS seen FROM events WHERE namespace = $1 AND user_id = $2 \
-            AND event_type = $3 AND status = 'processed' AND object_id = $4 LIMIT 1";
+            AND event_type = $3 AND status = 'processed' AND object_id = $4 AND id <> $5 LIMIT 1";
         const SEEN_COURSE: &str =
             "SELECT 1 AS seen FROM events WHERE namespace = $1 AND user_id = $2 \
-            AND event_type = $3 AND status = 'processed' AND course_id = $4 LIMIT 1";
+            AND event_type = $3 AND status = 'processed' AND course_id = $4 AND id <> $5 LIMIT 1";
         const SEEN_TYPE: &str =
             "SELECT 1 AS seen FROM events WHERE namespace = $1 AND user_id = $2 \
-            AND event_type = $3 AND status = 'processed' LIMIT 1";
+            AND event_type = $3 AND status = 'processed' AND id <> $4 LIMIT 1";
         let (Some(user), Some(kind)) = (&ev.user_id, &ev.event_type) else {
             return Ok(History::default());
         };
         let at = ev.occurred_at.timestamp_millis();
         let since = at - HISTORY_DAYS * 86_400_000;
+        // Event ids are never empty: "" excludes nothing.
+        let (own_id, own_points) = stored.map_or(("", 0), |s| (s.id, s.points));
         with_pool!(&self.pool, p => {
             let total = sqlx::query(TOTAL).bind(namespace).bind(user).fetch_optional(p).await?;
             let total: i64 = match total {
-                Some(r) => r.try_get("points")?,
+                Some(r) => r.try_get::<i64, _>("points")? - own_points,
                 None => 0,
             };
             let seen = match (&ev.object_id, &ev.course_id) {
-                (Some(o), _) => sqlx::query(SEEN_OBJECT).bind(namespace).bind(user).bind(kind).bind(o).fetch_optional(p).await?,
-                (None, Some(c)) => sqlx::query(SEEN_COURSE).bind(namespace).bind(user).bind(kind).bind(c).fetch_optional(p).await?,
-                (None, None) => sqlx::query(SEEN_TYPE).bind(namespace).bind(user).bind(kind).fetch_optional(p).await?,
+                (Some(o), _) => sqlx::query(SEEN_OBJECT).bind(namespace).bind(user).bind(kind).bind(o).bind(own_id).fetch_optional(p).await?,
+                (None, Some(c)) => sqlx::query(SEEN_COURSE).bind(namespace).bind(user).bind(kind).bind(c).bind(own_id).fetch_optional(p).await?,
+                (None, None) => sqlx::query(SEEN_TYPE).bind(namespace).bind(user).bind(kind).bind(own_id).fetch_optional(p).await?,
             };
-            let rows = sqlx::query(RECENT).bind(namespace).bind(user).bind(since).bind(HISTORY_EVENTS).fetch_all(p).await?;
+            let rows = sqlx::query(RECENT).bind(namespace).bind(user).bind(since).bind(HISTORY_EVENTS).bind(own_id).fetch_all(p).await?;
             let recent = rows
                 .iter()
                 .map(|r| Ok((r.try_get::<String, _>("event_type")?, r.try_get::<i64, _>("occurred_at")?)))

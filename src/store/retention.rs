@@ -1,9 +1,11 @@
-//! Retention's writes: one small batch at a time, each its own short
-//! transaction, so the hook's writer never waits long for the lock. A
-//! batch examines the next events of a source in id order (up to a cutoff
-//! id: the first id of the cutoff day) from where the last batch stopped
-//! (`retention_marks`), prunes those that qualify and moves the mark.
-//! Ledger entries and totals are never touched.
+//! Retention's writes: one small batch at a time. A batch reads the next
+//! events of a source in id order (up to a cutoff id: the first id of the
+//! cutoff day) from where the last batch stopped (`retention_marks`),
+//! outside any write transaction; then, in one short transaction, prunes
+//! those that qualified (each guarded again by its status and points) and
+//! moves the mark, so the hook's writer never waits behind the reading.
+//! Each event is examined once, when it reaches the age: a failed or
+//! queued one then is kept. Ledger entries and totals are never touched.
 
 use sqlx::Row;
 
@@ -31,6 +33,7 @@ impl Prune {
 // A write first: SQLite takes the write lock at once (waiting its busy
 // timeout, never failing to upgrade a read), and on PostgreSQL the mark's
 // row lock keeps two instances off the same batch.
+const READ_MARK: &str = "SELECT upto FROM retention_marks WHERE source = $1 AND kind = $2";
 const MARK: &str = "INSERT INTO retention_marks (source, kind, upto) VALUES ($1, $2, '') \
     ON CONFLICT (source, kind) DO UPDATE SET upto = retention_marks.upto RETURNING upto";
 const SET_MARK: &str = "INSERT INTO retention_marks (source, kind, upto) VALUES ($1, $2, $3) \
@@ -43,7 +46,9 @@ const NEXT_EVENTS: &str = "SELECT id, (points = 0 AND status IN ('processed', 'e
     AND l.user_id = events.user_id AND l.event_id = events.id)) AS prunable \
     FROM events WHERE source = $1 AND id > $2 AND id < $3 ORDER BY id LIMIT $4";
 const DROP_RAW: &str = "UPDATE events SET raw = $1, request_headers = NULL WHERE id = $2";
-const DELETE_EVENT: &str = "DELETE FROM events WHERE id = $1";
+// Guarded: an event scored or awarded since it was read is kept.
+const DELETE_EVENT: &str =
+    "DELETE FROM events WHERE id = $1 AND points = 0 AND status IN ('processed', 'erased')";
 
 /// One batch: how many events were examined and how many pruned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,39 +72,54 @@ impl Store {
             Prune::ZeroPointEvents => NEXT_EVENTS,
         };
         with_pool!(&self.pool, p => {
-            let mut tx = p.begin().await?;
-            let mark: String = sqlx::query(MARK)
+            // Read without the write lock.
+            let mark: String = sqlx::query(READ_MARK)
                 .bind(source)
                 .bind(what.label())
-                .fetch_one(&mut *tx)
+                .fetch_optional(p)
                 .await?
-                .try_get("upto")?;
+                .map(|r| r.try_get("upto"))
+                .transpose()?
+                .unwrap_or_default();
             let rows = sqlx::query(next)
                 .bind(source)
                 .bind(&mark)
                 .bind(cutoff_id)
                 .bind(limit)
-                .fetch_all(&mut *tx)
+                .fetch_all(p)
                 .await?;
-            let mut batch = Batch::default();
-            let mut last = None;
+            let mut prunable = Vec::new();
             for r in &rows {
-                let id: String = r.try_get("id")?;
                 if r.try_get::<bool, _>("prunable")? {
-                    match what {
-                        Prune::Raw => sqlx::query(DROP_RAW).bind(Vec::<u8>::new()).bind(&id).execute(&mut *tx).await?,
-                        Prune::ZeroPointEvents => sqlx::query(DELETE_EVENT).bind(&id).execute(&mut *tx).await?,
-                    };
-                    batch.pruned += 1;
+                    prunable.push(r.try_get::<String, _>("id")?);
                 }
-                batch.examined += 1;
-                last = Some(id);
             }
-            if let Some(last) = last {
-                sqlx::query(SET_MARK).bind(source).bind(what.label()).bind(last).execute(&mut *tx).await?;
+            let Some(last) = rows.last().map(|r| r.try_get::<String, _>("id")).transpose()? else {
+                return Ok(Batch::default());
+            };
+            let mut tx = p.begin().await?;
+            // The mark as this batch read it, locked: a pass elsewhere that
+            // moved it first wins, and this batch writes nothing.
+            let locked: String = sqlx::query(MARK)
+                .bind(source)
+                .bind(what.label())
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("upto")?;
+            if locked != mark {
+                return Ok(Batch::default());
             }
+            let mut pruned = 0;
+            for id in &prunable {
+                let done = match what {
+                    Prune::Raw => sqlx::query(DROP_RAW).bind(Vec::<u8>::new()).bind(id).execute(&mut *tx).await?,
+                    Prune::ZeroPointEvents => sqlx::query(DELETE_EVENT).bind(id).execute(&mut *tx).await?,
+                };
+                pruned += done.rows_affected();
+            }
+            sqlx::query(SET_MARK).bind(source).bind(what.label()).bind(&last).execute(&mut *tx).await?;
             tx.commit().await?;
-            Ok(batch)
+            Ok(Batch { examined: rows.len() as u64, pruned })
         })
     }
 }

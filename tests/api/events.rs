@@ -156,6 +156,29 @@ async fn the_event_log_lists_newest_first_filters_and_pages_stably() {
         .await;
     assert!(!one.text.contains(&signature), "{}", one.text);
     assert!(one.text.contains("[redacted]"), "{}", one.text);
+    // A query token copied into a header by a proxy is redacted too.
+    let r = app
+        .send(
+            app.client
+                .post(app.url(&format!(
+                    "/api/public/hook/moodle/event?token={MOODLE_TOKEN}"
+                )))
+                .header(
+                    "x-original-uri",
+                    format!("/api/public/hook/moodle/event?token={MOODLE_TOKEN}"),
+                )
+                .json(&moodle_completion(2, 5)),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let one = app
+        .admin_get(&format!("/api/v1/events/{}", event_id(&r)))
+        .await;
+    assert_eq!(
+        one.body["request"]["headers"]["x-original-uri"],
+        "[redacted]"
+    );
+    assert!(!one.text.contains(MOODLE_TOKEN), "{}", one.text);
 
     assert_error(
         &app.admin_get("/api/v1/events?status=lost").await,
@@ -350,4 +373,39 @@ async fn each_event_log_filter_uses_an_index() {
         }
     }
     store.close().await;
+}
+
+/// Rescoring an event with its rules unchanged changes nothing, also for
+/// rules that read the learner's history: the event is scored against its
+/// history as it was, without itself.
+#[tokio::test]
+async fn rescoring_an_unchanged_history_rule_changes_nothing() {
+    let app = spawn_with(|dir| {
+        let p = dir.join("sources.d/custom.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            text.replace(
+                "rules: [course_completed, lesson_completed, quiz_passed]",
+                "rules: [course_completed, first_course_bonus, lesson_capped]",
+            ),
+        )
+        .unwrap();
+    })
+    .await;
+    let course = custom(&app, "c1", "course.completed", "u1").await;
+    assert_eq!(course.body["points_awarded"], 75, "{}", course.text);
+    let lesson = app
+        .bearer(
+            "custom",
+            CUSTOM_TOKEN,
+            &json!({"event_id": "l1", "event_type": "lesson.completed", "user_id": "u1", "object_id": "lesson-1"}),
+        )
+        .await;
+    assert_eq!(lesson.body["points_awarded"], 10, "{}", lesson.text);
+    let ids = json!([event_id(&course), event_id(&lesson)]);
+    let r = replay(&app, json!({"event_ids": ids, "rescore": true})).await;
+    assert_eq!(r.body["unchanged"], 2, "{}", r.text);
+    assert_eq!(r.body["points_delta"], 0);
+    assert_eq!(app.user_points("custom", "u1").await, 85);
 }

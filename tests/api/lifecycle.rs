@@ -187,6 +187,15 @@ async fn a_backup_under_load_restores_every_event_acknowledged_before_it_began()
         .unwrap();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("never overwrites"));
+    // A mistyped database path is refused, not created empty and backed up.
+    let missing = format!(
+        "sqlite://{}",
+        tmp.path().join("nowhere/rocket.db").display()
+    );
+    let wrong = backup(missing, tmp.path().join("other.db")).await.unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("no database at"));
+    assert!(!tmp.path().join("nowhere").exists());
 
     let restored_url = format!("sqlite://{}", copy.display());
     let restored = spawn_custom(|_| {}, |s| s.database_url = restored_url).await;
