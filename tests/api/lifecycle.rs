@@ -298,3 +298,136 @@ async fn retention_prunes_raw_bodies_and_zero_point_events_but_never_the_ledger(
     );
     assert!(metrics.contains("rocket_retention_pruned_total{what=\"events\"} 1"));
 }
+
+/// The summary tables SQLite keeps by trigger (events by source, type and
+/// status; points per day) and the totals agree with a full recount after
+/// every kind of write: ingest, a failed event replayed, a rescore, an
+/// erasure and retention. (PostgreSQL aggregates; it has no such tables.)
+#[tokio::test]
+async fn summary_tables_match_a_recount_after_every_kind_of_write() {
+    let app = spawn_with(|dir| {
+        std::fs::write(
+            dir.join("rules/flaky.rhai"),
+            "if event.event_type == \"badge.earned\" { throw \"not today\" }",
+        )
+        .unwrap();
+        let p = dir.join("sources.d/custom.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(
+            &p,
+            text.replace(
+                "rules: [course_completed, lesson_completed, quiz_passed]",
+                "rules: [course_completed, flaky]",
+            ),
+        )
+        .unwrap();
+        append_to_source(
+            dir,
+            "custom",
+            "retention: { raw_days: 0, zero_point_events_days: 0 }",
+        );
+    })
+    .await;
+    if app.database_url.starts_with("postgres") {
+        return;
+    }
+    let post = |id: &str, kind: &str, user: &str| {
+        let ev = json!({"event_id": id, "event_type": kind, "user_id": user, "course_id": id});
+        let app = &app;
+        async move { app.bearer("custom", CUSTOM_TOKEN, &ev).await.status }
+    };
+    assert_eq!(post("c1", "course.completed", "ada").await, 200);
+    assert_eq!(post("c2", "course.completed", "bob").await, 200);
+    assert_eq!(post("z1", "quiz.failed", "bob").await, 200);
+    assert_eq!(post("b1", "badge.earned", "ada").await, 500);
+    assert_eq!(post("b2", "badge.earned", "cy").await, 500);
+    std::fs::write(
+        app.config_dir.join("rules/flaky.rhai"),
+        "if event.event_type == \"badge.earned\" { 7 }",
+    )
+    .unwrap();
+    std::fs::write(
+        app.config_dir.join("rules/course_completed.rhai"),
+        "if event.event_type == \"course.completed\" { 60 }",
+    )
+    .unwrap();
+    assert_eq!(app.reload().await.status, 200);
+    let replay = |body: Value| {
+        let app = &app;
+        async move {
+            app.send(
+                app.client
+                    .post(app.url("/api/admin/events/replay"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&body),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        replay(json!({"source": "custom"})).await.body["processed"],
+        2
+    );
+    let rescored =
+        replay(json!({"source": "custom", "status": "processed", "rescore": true})).await;
+    assert_eq!(rescored.body["rescored"], 2, "{}", rescored.text);
+    assert_eq!(erase(&app, "custom", "cy").await.status, 200);
+    let received = chrono::Utc::now().timestamp_millis();
+    while chrono::Utc::now().timestamp_millis() <= received {
+        std::hint::spin_loop();
+    }
+    let pruned = rocket_rewards::retention::prune(&app.server.state)
+        .await
+        .unwrap();
+    assert!(pruned.events >= 1, "{pruned:?}");
+
+    use sqlx::Connection;
+    let mut db = sqlx::SqliteConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let counted: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT source, event_type, status, n FROM event_counts WHERE n <> 0 ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let recount: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT source, COALESCE(event_type, 'unmapped'), status, COUNT(*) FROM events GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(counted, recount);
+    let days: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT day, points, entries FROM ledger_days WHERE entries <> 0 ORDER BY 1",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    let day_recount: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT strftime('%Y-%m-%d', created_at / 1000, 'unixepoch'), SUM(points), COUNT(*) FROM ledger GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(days, day_recount);
+    let totals: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT namespace, user_id, points FROM totals ORDER BY 1, 2")
+            .fetch_all(&mut db)
+            .await
+            .unwrap();
+    let totals_recount: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT namespace, user_id, SUM(points) FROM ledger GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(totals, totals_recount);
+    assert_eq!(
+        totals,
+        vec![
+            ("custom".to_string(), "ada".to_string(), 67),
+            ("custom".to_string(), "bob".to_string(), 60)
+        ]
+    );
+}
