@@ -214,21 +214,7 @@ impl Browser {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_works_through_the_console_in_a_real_browser() {
     let app = spawn_with(|dir| {
-        std::fs::write(
-            dir.join("rules/flaky.rhai"),
-            "if event.event_type == \"badge.earned\" { throw \"not today\" }",
-        )
-        .unwrap();
-        let p = dir.join("sources.d/custom.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(
-            &p,
-            text.replace(
-                "rules: [course_completed, lesson_completed, quiz_passed]",
-                "rules: [course_completed, flaky]",
-            ),
-        )
-        .unwrap();
+        with_flaky_rule(dir);
     })
     .await;
     let Some(mut b) = Browser::launch().await else {
@@ -306,11 +292,7 @@ async fn an_operator_works_through_the_console_in_a_real_browser() {
     // A failed event, its rule fixed, replayed from the console.
     let ev = json!({"event_id": "b-1", "event_type": "badge.earned", "user_id": "u1"});
     assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev).await.status, 500);
-    std::fs::write(
-        app.config_dir.join("rules/flaky.rhai"),
-        "if event.event_type == \"badge.earned\" { 7 }",
-    )
-    .unwrap();
+    fix_flaky_rule(&app.config_dir);
     assert_eq!(app.reload().await.status, 200);
     b.fill("#events-source", "custom").await;
     b.fill("#events-form select[name=status]", "failed").await;

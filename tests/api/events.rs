@@ -12,21 +12,7 @@ use rocket_rewards::store::{EventStatus, Store};
 /// The custom source with a rule that fails `badge.earned` events.
 async fn spawn_flaky() -> TestApp {
     spawn_with(|dir| {
-        std::fs::write(
-            dir.join("rules/flaky.rhai"),
-            "if event.event_type == \"badge.earned\" { throw \"not today\" }",
-        )
-        .unwrap();
-        let p = dir.join("sources.d/custom.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(
-            &p,
-            text.replace(
-                "rules: [course_completed, lesson_completed, quiz_passed]",
-                "rules: [course_completed, flaky]",
-            ),
-        )
-        .unwrap();
+        with_flaky_rule(dir);
     })
     .await
 }
@@ -200,14 +186,7 @@ async fn the_event_log_lists_newest_first_filters_and_pages_stably() {
 }
 
 async fn replay(app: &TestApp, body: Value) -> Resp {
-    let r = app
-        .send(
-            app.client
-                .post(app.url("/api/admin/events/replay"))
-                .bearer_auth(ADMIN_TOKEN)
-                .json(&body),
-        )
-        .await;
+    let r = app.replay(&body).await;
     assert_eq!(r.status, 200, "{}", r.text);
     r
 }
@@ -234,11 +213,7 @@ async fn replay_scores_failed_events_once_and_leaves_processed_ones_alone() {
         .as_str()
         .unwrap()
         .contains("not today"));
-    std::fs::write(
-        app.config_dir.join("rules/flaky.rhai"),
-        "if event.event_type == \"badge.earned\" { 7 }",
-    )
-    .unwrap();
+    fix_flaky_rule(&app.config_dir);
     assert_eq!(app.reload().await.status, 200);
     let body = json!({"source": "custom", "since": chrono::Utc::now().timestamp() - 3600});
     let (a, b) = tokio::join!(replay(&app, body.clone()), replay(&app, body.clone()));

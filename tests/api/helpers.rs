@@ -245,6 +245,17 @@ impl TestApp {
         .await
     }
 
+    /// `POST /api/admin/events/replay` with the admin token.
+    pub async fn replay(&self, body: &Value) -> Resp {
+        self.send(
+            self.client
+                .post(self.url("/api/admin/events/replay"))
+                .bearer_auth(ADMIN_TOKEN)
+                .json(body),
+        )
+        .await
+    }
+
     pub async fn user_points(&self, namespace: &str, user: &str) -> i64 {
         let r = self
             .admin_get(&format!("/api/v1/users/{namespace}/{user}"))
@@ -354,6 +365,36 @@ pub fn launch_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> Launched {
 pub fn start_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> (String, std::process::Child) {
     let l = launch_binary(dir, db, env);
     (l.addr, l.child)
+}
+
+/// Gives the custom source a rule that fails `badge.earned` events ("not
+/// today") beside `course_completed`.
+pub fn with_flaky_rule(dir: &Path) {
+    std::fs::write(
+        dir.join("rules/flaky.rhai"),
+        "if event.event_type == \"badge.earned\" { throw \"not today\" }",
+    )
+    .unwrap();
+    let p = dir.join("sources.d/custom.yaml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(
+        &p,
+        text.replace(
+            "rules: [course_completed, lesson_completed, quiz_passed]",
+            "rules: [course_completed, flaky]",
+        ),
+    )
+    .unwrap();
+}
+
+/// Fixes the rule of [`with_flaky_rule`]: `badge.earned` earns 7 (reload
+/// to apply).
+pub fn fix_flaky_rule(dir: &Path) {
+    std::fs::write(
+        dir.join("rules/flaky.rhai"),
+        "if event.event_type == \"badge.earned\" { 7 }",
+    )
+    .unwrap();
 }
 
 /// Appends `text` to a source's file in a config copy.

@@ -458,21 +458,7 @@ async fn stats_count_a_failed_statement_repeated_in_its_batch_once() {
 #[tokio::test]
 async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery() {
     let app = spawn_with(|dir| {
-        std::fs::write(
-            dir.join("rules/flaky.rhai"),
-            "if event.event_type == \"badge.earned\" { throw \"not today\" }",
-        )
-        .unwrap();
-        let p = dir.join("sources.d/custom.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(
-            &p,
-            text.replace(
-                "rules: [course_completed, lesson_completed, quiz_passed]",
-                "rules: [course_completed, flaky]",
-            ),
-        )
-        .unwrap();
+        with_flaky_rule(dir);
     })
     .await;
     let ev = json!({"event_id": "b-1", "event_type": "badge.earned", "user_id": "u1"});
@@ -491,11 +477,7 @@ async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery
     assert_eq!(stats["events"], counted("failed"));
     assert_eq!(stats["points_per_day"], json!([]));
     // The admin fixes the rule and reloads; the redelivery is scored.
-    std::fs::write(
-        app.config_dir.join("rules/flaky.rhai"),
-        "if event.event_type == \"badge.earned\" { 7 }",
-    )
-    .unwrap();
+    fix_flaky_rule(&app.config_dir);
     let reload = app.reload().await;
     assert_eq!(reload.status, 200, "{}", reload.text);
     let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;

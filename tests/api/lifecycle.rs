@@ -306,21 +306,7 @@ async fn retention_prunes_raw_bodies_and_zero_point_events_but_never_the_ledger(
 #[tokio::test]
 async fn summary_tables_match_a_recount_after_every_kind_of_write() {
     let app = spawn_with(|dir| {
-        std::fs::write(
-            dir.join("rules/flaky.rhai"),
-            "if event.event_type == \"badge.earned\" { throw \"not today\" }",
-        )
-        .unwrap();
-        let p = dir.join("sources.d/custom.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(
-            &p,
-            text.replace(
-                "rules: [course_completed, lesson_completed, quiz_passed]",
-                "rules: [course_completed, flaky]",
-            ),
-        )
-        .unwrap();
+        with_flaky_rule(dir);
         append_to_source(
             dir,
             "custom",
@@ -341,35 +327,20 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
     assert_eq!(post("z1", "quiz.failed", "bob").await, 200);
     assert_eq!(post("b1", "badge.earned", "ada").await, 500);
     assert_eq!(post("b2", "badge.earned", "cy").await, 500);
-    std::fs::write(
-        app.config_dir.join("rules/flaky.rhai"),
-        "if event.event_type == \"badge.earned\" { 7 }",
-    )
-    .unwrap();
+    fix_flaky_rule(&app.config_dir);
     std::fs::write(
         app.config_dir.join("rules/course_completed.rhai"),
         "if event.event_type == \"course.completed\" { 60 }",
     )
     .unwrap();
     assert_eq!(app.reload().await.status, 200);
-    let replay = |body: Value| {
-        let app = &app;
-        async move {
-            app.send(
-                app.client
-                    .post(app.url("/api/admin/events/replay"))
-                    .bearer_auth(ADMIN_TOKEN)
-                    .json(&body),
-            )
-            .await
-        }
-    };
     assert_eq!(
-        replay(json!({"source": "custom"})).await.body["processed"],
+        app.replay(&json!({"source": "custom"})).await.body["processed"],
         2
     );
-    let rescored =
-        replay(json!({"source": "custom", "status": "processed", "rescore": true})).await;
+    let rescored = app
+        .replay(&json!({"source": "custom", "status": "processed", "rescore": true}))
+        .await;
     assert_eq!(rescored.body["rescored"], 2, "{}", rescored.text);
     assert_eq!(erase(&app, "custom", "cy").await.status, 200);
     let received = chrono::Utc::now().timestamp_millis();
