@@ -91,6 +91,8 @@ pub async fn rescore(
                         0
                     };
             } else {
+                // Nothing was written: its once-award claims go back.
+                claimed.retain(|_, holder| *holder != ev.id);
                 writeln!(
                     out,
                     "{}: changed while rescoring; left to the server",

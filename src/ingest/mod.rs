@@ -290,21 +290,19 @@ pub fn recorded_headers(source: &Source, headers: &poem::http::HeaderMap) -> std
         .collect();
     // A proxy may copy the URL, query token and all, into a header
     // (`X-Original-URI`, `X-Forwarded-Uri`, `Referer`).
-    let query_params: Vec<String> = source
+    let query_params: Vec<&str> = source
         .auth
         .iter()
         .filter_map(|a| match a {
-            crate::pipeline::verify::AuthScheme::Query { param, .. } => Some(format!("{param}=")),
+            crate::pipeline::verify::AuthScheme::Query { param, .. } => Some(param.as_str()),
             _ => None,
         })
         .collect();
     let mut out = serde_json::Map::new();
     for (name, value) in headers {
         let name = name.as_str();
-        let carries_query_token = || {
-            let v = String::from_utf8_lossy(value.as_bytes());
-            query_params.iter().any(|p| v.contains(p.as_str()))
-        };
+        let carries_query_token =
+            || !query_params.is_empty() && names_query_param(value.as_bytes(), &query_params);
         let value = if secret.iter().any(|s| s.eq_ignore_ascii_case(name)) || carries_query_token()
         {
             "[redacted]".to_string()
@@ -329,4 +327,56 @@ pub fn recorded_headers(source: &Source, headers: &poem::http::HeaderMap) -> std
         }
     }
     serde_json::Value::Object(out).to_string().into()
+}
+
+/// Whether a header value holds a URL query naming one of `params`, as the
+/// authentication reads a query (percent-decoded keys), also when the
+/// value itself is percent-encoded (`…%3Ftoken%3D…`).
+fn names_query_param(value: &[u8], params: &[&str]) -> bool {
+    let names = |text: &[u8]| {
+        let query = match text.iter().position(|b| *b == b'?') {
+            Some(i) => &text[i + 1..],
+            None => text,
+        };
+        form_urlencoded::parse(query).any(|(k, _)| params.contains(&k.as_ref()))
+    };
+    names(value) || names(&percent_decoded(value))
+}
+
+fn percent_decoded(value: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        match (
+            value[i],
+            value.get(i + 1).copied().and_then(hex),
+            value.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_query_token_is_found_however_the_url_is_written() {
+        let p = ["token"];
+        assert!(names_query_param(b"/hook?token=s", &p));
+        assert!(names_query_param(b"/hook?a=1&%74oken=s", &p));
+        assert!(names_query_param(b"/hook%3Fa%3D1%26token%3Ds", &p));
+        assert!(!names_query_param(b"/hook?tokens=s", &p));
+        assert!(!names_query_param(b"text/html", &p));
+    }
 }

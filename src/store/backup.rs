@@ -43,8 +43,19 @@ impl Store {
         file.sync_all().map_err(|e| io("cannot sync", e))?;
         let size = file.metadata().map_err(|e| io("cannot read", e))?.len();
         // A hard link fails if `dest` appeared meanwhile: never overwritten.
-        std::fs::hard_link(&partial, dest).map_err(|e| io("cannot move into place", e))?;
-        let _ = std::fs::remove_file(&partial);
+        // Where the filesystem has no hard links (FAT, many SMB shares), a
+        // rename after checking again.
+        match std::fs::hard_link(&partial, dest) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&partial);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists || dest.exists() => {
+                return Err(io("cannot move into place", e));
+            }
+            Err(_) => {
+                std::fs::rename(&partial, dest).map_err(|e| io("cannot move into place", e))?
+            }
+        }
         if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             // The rename itself must survive a power cut.
             if let Ok(d) = std::fs::File::open(dir) {

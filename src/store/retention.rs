@@ -47,8 +47,9 @@ const NEXT_EVENTS: &str = "SELECT id, (points = 0 AND status IN ('processed', 'e
     FROM events WHERE source = $1 AND id > $2 AND id < $3 ORDER BY id LIMIT $4";
 const DROP_RAW: &str = "UPDATE events SET raw = $1, request_headers = NULL WHERE id = $2";
 // Guarded: an event scored or awarded since it was read is kept.
-const DELETE_EVENT: &str =
-    "DELETE FROM events WHERE id = $1 AND points = 0 AND status IN ('processed', 'erased')";
+const DELETE_EVENT: &str = "DELETE FROM events WHERE id = $1 AND points = 0 \
+    AND status IN ('processed', 'erased') AND NOT EXISTS (SELECT 1 FROM ledger l \
+    WHERE l.namespace = events.namespace AND l.user_id = events.user_id AND l.event_id = events.id)";
 
 /// One batch: how many events were examined and how many pruned.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
