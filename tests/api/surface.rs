@@ -142,7 +142,13 @@ async fn the_served_spec_documents_each_source_and_follows_a_reload() {
         "hook_kajabi"
     );
     let docs = app.send(app.client.get(app.url("/docs"))).await.text;
-    assert!(docs.contains("hook_kajabi"));
+    // Inside the page's script, where the static spec was: not appended.
+    let kajabi = docs.find("hook_kajabi").expect("the new source in /docs");
+    assert!(
+        kajabi < docs.find("</script>\n\n</body>").unwrap_or(0),
+        "the spec sits in the page's script"
+    );
+    assert!(docs.trim_end().ends_with("</html>"));
     let yaml = app
         .send(app.client.get(app.url("/openapi.yaml")))
         .await
