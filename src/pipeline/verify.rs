@@ -124,15 +124,23 @@ pub enum AuthScheme {
 }
 
 impl AuthScheme {
-    /// The request headers that carry this scheme's credential.
-    pub fn credential_headers(&self) -> Vec<&str> {
+    /// The request header that carries this scheme's credential, if any.
+    pub fn credential_header(&self) -> Option<&str> {
         match self {
-            AuthScheme::Bearer { .. } | AuthScheme::Basic { .. } => vec!["authorization"],
+            AuthScheme::Bearer { .. } | AuthScheme::Basic { .. } => Some("authorization"),
             AuthScheme::Header { header, .. } | AuthScheme::Hmac { header, .. } => {
-                vec![header.as_str()]
+                Some(header.as_str())
             }
-            AuthScheme::StandardWebhooks { .. } => vec!["webhook-signature"],
-            AuthScheme::BodyField { .. } | AuthScheme::Query { .. } => Vec::new(),
+            AuthScheme::StandardWebhooks { .. } => Some("webhook-signature"),
+            AuthScheme::BodyField { .. } | AuthScheme::Query { .. } => None,
+        }
+    }
+
+    /// The query parameter that carries this scheme's credential, if any.
+    pub fn query_param(&self) -> Option<&str> {
+        match self {
+            AuthScheme::Query { param, .. } => Some(param),
+            _ => None,
         }
     }
 }
