@@ -14,6 +14,17 @@ BIN=$PWD/target/debug/rocket-rewards
 WORK=$(mktemp -d)
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; umount "$WORK/full" 2>/dev/null; rm -rf "$WORK"' EXIT
 cp -r sources.d rules "$WORK/"
+# Shared by the Python snippets below: whether the server closed a socket.
+cat > "$WORK/fi.py" <<'PY'
+def closed(s):
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+PY
 PORT=$((20000 + RANDOM % 20000))
 URL=http://127.0.0.1:$PORT
 
@@ -48,7 +59,8 @@ stop
 
 echo "== 3. 300 silent connections from 127.0.0.2 (ROCKET_MAX_CONNECTIONS=200, _PER_IP=50), then a client from 127.0.0.1"
 start "sqlite://$WORK/db3/rocket.db" ROCKET_MAX_CONNECTIONS=200 ROCKET_MAX_CONNECTIONS_PER_IP=50
-python3 - "$PORT" <<'PY'
+PYTHONPATH="$WORK" python3 - "$PORT" <<'PY'
+from fi import closed
 import socket, sys, time, urllib.request
 port = int(sys.argv[1])
 idle = []
@@ -58,14 +70,6 @@ for _ in range(300):
     except OSError:
         break
 time.sleep(0.5)
-def closed(s):
-    s.setblocking(False)
-    try:
-        return s.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 print(f"   opened {len(idle)} silent connections; {sum(map(closed, idle))} closed by the server at once")
 start = time.time()
 try:
@@ -78,7 +82,8 @@ stop
 
 echo "== 3b. 200 idle keep-alive connections from 4 addresses fill ROCKET_MAX_CONNECTIONS=200; an HTTP/2 header block left open"
 start "sqlite://$WORK/db3b/rocket.db" ROCKET_MAX_CONNECTIONS=200 ROCKET_MAX_CONNECTIONS_PER_IP=50 ROCKET_HEADER_TIMEOUT=2
-python3 - "$PORT" <<'PY'
+PYTHONPATH="$WORK" python3 - "$PORT" <<'PY'
+from fi import closed
 import socket, struct, sys, time, urllib.request
 port = int(sys.argv[1])
 idle = []
@@ -93,14 +98,6 @@ try:
     print(f"   with every place held by an idle connection, a new client got an answer after {time.time() - start:.2f} s")
 except Exception as e:
     print(f"   a new client got no answer within 15 s: {e}")
-def closed(s):
-    s.setblocking(False)
-    try:
-        return s.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 print(f"   idle connections closed to make room: {sum(map(closed, idle))} (the oldest)")
 for s in idle:
     s.close()

@@ -232,16 +232,10 @@ async fn analytics_need_the_admin_token() {
 #[tokio::test]
 async fn rules_with_history_give_first_completion_bonuses_cooldowns_and_streaks() {
     let app = spawn_with(|dir| {
-        let p = dir.join("sources.d/custom.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(
-            &p,
-            text.replace(
-                "rules: [course_completed, lesson_completed, quiz_passed]",
-                "rules: [course_completed, first_course_bonus, lesson_capped, streak_bonus]",
-            ),
-        )
-        .unwrap();
+        set_custom_rules(
+            dir,
+            "course_completed, first_course_bonus, lesson_capped, streak_bonus",
+        );
     })
     .await;
     let app = &app;

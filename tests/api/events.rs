@@ -356,16 +356,7 @@ async fn each_event_log_filter_uses_an_index() {
 #[tokio::test]
 async fn rescoring_an_unchanged_history_rule_changes_nothing() {
     let app = spawn_with(|dir| {
-        let p = dir.join("sources.d/custom.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        std::fs::write(
-            &p,
-            text.replace(
-                "rules: [course_completed, lesson_completed, quiz_passed]",
-                "rules: [course_completed, first_course_bonus, lesson_capped]",
-            ),
-        )
-        .unwrap();
+        set_custom_rules(dir, "course_completed, first_course_bonus, lesson_capped");
     })
     .await;
     let course = custom(&app, "c1", "course.completed", "u1").await;

@@ -367,6 +367,18 @@ pub fn start_binary(dir: &Path, db: &str, env: &[(&str, &str)]) -> (String, std:
     (l.addr, l.child)
 }
 
+/// Replaces the custom source's rule list in a config copy.
+pub fn set_custom_rules(dir: &Path, rules: &str) {
+    let p = dir.join("sources.d/custom.yaml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let swapped = text.replace(
+        "rules: [course_completed, lesson_completed, quiz_passed]",
+        &format!("rules: [{rules}]"),
+    );
+    assert_ne!(swapped, text, "custom.yaml's rules line changed");
+    std::fs::write(&p, swapped).unwrap();
+}
+
 /// Gives the custom source a rule that fails `badge.earned` events ("not
 /// today") beside `course_completed`.
 pub fn with_flaky_rule(dir: &Path) {
@@ -375,16 +387,7 @@ pub fn with_flaky_rule(dir: &Path) {
         "if event.event_type == \"badge.earned\" { throw \"not today\" }",
     )
     .unwrap();
-    let p = dir.join("sources.d/custom.yaml");
-    let text = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(
-        &p,
-        text.replace(
-            "rules: [course_completed, lesson_completed, quiz_passed]",
-            "rules: [course_completed, flaky]",
-        ),
-    )
-    .unwrap();
+    set_custom_rules(dir, "course_completed, flaky");
 }
 
 /// Fixes the rule of [`with_flaky_rule`]: `badge.earned` earns 7 (reload

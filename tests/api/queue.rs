@@ -246,16 +246,7 @@ async fn the_backlog_gauges_count_failed_and_queued_events() {
         |d| {
             make_async(d, "rules: [course_completed]");
             std::fs::write(d.join("rules/boom.rhai"), "throw \"boom\"").unwrap();
-            let p = d.join("sources.d/custom.yaml");
-            let text = std::fs::read_to_string(&p).unwrap();
-            std::fs::write(
-                &p,
-                text.replace(
-                    "rules: [course_completed, lesson_completed, quiz_passed]",
-                    "rules: [boom]",
-                ),
-            )
-            .unwrap();
+            set_custom_rules(d, "boom");
         },
         |s| s.workers = 0,
     )

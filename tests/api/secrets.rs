@@ -32,6 +32,14 @@ struct Filed {
 }
 
 impl Filed {
+    /// The status `GET /api/admin/sources` answers with `admin` as token.
+    async fn sources_status(&self, admin: &str) -> u16 {
+        self.app
+            .admin_get_as("/api/admin/sources", admin)
+            .await
+            .status
+    }
+
     fn file(&self, name: &str) -> PathBuf {
         self.secrets.path().join(name)
     }
@@ -122,52 +130,16 @@ async fn a_source_token_rotates_through_a_file_with_reloads_and_no_restart() {
 #[tokio::test]
 async fn the_admin_token_rotates_through_its_file() {
     let f = spawn_filed(false).await;
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-old")
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-new")
-            .await
-            .status,
-        401
-    );
+    assert_eq!(f.sources_status("admin-old").await, 200);
+    assert_eq!(f.sources_status("admin-new").await, 401);
     write_secret(&f.file("admin_token"), "admin-old\nadmin-new\n");
     assert_eq!(f.app.reload_as("admin-old").await.status, 200);
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-old")
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-new")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.sources_status("admin-old").await, 200);
+    assert_eq!(f.sources_status("admin-new").await, 200);
     write_secret(&f.file("admin_token"), "admin-new\n");
     assert_eq!(f.app.reload_as("admin-new").await.status, 200);
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-old")
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-new")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.sources_status("admin-old").await, 401);
+    assert_eq!(f.sources_status("admin-new").await, 200);
 }
 
 #[tokio::test]
@@ -206,13 +178,7 @@ async fn a_broken_secret_file_refuses_the_reload_and_the_running_config_keeps_se
     std::fs::remove_file(f.file("admin_token")).unwrap();
     let text = errors(&f.app.reload_as("admin-old").await);
     assert!(text.contains("admin_token"), "{text}");
-    assert_eq!(
-        f.app
-            .admin_get_as("/api/admin/sources", "admin-old")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(f.sources_status("admin-old").await, 200);
 }
 
 #[tokio::test]

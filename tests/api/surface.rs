@@ -64,6 +64,17 @@ async fn the_spec_and_docs_are_served_and_the_committed_spec_is_current() {
     );
 }
 
+/// The name of an operation's first security scheme.
+fn first_scheme(op: &serde_json::Value) -> String {
+    op["security"][0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone()
+}
+
 /// Each loaded source is an operation of its own in the served document:
 /// its credentials as security schemes, its content types, its test
 /// payloads as examples with what they earn; a reload adds a new source's.
@@ -78,13 +89,7 @@ async fn the_served_spec_documents_each_source_and_follows_a_reload() {
     assert_eq!(moodle["tags"], serde_json::json!(["Sources"]));
     assert_eq!(moodle["operationId"], "hook_moodle");
     let schemes = &spec["components"]["securitySchemes"];
-    let first = moodle["security"][0]
-        .as_object()
-        .unwrap()
-        .keys()
-        .next()
-        .unwrap()
-        .clone();
+    let first = first_scheme(moodle);
     assert_eq!(schemes[&first]["scheme"], "bearer", "{}", schemes);
     let examples = &moodle["requestBody"]["content"]["application/json"]["examples"];
     let example = examples
@@ -106,13 +111,7 @@ async fn the_served_spec_documents_each_source_and_follows_a_reload() {
         "{example}"
     );
     let lw = &spec["paths"]["/api/public/hook/learnworlds/event"]["post"];
-    let lw_scheme = lw["security"][0]
-        .as_object()
-        .unwrap()
-        .keys()
-        .next()
-        .unwrap()
-        .clone();
+    let lw_scheme = first_scheme(lw);
     assert_eq!(schemes[&lw_scheme]["type"], "apiKey");
     assert_eq!(schemes[&lw_scheme]["in"], "header");
     // The test token where it is taken; rate-limit headers on hook answers.
