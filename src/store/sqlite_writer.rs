@@ -298,7 +298,9 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "normal")?;
     // No checkpoint inside a commit: the checkpoint thread copies the WAL.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.pragma_update(None, "foreign_keys", "on")?;
+    // As on the pool (see `connect_sqlite`): the writer inserts each award
+    // with its event, and an insert then needs no lookup of the parent.
+    conn.pragma_update(None, "foreign_keys", "off")?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
