@@ -110,6 +110,7 @@ impl App {
             tokio::spawn(crate::worker::run(Arc::downgrade(&self.state)));
         }
         tokio::spawn(crate::retention::run(Arc::downgrade(&self.state)));
+        tokio::spawn(crate::window::run(Arc::downgrade(&self.state)));
         if self.state.settings.watch_config {
             tokio::spawn(watch_config(Arc::downgrade(&self.state), self.fingerprint));
         }

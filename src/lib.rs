@@ -42,6 +42,7 @@ pub mod secrets;
 pub mod settings;
 mod state;
 pub mod store;
+pub mod window;
 mod worker;
 
 #[global_allocator]

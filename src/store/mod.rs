@@ -9,6 +9,7 @@
 
 pub mod backup;
 pub mod events;
+pub mod leaderboards;
 mod pg_writer;
 mod plan;
 mod queue;
@@ -637,8 +638,14 @@ impl Store {
     }
 
     /// The top of a leaderboard, best first. Overall standings come from the
-    /// totals table; course or time filters aggregate the ledger.
+    /// totals table; a course's, or the last seven days', from the summary
+    /// tables on SQLite ([`leaderboards`]); other filters aggregate the ledger.
     pub async fn leaderboard(&self, q: &LeaderboardQuery) -> Result<Vec<LeaderRow>, StoreError> {
+        if let Pool::Sqlite(p) = &self.pool {
+            if let Some(rows) = leaderboards::from_summaries(p, q).await? {
+                return Ok(rows);
+            }
+        }
         let mut conds: Vec<String> = Vec::new();
         let mut texts: Vec<&str> = Vec::new();
         let mut ints: Vec<i64> = Vec::new();
@@ -912,6 +919,55 @@ mod tests {
                 "{details:?}"
             );
             assert!(!details.is_empty());
+        }
+    }
+
+    /// A course's and the last seven days' leaderboards read the top of a
+    /// summary table's rank index (no sort), and the window's correction
+    /// reads the ledger's time index.
+    #[tokio::test]
+    async fn summary_leaderboards_read_their_rank_indexes() {
+        let (_dir, store, pool) = sqlite_store().await;
+        let cases = [
+            (leaderboards::COURSE_TOP, 2, "course_points_rank"),
+            (leaderboards::COURSE_TOP_NS, 3, "course_points_rank"),
+            (leaderboards::RECENT_TOP, 1, "recent_points_rank"),
+            (leaderboards::RECENT_TOP_NS, 2, "recent_points_ns_rank"),
+            (leaderboards::SLICE, 2, "ledger_time"),
+        ];
+        for (sql, binds, index) in cases {
+            let details = plan(&pool, sql, binds).await;
+            assert!(
+                details.iter().any(|d| d.contains(index)),
+                "{sql}: {details:?}"
+            );
+            // (A course's top within one namespace sorts only ties on points.)
+            if index != "ledger_time" {
+                let full_sort = |d: &String| d.contains("TEMP B-TREE FOR ORDER BY");
+                assert!(!details.iter().any(full_sort), "{sql}: {details:?}");
+            }
+        }
+        // Answered from the tables, not passed on to the ledger's aggregate.
+        let now = chrono::Utc::now().timestamp_millis();
+        let start = now - leaderboards::RECENT_WINDOW_MS;
+        store.move_recent_window(start).await.unwrap();
+        let q = |course: Option<&str>, since: Option<i64>, until: Option<i64>| LeaderboardQuery {
+            course_id: course.map(String::from),
+            since_ms: since,
+            until_ms: until,
+            limit: 10,
+            ..Default::default()
+        };
+        for (query, summary) in [
+            (q(Some("c"), None, None), true),
+            (q(None, Some(start + 60_000), None), true),
+            (q(None, Some(start - 1), None), false),
+            (q(None, Some(now), None), false),
+            (q(Some("c"), Some(start), None), false),
+            (q(None, Some(start), Some(now)), false),
+        ] {
+            let answered = leaderboards::from_summaries(&pool, &query).await.unwrap();
+            assert_eq!(answered.is_some(), summary, "{query:?}");
         }
     }
 

@@ -313,3 +313,131 @@ async fn the_level_curve_is_configurable() {
         r.text
     );
 }
+
+/// The entries of a leaderboard query, as (source, user, points, rank).
+async fn board(app: &TestApp, query: &str) -> Vec<(String, String, i64, i64)> {
+    let r = app
+        .admin_get(&format!("/api/v1/leaderboard?limit=100&{query}"))
+        .await;
+    assert_eq!(r.status, 200, "{query}: {}", r.text);
+    r.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap().into(),
+                e["user_id"].as_str().unwrap().into(),
+                e["points"].as_i64().unwrap(),
+                e["rank"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A course's leaderboard and the last seven days' are read from summary
+/// tables on SQLite (the window's start moved by the server); they must
+/// answer exactly what aggregating the ledger does. The same query with an
+/// `until` far ahead always aggregates the ledger, so the two must agree,
+/// wherever the window is.
+#[tokio::test]
+async fn course_and_recent_leaderboards_agree_with_the_ledger() {
+    let app = spawn_app().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let rfc = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    const H: i64 = 3_600_000;
+    const WEEK: i64 = 7 * 24 * H;
+    // (user, course, kind, hours before now): some long ago, some just
+    // outside the week, some just inside, some today; a few learners tie.
+    let plan = [
+        ("ana", "c1", "course.completed", 1),
+        ("ana", "c2", "lesson.completed", 30),
+        ("bo", "c1", "course.completed", 100),
+        ("bo", "c2", "quiz.passed", 167),
+        ("cy", "c2", "course.completed", 169),
+        ("cy", "c1", "lesson.completed", 2),
+        ("dee", "c1", "course.completed", 700),
+        ("dee", "c2", "lesson.completed", 5),
+        ("eve", "c2", "lesson.completed", 168),
+        ("eve", "c1", "quiz.passed", 3),
+    ];
+    for (i, (user, course, kind, hours)) in plan.iter().enumerate() {
+        let ev = json!({"event_id": format!("e{i}"), "event_type": kind, "user_id": user,
+            "course_id": course, "object_id": format!("o{i}"), "occurred_at": rfc(now - hours * H)});
+        let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 9))
+        .await;
+    let far = "until=2100-01-01T00:00:00Z";
+    let agree = |query: String| {
+        let app = &app;
+        async move {
+            let summary = board(app, &query).await;
+            let ledger = board(app, &format!("{query}&{far}")).await;
+            assert_eq!(summary, ledger, "{query}");
+            summary
+        }
+    };
+    let c1 = agree("course_id=c1".into()).await;
+    assert_eq!(c1.len(), 5, "{c1:?}");
+    agree("course_id=c2&source=custom".into()).await;
+    agree("course_id=nope".into()).await;
+    // The window where the server put it (seven days before its start,
+    // to the minute), then moved back and forth: `since` a little after
+    // its start subtracts the rows between the two.
+    let week = agree(format!("since={}", rfc(now - WEEK))).await;
+    assert_eq!(week.len(), 5, "{week:?}");
+    for start in [
+        now - WEEK - H / 2,
+        now - 6 * 24 * H,
+        now - WEEK - 2 * H,
+        now - WEEK,
+    ] {
+        rocket_rewards::window::move_to(&app.server.state, start)
+            .await
+            .unwrap();
+        for since in [start, start + H / 4, start + H / 2, start + H] {
+            agree(format!("since={}", rfc(since))).await;
+            agree(format!("since={}&source=custom", rfc(since))).await;
+            agree(format!("since={}&limit=2", rfc(since))).await;
+        }
+        if !app.database_url.starts_with("postgres") {
+            recount_leaderboard_tables(&app.database_url).await;
+        }
+    }
+}
+
+/// The leaderboards' summary tables (SQLite) against a recount of the ledger.
+pub async fn recount_leaderboard_tables(database_url: &str) {
+    use sqlx::Connection;
+    let mut db = sqlx::SqliteConnection::connect(database_url).await.unwrap();
+    async fn rows(
+        db: &mut sqlx::SqliteConnection,
+        sql: &str,
+    ) -> Vec<(String, String, String, i64, i64)> {
+        sqlx::query_as(sql).fetch_all(db).await.unwrap()
+    }
+    assert_eq!(
+        rows(&mut db, "SELECT course_id, namespace, user_id, points, entries FROM course_points ORDER BY 1, 2, 3").await,
+        rows(&mut db, "SELECT course_id, namespace, user_id, SUM(points), COUNT(*) FROM ledger \
+            WHERE course_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3").await
+    );
+    assert_eq!(
+        rows(
+            &mut db,
+            "SELECT '', namespace, user_id, points, entries FROM recent_points ORDER BY 2, 3"
+        )
+        .await,
+        rows(
+            &mut db,
+            "SELECT '', namespace, user_id, SUM(points), COUNT(*) FROM ledger \
+            WHERE occurred_at >= (SELECT start_ms FROM recent_window) GROUP BY 2, 3 ORDER BY 2, 3"
+        )
+        .await
+    );
+}

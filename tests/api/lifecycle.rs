@@ -385,6 +385,7 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
         )
         .await
     );
+    crate::analytics::recount_leaderboard_tables(&app.database_url).await;
     // SQLite does not enforce the ledger's reference to its event (see
     // `connect_sqlite`): every award still has its event.
     let orphans: Vec<(String, i64, String, i64)> = sqlx::query_as("PRAGMA foreign_key_check")

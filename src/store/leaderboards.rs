@@ -1,0 +1,233 @@
+//! Leaderboards read from summary tables instead of aggregating the ledger
+//! (SQLite; see `migrations/sqlite/0009_leaderboards.sql`, whose triggers
+//! keep them exact):
+//!
+//! - a course's leaderboard (no time bounds) is the top of `course_points`;
+//! - a leaderboard `since` a time at or shortly after the trailing window's
+//!   start (the "last seven days" a dashboard asks for) is the top of
+//!   `recent_points`, less what the ledger holds between the window's start
+//!   and `since` (a minute or two of rows, summed per learner).
+//!
+//! Any other query returns `None` and the caller aggregates the ledger.
+//! The window is moved forward by [`Store::move_recent_window`], which the
+//! server calls about once a minute.
+
+use std::collections::HashMap;
+
+use sqlx::{Row, SqlitePool};
+
+use super::{LeaderRow, LeaderboardQuery, Pool, Store, StoreError};
+
+/// How far the trailing window reaches back.
+pub const RECENT_WINDOW_MS: i64 = 7 * 86_400_000;
+/// The most of the ledger a `since` query sums to correct the window:
+/// further from the window's start (a window the server has not moved for
+/// an hour, or a shorter period), the ledger is aggregated instead.
+const MAX_SLICE_MS: i64 = 3_600_000;
+
+pub(super) const COURSE_TOP: &str = "SELECT namespace, user_id, points FROM course_points \
+    WHERE course_id = $1 ORDER BY points DESC, namespace, user_id LIMIT $2";
+pub(super) const COURSE_TOP_NS: &str = "SELECT namespace, user_id, points FROM course_points \
+    WHERE course_id = $1 AND namespace = $2 ORDER BY points DESC, namespace, user_id LIMIT $3";
+const WINDOW_START: &str = "SELECT start_ms FROM recent_window WHERE id = 1";
+pub(super) const RECENT_TOP: &str = "SELECT namespace, user_id, points FROM recent_points \
+    ORDER BY points DESC, namespace, user_id LIMIT $1";
+pub(super) const RECENT_TOP_NS: &str = "SELECT namespace, user_id, points FROM recent_points \
+    WHERE namespace = $1 ORDER BY points DESC, user_id LIMIT $2";
+const RECENT_ONE: &str =
+    "SELECT points, entries FROM recent_points WHERE namespace = $1 AND user_id = $2";
+/// The ledger's sums per learner over `[$1, $2)` (through `ledger_time`).
+pub(super) const SLICE: &str =
+    "SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries \
+    FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id";
+
+// Moving the window. The first statement writes, so SQLite takes the write
+// lock at once (waiting its busy timeout) rather than failing to upgrade.
+const LOCK_WINDOW: &str =
+    "UPDATE recent_window SET start_ms = start_ms WHERE id = 1 RETURNING start_ms";
+const SET_WINDOW: &str = "UPDATE recent_window SET start_ms = $1 WHERE id = 1";
+const ADD_SLICE: &str = "INSERT INTO recent_points (namespace, user_id, points, entries) \
+    SELECT namespace, user_id, SUM(points), COUNT(*) FROM ledger \
+    WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id \
+    ON CONFLICT (namespace, user_id) DO UPDATE SET points = points + excluded.points, \
+    entries = entries + excluded.entries";
+const SUBTRACT_SLICE: &str = "UPDATE recent_points SET points = recent_points.points - s.points, \
+    entries = recent_points.entries - s.entries \
+    FROM (SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries FROM ledger \
+    WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id) AS s \
+    WHERE recent_points.namespace = s.namespace AND recent_points.user_id = s.user_id";
+const DROP_EMPTY: &str = "DELETE FROM recent_points WHERE entries = 0 AND (namespace, user_id) IN \
+    (SELECT namespace, user_id FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2)";
+
+fn leader_row(r: &sqlx::sqlite::SqliteRow) -> Result<LeaderRow, sqlx::Error> {
+    Ok(LeaderRow {
+        namespace: r.try_get("namespace")?,
+        user_id: r.try_get("user_id")?,
+        points: r.try_get("points")?,
+    })
+}
+
+/// The leaderboard from a summary table, or `None` when `q` is not one
+/// they answer.
+pub(super) async fn from_summaries(
+    pool: &SqlitePool,
+    q: &LeaderboardQuery,
+) -> Result<Option<Vec<LeaderRow>>, StoreError> {
+    match (&q.course_id, q.since_ms, q.until_ms) {
+        (Some(course), None, None) => {
+            let rows = match &q.namespace {
+                Some(ns) => {
+                    sqlx::query(COURSE_TOP_NS)
+                        .bind(course)
+                        .bind(ns)
+                        .bind(q.limit)
+                        .fetch_all(pool)
+                        .await?
+                }
+                None => {
+                    sqlx::query(COURSE_TOP)
+                        .bind(course)
+                        .bind(q.limit)
+                        .fetch_all(pool)
+                        .await?
+                }
+            };
+            let rows = rows.iter().map(leader_row).collect::<Result<_, _>>()?;
+            Ok(Some(rows))
+        }
+        (None, Some(since), None) => recent(pool, q, since).await,
+        _ => Ok(None),
+    }
+}
+
+/// The leaderboard since `since`, from the window when `since` falls in its
+/// first [`MAX_SLICE_MS`]. Learners outside the slice have their window
+/// points; those in it are corrected one by one. Reading `limit` plus the
+/// slice's learners from the window's top is enough: any other learner has
+/// at least `limit` uncorrected learners at or above them.
+async fn recent(
+    pool: &SqlitePool,
+    q: &LeaderboardQuery,
+    since: i64,
+) -> Result<Option<Vec<LeaderRow>>, StoreError> {
+    // One snapshot: the window, its top and the slice agree.
+    let mut tx = pool.begin().await?;
+    let start: i64 = sqlx::query_scalar(WINDOW_START).fetch_one(&mut *tx).await?;
+    if since < start || since - start > MAX_SLICE_MS {
+        return Ok(None);
+    }
+    let mut slice: HashMap<(String, String), (i64, i64)> = HashMap::new();
+    for r in sqlx::query(SLICE)
+        .bind(start)
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?
+    {
+        let ns: String = r.try_get("namespace")?;
+        if q.namespace.as_ref().is_some_and(|want| *want != ns) {
+            continue;
+        }
+        let key = (ns, r.try_get("user_id")?);
+        slice.insert(key, (r.try_get("points")?, r.try_get("entries")?));
+    }
+    let wanted = q.limit + slice.len() as i64;
+    let top = match &q.namespace {
+        Some(ns) => {
+            sqlx::query(RECENT_TOP_NS)
+                .bind(ns)
+                .bind(wanted)
+                .fetch_all(&mut *tx)
+                .await?
+        }
+        None => {
+            sqlx::query(RECENT_TOP)
+                .bind(wanted)
+                .fetch_all(&mut *tx)
+                .await?
+        }
+    };
+    let mut rows = Vec::with_capacity(top.len());
+    for r in &top {
+        let row = leader_row(r)?;
+        if !slice.contains_key(&(row.namespace.clone(), row.user_id.clone())) {
+            rows.push(row);
+        }
+    }
+    for ((ns, user), (points, entries)) in slice {
+        let Some(r) = sqlx::query(RECENT_ONE)
+            .bind(&ns)
+            .bind(&user)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            continue;
+        };
+        // A learner all of whose window rows are in the slice has none since.
+        if r.try_get::<i64, _>("entries")? > entries {
+            rows.push(LeaderRow {
+                namespace: ns,
+                user_id: user,
+                points: r.try_get::<i64, _>("points")? - points,
+            });
+        }
+    }
+    rows.sort_by(|a, b| {
+        b.points
+            .cmp(&a.points)
+            .then_with(|| a.namespace.cmp(&b.namespace))
+            .then_with(|| a.user_id.cmp(&b.user_id))
+    });
+    rows.truncate(q.limit.max(0) as usize);
+    Ok(Some(rows))
+}
+
+impl Store {
+    /// Where the trailing window starts (`None` on PostgreSQL, which keeps
+    /// none).
+    pub async fn recent_window_start(&self) -> Result<Option<i64>, StoreError> {
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Ok(None);
+        };
+        Ok(Some(
+            sqlx::query_scalar(WINDOW_START).fetch_one(pool).await?,
+        ))
+    }
+
+    /// Moves the trailing window's start to `to_ms`, adding or subtracting
+    /// the ledger's rows between the old start and the new, in one
+    /// transaction. (PostgreSQL keeps no window: a no-op there.)
+    pub async fn move_recent_window(&self, to_ms: i64) -> Result<(), StoreError> {
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Ok(());
+        };
+        let mut tx = pool.begin().await?;
+        let from: i64 = sqlx::query_scalar(LOCK_WINDOW).fetch_one(&mut *tx).await?;
+        if from == to_ms {
+            return Ok(());
+        }
+        if to_ms < from {
+            sqlx::query(ADD_SLICE)
+                .bind(to_ms)
+                .bind(from)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(SUBTRACT_SLICE)
+                .bind(from)
+                .bind(to_ms)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(DROP_EMPTY)
+                .bind(from)
+                .bind(to_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(SET_WINDOW)
+            .bind(to_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+//! Keeps the leaderboards' trailing window (see [`crate::store::leaderboards`])
+//! at seven days before now: moved at startup, then every [`EVERY`]. A
+//! window that falls behind (a store that refused the move) is never wrong,
+//! only not used: the leaderboard aggregates the ledger instead.
+
+use std::sync::atomic::Ordering;
+use std::sync::Weak;
+use std::time::Duration;
+
+use crate::state::AppState;
+use crate::store::leaderboards::RECENT_WINDOW_MS;
+use crate::store::StoreError;
+
+/// Time between moves.
+pub const EVERY: Duration = Duration::from_secs(60);
+
+/// The window's start for a time: seven days before it, to the minute.
+pub fn start_for(now_ms: i64) -> i64 {
+    (now_ms - RECENT_WINDOW_MS).div_euclid(60_000) * 60_000
+}
+
+/// The most of the ledger's time one move adds or subtracts.
+const STEP_MS: i64 = 3_600_000;
+
+/// Moves the window's start to `to_ms` (the task's step; tests call it to
+/// put the window where they need it). A long way (a new window, which
+/// starts in the far future, or one a stopped server left behind) is gone
+/// an hour of the ledger at a time, each step a short transaction of its
+/// own, so the hook's writer never waits long for the lock.
+pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
+    let tomorrow = chrono::Utc::now().timestamp_millis() + 86_400_000;
+    while let Some(start) = state.store.recent_window_start().await? {
+        let next = if start > to_ms {
+            // Nothing is added from beyond tomorrow on the first step.
+            to_ms.max(start.saturating_sub(STEP_MS).min(tomorrow.max(to_ms)))
+        } else {
+            to_ms.min(start.saturating_add(STEP_MS))
+        };
+        if next == start {
+            return Ok(());
+        }
+        state.store.move_recent_window(next).await?;
+    }
+    Ok(())
+}
+
+/// Moves the window until the server stops or drains.
+pub async fn run(state: Weak<AppState>) {
+    loop {
+        let Some(s) = state.upgrade() else { return };
+        if s.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        let to = start_for(chrono::Utc::now().timestamp_millis());
+        if let Err(e) = move_to(&s, to).await {
+            tracing::warn!(error = %e, "could not move the leaderboards' seven-day window");
+        }
+        drop(s);
+        tokio::time::sleep(EVERY).await;
+    }
+}
