@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [--seconds 10] [--connections 64 | 1,8,64,256]
-//!                             [--warmup 1] [--prefill N] [--sources N]
+//!                             [--warmup 1] [--prefill N] [--bulk N] [--db FILE] [--sources N]
 //!                             [--log warn] [--server-log FILE] [--no-build]
 //!                             [--client-threads 2] [--server-env KEY=VALUE]...
 //! ```
@@ -30,6 +30,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "load/bulk.rs"]
+mod bulk;
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +58,10 @@ struct Args {
     connections: Vec<usize>,
     prefill: u64,
     prefill_connections: usize,
+    /// Events filled with SQL before the server starts.
+    bulk: u64,
+    /// The database file to use (and keep) instead of a temp one.
+    db: Option<PathBuf>,
     sources: usize,
     log: String,
     server_log: Option<PathBuf>,
@@ -72,6 +79,8 @@ usage: cargo bench --bench load -- [options]
   --connections LIST     concurrent keep-alive connections, e.g. 64 or 1,8,64,256 (default 64)
   --prefill N            insert N events through the hook route before measuring (default 0)
   --prefill-connections C  connections used for the prefill (default 64)
+  --bulk N               fill the ledger to N events with SQL before the server starts (not the route)
+  --db FILE              use this SQLite file (kept, and only topped up by --bulk) instead of a temp one
   --sources N            load N sources: the shipped ones plus generated copies of learnworlds.yaml
   --log LEVEL            the server's ROCKET_LOG (default warn)
   --server-log FILE      also keep the server's stderr in FILE (default: temp dir, tail shown on failure)
@@ -87,6 +96,8 @@ fn parse_args() -> Result<Args, String> {
         connections: vec![64],
         prefill: 0,
         prefill_connections: 64,
+        bulk: 0,
+        db: None,
         sources: 0,
         log: "warn".into(),
         server_log: None,
@@ -128,6 +139,8 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--prefill" => a.prefill = num("--prefill", value("--prefill")?)?,
+            "--bulk" => a.bulk = num("--bulk", value("--bulk")?)?,
+            "--db" => a.db = Some(PathBuf::from(value("--db")?)),
             "--prefill-connections" => {
                 a.prefill_connections =
                     num("--prefill-connections", value("--prefill-connections")?)?
@@ -614,6 +627,14 @@ fn box_ticks() -> Option<(u64, u64)> {
 }
 
 /// A `/proc/<pid>/status` field in kB (VmHWM, VmRSS).
+/// Bytes the process has passed to write calls (`wchar` of /proc/PID/io).
+fn written_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -1066,7 +1087,10 @@ fn run(args: Args) -> Result<bool, String> {
         std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
     let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
-    let db = tmp.path().join("bench.db");
+    let db = args
+        .db
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("bench.db"));
 
     let mut cmd = Command::new(&bin);
     cmd.arg("serve");
@@ -1081,6 +1105,7 @@ fn run(args: Args) -> Result<bool, String> {
         .env("ROCKET_CONFIG_DIR", &config_dir)
         .env("ROCKET_LOG", &args.log)
         .env("ROCKET_LEARNWORLDS_SECRET", SECRET)
+        .env("ROCKET_ADMIN_TOKEN", bulk::ADMIN_TOKEN)
         .envs(args.server_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -1092,6 +1117,9 @@ fn run(args: Args) -> Result<bool, String> {
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
 
+    if args.bulk > 0 {
+        bulk::fill(&db, args.bulk, &rt)?;
+    }
     let spawned = Instant::now();
     let child = cmd
         .spawn()
@@ -1250,8 +1278,14 @@ fn run(args: Args) -> Result<bool, String> {
                 break;
             }
             let before = group_commit(&addr).await;
+            let written = written_bytes(pid);
             let h = measure_route(&ctx, &hook, conns).await;
             print_row(&format!("POST {HOOK_PATH}"), &h);
+            if let (Some(w0), Some(w1)) = (written, written_bytes(pid)) {
+                // Warm-up requests included: an estimate, per request.
+                let sent = h.responses.max(1) as f64 * (1.0 + ctx.warmup.as_secs_f64() / ctx.measure.as_secs_f64());
+                println!("written by the server (WAL, checkpoints): {:.1} KiB per request", (w1 - w0) as f64 / 1024.0 / sent);
+            }
             if let (Some((s0, n0)), Some((s1, n1))) = (before, group_commit(&addr).await) {
                 if n1 > n0 {
                     println!(
@@ -1306,6 +1340,11 @@ fn run(args: Args) -> Result<bool, String> {
                 );
             }
             summary.push((conns, b, h, ratio));
+        }
+
+        println!();
+        if !bulk::time_reads(&addr).await {
+            ok = false;
         }
 
         if summary.len() > 1 {
