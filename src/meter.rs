@@ -11,7 +11,13 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 
-use mimalloc::MiMalloc;
+/// The allocator underneath: mimalloc, or the system's in fuzzing builds,
+/// whose address sanitizer watches the system allocator.
+#[cfg(fuzzing)]
+use std::alloc::System as Inner;
+
+#[cfg(not(fuzzing))]
+use mimalloc::MiMalloc as Inner;
 use std::cell::Cell;
 
 /// mimalloc, with per-thread counting while a run is metered.
@@ -36,12 +42,12 @@ fn signed(n: usize) -> isize {
     isize::try_from(n).unwrap_or(isize::MAX)
 }
 
-// SAFETY: every call is passed to `MiMalloc` unchanged; the counting touches
+// SAFETY: every call is passed to `Inner` unchanged; the counting touches
 // only a const-initialised thread-local `Cell`, which never allocates.
 unsafe impl GlobalAlloc for Metered {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` is `MiMalloc.alloc`'s.
-        let p = unsafe { MiMalloc.alloc(layout) };
+        // SAFETY: the caller's contract for `alloc` is `Inner.alloc`'s.
+        let p = unsafe { Inner.alloc(layout) };
         if !p.is_null() {
             note(signed(layout.size()));
         }
@@ -50,7 +56,7 @@ unsafe impl GlobalAlloc for Metered {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
-        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
+        let p = unsafe { Inner.alloc_zeroed(layout) };
         if !p.is_null() {
             note(signed(layout.size()));
         }
@@ -58,14 +64,14 @@ unsafe impl GlobalAlloc for Metered {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` came from this allocator, that is from `MiMalloc`.
-        unsafe { MiMalloc.dealloc(ptr, layout) };
+        // SAFETY: `ptr` came from this allocator, that is from `Inner`.
+        unsafe { Inner.dealloc(ptr, layout) };
         note(-signed(layout.size()));
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`, with `realloc`'s contract passed on.
-        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+        let p = unsafe { Inner.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             note(signed(new_size) - signed(layout.size()));
         }

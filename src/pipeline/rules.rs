@@ -621,7 +621,7 @@ mod tests {
             "greedy",
             r#"let big = "0123456789abcdef"; while big.len < 30000 { big += big; }
                let all = #{};
-               for i in 0..5000 { all[big + i] = i; }
+               for i in 0..5000 { all["" + i + big] = i; }
                1"#,
         );
         let err = score(
