@@ -19,29 +19,32 @@ pub fn start_for(now_ms: i64) -> i64 {
     (now_ms - RECENT_WINDOW_MS).div_euclid(60_000) * 60_000
 }
 
-/// The most of the ledger's time one move adds or subtracts.
-const STEP_MS: i64 = 3_600_000;
+/// The most ledger rows one move adds or subtracts.
+const STEP_ROWS: i64 = 20_000;
 
 /// Moves the window's start to `to_ms` (the task's step; tests call it to
 /// put the window where they need it). A long way (a new window, which
 /// starts in the far future, or one a stopped server left behind) is gone
-/// an hour of the ledger at a time, each step a short transaction of its
-/// own, so the hook's writer never waits long for the lock.
+/// [`STEP_ROWS`] ledger rows at a time, each step a short transaction of
+/// its own, so the hook's writer never waits long for the lock; a small
+/// ledger takes one step.
 pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
-    let tomorrow = chrono::Utc::now().timestamp_millis() + 86_400_000;
     while let Some(start) = state.store.recent_window_start().await? {
-        let next = if start > to_ms {
-            // Nothing is added from beyond tomorrow on the first step.
-            to_ms.max(start.saturating_sub(STEP_MS).min(tomorrow.max(to_ms)))
-        } else {
-            to_ms.min(start.saturating_add(STEP_MS))
-        };
-        if next == start {
-            return Ok(());
+        if start == to_ms {
+            break;
         }
+        let next = state
+            .store
+            .recent_window_step(start, to_ms, STEP_ROWS)
+            .await?;
         state.store.move_recent_window(next).await?;
     }
     Ok(())
+}
+
+/// Where the window starts now (`None` on PostgreSQL, which keeps none).
+pub async fn start(state: &AppState) -> Result<Option<i64>, StoreError> {
+    state.store.recent_window_start().await
 }
 
 /// Moves the window until the server stops or drains.

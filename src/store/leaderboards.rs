@@ -45,6 +45,14 @@ pub(super) const SLICE: &str =
 // lock at once (waiting its busy timeout) rather than failing to upgrade.
 const LOCK_WINDOW: &str =
     "UPDATE recent_window SET start_ms = start_ms WHERE id = 1 RETURNING start_ms";
+// The `occurred_at` that many rows from either end of a stretch of the
+// ledger (through `ledger_time`).
+const STEP_BACK: &str =
+    "SELECT occurred_at FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2 \
+    ORDER BY occurred_at DESC LIMIT 1 OFFSET $3";
+const STEP_FORWARD: &str =
+    "SELECT occurred_at FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2 \
+    ORDER BY occurred_at LIMIT 1 OFFSET $3";
 const SET_WINDOW: &str = "UPDATE recent_window SET start_ms = $1 WHERE id = 1";
 const ADD_SLICE: &str = "INSERT INTO recent_points (namespace, user_id, points, entries) \
     SELECT namespace, user_id, SUM(points), COUNT(*) FROM ledger \
@@ -191,6 +199,38 @@ impl Store {
         Ok(Some(
             sqlx::query_scalar(WINDOW_START).fetch_one(pool).await?,
         ))
+    }
+
+    /// Where a move of the window from `start` towards `to_ms` should stop
+    /// so that it adds or subtracts at most about `rows` ledger rows (all
+    /// rows of one `occurred_at` go together): `to_ms` when fewer lie
+    /// between.
+    pub async fn recent_window_step(
+        &self,
+        start: i64,
+        to_ms: i64,
+        rows: i64,
+    ) -> Result<i64, StoreError> {
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Ok(to_ms);
+        };
+        let (sql, lo, hi) = if to_ms < start {
+            (STEP_BACK, to_ms, start)
+        } else {
+            (STEP_FORWARD, start, to_ms)
+        };
+        let at: Option<i64> = sqlx::query_scalar(sql)
+            .bind(lo)
+            .bind(hi)
+            .bind(rows)
+            .fetch_optional(pool)
+            .await?;
+        Ok(match at {
+            None => to_ms,
+            // Forward, rows before `at` go: past `start` at least.
+            Some(at) if to_ms > start => at.max(start + 1),
+            Some(at) => at,
+        })
     }
 
     /// Moves the trailing window's start to `to_ms`, adding or subtracting

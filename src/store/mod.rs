@@ -971,6 +971,49 @@ mod tests {
         }
     }
 
+    /// The window moves a few ledger rows at a time (rows of one time
+    /// together), back and forth, and `recent_points` stays the ledger's
+    /// recount since its start.
+    #[tokio::test]
+    async fn the_window_moves_in_steps_of_rows_and_stays_exact() {
+        let (_dir, store, pool) = sqlite_store().await;
+        for i in 0..40i64 {
+            sqlx::query(
+                "INSERT INTO ledger (event_id, namespace, user_id, rule, points, occurred_at, created_at) \
+                 VALUES ($1, 'ns', $2, 'r', $3, $4, 0)",
+            )
+            .bind(format!("e{i}"))
+            .bind(format!("u{}", i % 7))
+            .bind(i)
+            .bind(i / 2 * 1000)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let recount = "SELECT user_id, SUM(points), COUNT(*) FROM ledger \
+            WHERE occurred_at >= (SELECT start_ms FROM recent_window) GROUP BY 1 ORDER BY 1";
+        let table = "SELECT user_id, points, entries FROM recent_points ORDER BY 1";
+        let mut steps = 0;
+        for to in [0, 7_500, 3_000, 19_000, 25_000, 0] {
+            while let Some(start) = store.recent_window_start().await.unwrap() {
+                if start == to {
+                    break;
+                }
+                let next = store.recent_window_step(start, to, 3).await.unwrap();
+                store.move_recent_window(next).await.unwrap();
+                steps += 1;
+                assert!(steps < 100, "stuck at {start} on the way to {to}");
+            }
+            let want: Vec<(String, i64, i64)> =
+                sqlx::query_as(recount).fetch_all(&pool).await.unwrap();
+            let have: Vec<(String, i64, i64)> =
+                sqlx::query_as(table).fetch_all(&pool).await.unwrap();
+            assert_eq!(have, want, "window at {to}");
+        }
+        // 20 rows back, then 10, 4, 18, 2 and 40 more: in steps of about 3.
+        assert!(steps >= 30, "{steps} steps");
+    }
+
     /// An idle worker polls the claim twice a second: it must walk the
     /// partial queue index, never the whole events table.
     #[tokio::test]

@@ -95,6 +95,7 @@ pub async fn spawn_custom(
     s.config_dir = config_dir.clone();
     settings(&mut s);
     let server = spawn(s).await.expect("server starts");
+    window_moved(&server).await;
     TestApp {
         server,
         client: reqwest::Client::new(),
@@ -102,6 +103,23 @@ pub async fn spawn_custom(
         database_url,
         _tmp: tmp,
     }
+}
+
+/// Waits for the server's first move of the leaderboards' seven-day window
+/// (a task it starts with; on SQLite), so that tests meet the window where
+/// the server puts it and no later move of the task's (a minute on) races
+/// theirs.
+async fn window_moved(server: &Running) {
+    let week_ago = chrono::Utc::now().timestamp_millis() - 7 * 86_400_000;
+    for _ in 0..2000 {
+        match rocket_rewards::window::start(&server.state).await.unwrap() {
+            Some(start) if start > week_ago => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await
+            }
+            _ => return,
+        }
+    }
+    panic!("the seven-day window did not move in 10 s");
 }
 
 /// Copies `sources.d/` and `rules/` of the repo into `to`.
