@@ -35,7 +35,6 @@ CREATE TABLE recent_points (
     entries   INTEGER NOT NULL,
     PRIMARY KEY (namespace, user_id)
 ) WITHOUT ROWID;
-CREATE INDEX recent_points_rank ON recent_points (points DESC, namespace, user_id);
 CREATE INDEX recent_points_ns_rank ON recent_points (namespace, points DESC, user_id);
 
 CREATE TRIGGER course_points_insert AFTER INSERT ON ledger

@@ -931,7 +931,11 @@ mod tests {
         let cases = [
             (leaderboards::COURSE_TOP, 2, "course_points_rank"),
             (leaderboards::COURSE_TOP_NS, 3, "course_points_rank"),
-            (leaderboards::RECENT_TOP, 1, "recent_points_rank"),
+            (
+                leaderboards::RECENT_NAMESPACES,
+                0,
+                "COVERING INDEX recent_points_ns_rank",
+            ),
             (leaderboards::RECENT_TOP_NS, 2, "recent_points_ns_rank"),
             (leaderboards::SLICE, 2, "ledger_time"),
         ];
