@@ -21,11 +21,14 @@ const CHUNK: u64 = 500_000;
 const YEAR_MS: i64 = 365 * 86_400_000;
 pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdef0123";
 
-/// The ledger rows the database holds (0 for a new one).
-fn ledger_rows(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
-    conn.query_row("SELECT COALESCE(MAX(id), 0) FROM ledger", [], |r| {
-        r.get::<_, i64>(0)
-    })
+/// The bulk events the database holds (0 for a new one; the hook's own
+/// events, added by runs with `--db`, are not counted).
+fn bulk_events(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM events WHERE id >= '00BULK' AND id < '00BULL'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
     .map(|n| n as u64)
 }
 
@@ -43,9 +46,9 @@ pub fn fill(db: &Path, events: u64, rt: &tokio::runtime::Runtime) -> Result<(), 
     let mut conn = rusqlite::Connection::open(db).map_err(|e| e.to_string())?;
     conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")
         .map_err(|e| e.to_string())?;
-    let have = ledger_rows(&conn).map_err(|e| e.to_string())?;
+    let have = bulk_events(&conn).map_err(|e| e.to_string())?;
     if have >= events {
-        println!("bulk: the ledger already holds {have} rows");
+        println!("bulk: the database already holds {have} bulk events");
         return Ok(());
     }
     let now = chrono::Utc::now().timestamp_millis();
