@@ -12,7 +12,7 @@
 //! The window is moved forward by [`Store::move_recent_window`], which the
 //! server calls about once a minute.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use sqlx::{Row, SqlitePool};
 
@@ -40,12 +40,13 @@ pub(super) const RECENT_NAMESPACES: &str = "WITH RECURSIVE ns(name) AS ( \
     SELECT name FROM ns WHERE name IS NOT NULL";
 pub(super) const RECENT_TOP_NS: &str = "SELECT namespace, user_id, points FROM recent_points \
     WHERE namespace = $1 ORDER BY points DESC, user_id LIMIT $2";
-const RECENT_ONE: &str =
-    "SELECT points, entries FROM recent_points WHERE namespace = $1 AND user_id = $2";
-/// The ledger's sums per learner over `[$1, $2)` (through `ledger_time`).
-pub(super) const SLICE: &str =
-    "SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries \
-    FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id";
+/// The learners with ledger rows in `[$1, $2)` (through `ledger_time`),
+/// with their window points and rows less those.
+pub(super) const CORRECTED: &str = "SELECT r.namespace, r.user_id, \
+    r.points - s.points AS points, r.entries - s.entries AS entries \
+    FROM (SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries \
+    FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id) AS s \
+    JOIN recent_points r ON r.namespace = s.namespace AND r.user_id = s.user_id";
 
 // Moving the window. The first statement writes, so SQLite takes the write
 // lock at once (waiting its busy timeout) rather than failing to upgrade.
@@ -116,7 +117,7 @@ pub(super) async fn from_summaries(
 
 /// The leaderboard since `since`, from the window when `since` falls in its
 /// first [`MAX_SLICE_MS`]. Learners outside the slice have their window
-/// points; those in it are corrected one by one. Reading `limit` plus the
+/// points; those in it are corrected (in one query). Reading `limit` plus the
 /// slice's learners from the top of each namespace is enough: any other
 /// learner has at least `limit` uncorrected learners above them.
 async fn recent(
@@ -130,19 +131,28 @@ async fn recent(
     if since < start || since - start > MAX_SLICE_MS {
         return Ok(None);
     }
-    let mut slice: HashMap<(String, String), (i64, i64)> = HashMap::new();
-    for r in sqlx::query(SLICE)
+    // The slice's learners (every one has window rows: the window holds
+    // the slice), corrected; the rest are read from the tops below.
+    let mut slice: HashSet<(String, String)> = HashSet::new();
+    let mut rows = Vec::new();
+    for r in sqlx::query(CORRECTED)
         .bind(start)
         .bind(since)
         .fetch_all(&mut *tx)
         .await?
     {
-        let ns: String = r.try_get("namespace")?;
-        if q.namespace.as_ref().is_some_and(|want| *want != ns) {
+        let row = leader_row(&r)?;
+        if q.namespace
+            .as_ref()
+            .is_some_and(|want| *want != row.namespace)
+        {
             continue;
         }
-        let key = (ns, r.try_get("user_id")?);
-        slice.insert(key, (r.try_get("points")?, r.try_get("entries")?));
+        slice.insert((row.namespace.clone(), row.user_id.clone()));
+        // A learner all of whose window rows are in the slice has none since.
+        if r.try_get::<i64, _>("entries")? > 0 {
+            rows.push(row);
+        }
     }
     let wanted = q.limit + slice.len() as i64;
     let namespaces: Vec<String> = match &q.namespace {
@@ -153,7 +163,6 @@ async fn recent(
                 .await?
         }
     };
-    let mut rows = Vec::new();
     for ns in &namespaces {
         for r in sqlx::query(RECENT_TOP_NS)
             .bind(ns)
@@ -162,27 +171,9 @@ async fn recent(
             .await?
         {
             let row = leader_row(&r)?;
-            if !slice.contains_key(&(row.namespace.clone(), row.user_id.clone())) {
+            if !slice.contains(&(row.namespace.clone(), row.user_id.clone())) {
                 rows.push(row);
             }
-        }
-    }
-    for ((ns, user), (points, entries)) in slice {
-        let Some(r) = sqlx::query(RECENT_ONE)
-            .bind(&ns)
-            .bind(&user)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            continue;
-        };
-        // A learner all of whose window rows are in the slice has none since.
-        if r.try_get::<i64, _>("entries")? > entries {
-            rows.push(LeaderRow {
-                namespace: ns,
-                user_id: user,
-                points: r.try_get::<i64, _>("points")? - points,
-            });
         }
     }
     rows.sort_by(|a, b| {

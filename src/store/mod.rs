@@ -937,7 +937,7 @@ mod tests {
                 "COVERING INDEX recent_points_ns_rank",
             ),
             (leaderboards::RECENT_TOP_NS, 2, "recent_points_ns_rank"),
-            (leaderboards::SLICE, 2, "ledger_time"),
+            (leaderboards::CORRECTED, 2, "ledger_time"),
         ];
         for (sql, binds, index) in cases {
             let details = plan(&pool, sql, binds).await;

@@ -371,6 +371,11 @@ async fn course_and_recent_leaderboards_agree_with_the_ledger() {
         let r = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
         assert_eq!(r.status, 200, "{}", r.text);
     }
+    // A learner whose one row falls between a window's start and `since`:
+    // in the window, but not since.
+    let ev = json!({"event_id": "f", "event_type": "quiz.passed", "user_id": "fay",
+        "course_id": "c2", "occurred_at": rfc(now - WEEK - H / 4)});
+    assert_eq!(app.bearer("custom", CUSTOM_TOKEN, &ev).await.status, 200);
     app.bearer("moodle", MOODLE_TOKEN, &moodle_completion(1, 9))
         .await;
     let far = "until=2100-01-01T00:00:00Z";
