@@ -37,6 +37,21 @@ CREATE TABLE recent_points (
 ) WITHOUT ROWID;
 CREATE INDEX recent_points_ns_rank ON recent_points (namespace, points DESC, user_id);
 
+-- A sum whose last row went is deleted: one trigger per table, whichever
+-- ledger trigger took the row away.
+CREATE TRIGGER course_points_empty AFTER UPDATE OF entries ON course_points
+WHEN NEW.entries = 0
+BEGIN
+    DELETE FROM course_points
+    WHERE course_id = NEW.course_id AND namespace = NEW.namespace AND user_id = NEW.user_id;
+END;
+
+CREATE TRIGGER recent_points_empty AFTER UPDATE OF entries ON recent_points
+WHEN NEW.entries = 0
+BEGIN
+    DELETE FROM recent_points WHERE namespace = NEW.namespace AND user_id = NEW.user_id;
+END;
+
 CREATE TRIGGER course_points_insert AFTER INSERT ON ledger
 WHEN NEW.course_id IS NOT NULL
 BEGIN
@@ -50,9 +65,6 @@ CREATE TRIGGER course_points_update AFTER UPDATE OF course_id, namespace, user_i
 BEGIN
     UPDATE course_points SET points = points - OLD.points, entries = entries - 1
     WHERE course_id = OLD.course_id AND namespace = OLD.namespace AND user_id = OLD.user_id;
-    DELETE FROM course_points
-    WHERE course_id = OLD.course_id AND namespace = OLD.namespace AND user_id = OLD.user_id
-        AND entries = 0;
     INSERT INTO course_points (course_id, namespace, user_id, points, entries)
     SELECT NEW.course_id, NEW.namespace, NEW.user_id, NEW.points, 1
     WHERE NEW.course_id IS NOT NULL
@@ -65,9 +77,6 @@ WHEN OLD.course_id IS NOT NULL
 BEGIN
     UPDATE course_points SET points = points - OLD.points, entries = entries - 1
     WHERE course_id = OLD.course_id AND namespace = OLD.namespace AND user_id = OLD.user_id;
-    DELETE FROM course_points
-    WHERE course_id = OLD.course_id AND namespace = OLD.namespace AND user_id = OLD.user_id
-        AND entries = 0;
 END;
 
 CREATE TRIGGER recent_points_insert AFTER INSERT ON ledger
@@ -84,8 +93,6 @@ BEGIN
     UPDATE recent_points SET points = points - OLD.points, entries = entries - 1
     WHERE namespace = OLD.namespace AND user_id = OLD.user_id
         AND OLD.occurred_at >= (SELECT start_ms FROM recent_window);
-    DELETE FROM recent_points
-    WHERE namespace = OLD.namespace AND user_id = OLD.user_id AND entries = 0;
     INSERT INTO recent_points (namespace, user_id, points, entries)
     SELECT NEW.namespace, NEW.user_id, NEW.points, 1 FROM recent_window
     WHERE NEW.occurred_at >= start_ms
@@ -98,6 +105,4 @@ WHEN OLD.occurred_at >= (SELECT start_ms FROM recent_window)
 BEGIN
     UPDATE recent_points SET points = points - OLD.points, entries = entries - 1
     WHERE namespace = OLD.namespace AND user_id = OLD.user_id;
-    DELETE FROM recent_points
-    WHERE namespace = OLD.namespace AND user_id = OLD.user_id AND entries = 0;
 END;

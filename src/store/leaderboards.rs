@@ -66,13 +66,12 @@ const ADD_SLICE: &str = "INSERT INTO recent_points (namespace, user_id, points, 
     WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id \
     ON CONFLICT (namespace, user_id) DO UPDATE SET points = points + excluded.points, \
     entries = entries + excluded.entries";
+// A sum left with no rows is deleted by the `recent_points_empty` trigger.
 const SUBTRACT_SLICE: &str = "UPDATE recent_points SET points = recent_points.points - s.points, \
     entries = recent_points.entries - s.entries \
     FROM (SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries FROM ledger \
     WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id) AS s \
     WHERE recent_points.namespace = s.namespace AND recent_points.user_id = s.user_id";
-const DROP_EMPTY: &str = "DELETE FROM recent_points WHERE entries = 0 AND (namespace, user_id) IN \
-    (SELECT namespace, user_id FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2)";
 
 fn leader_row(r: &sqlx::sqlite::SqliteRow) -> Result<LeaderRow, sqlx::Error> {
     Ok(LeaderRow {
@@ -242,24 +241,12 @@ impl Store {
         if from == to_ms {
             return Ok(());
         }
-        if to_ms < from {
-            sqlx::query(ADD_SLICE)
-                .bind(to_ms)
-                .bind(from)
-                .execute(&mut *tx)
-                .await?;
+        let (sql, lo, hi) = if to_ms < from {
+            (ADD_SLICE, to_ms, from)
         } else {
-            sqlx::query(SUBTRACT_SLICE)
-                .bind(from)
-                .bind(to_ms)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(DROP_EMPTY)
-                .bind(from)
-                .bind(to_ms)
-                .execute(&mut *tx)
-                .await?;
-        }
+            (SUBTRACT_SLICE, from, to_ms)
+        };
+        sqlx::query(sql).bind(lo).bind(hi).execute(&mut *tx).await?;
         sqlx::query(SET_WINDOW)
             .bind(to_ms)
             .execute(&mut *tx)
