@@ -80,31 +80,29 @@ fn docs_page() -> (String, String) {
     }
 }
 
+/// One form of the spec of the loaded config (rendered once per config).
+fn rendered_spec(req: &Request, form: fn(&spec::Rendered) -> &String) -> String {
+    req.data::<Arc<AppState>>()
+        .map(|s| form(&spec::rendered(&s.config.load_full())).clone())
+        .unwrap_or_default()
+}
+
 /// The full endpoint: API, spec, docs UI, one error body everywhere.
 pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
     let api = service();
     let (head, tail) = docs_page();
-    let config_of = |req: &Request| req.data::<Arc<AppState>>().map(|s| s.config.load_full());
-    let spec_json = poem::endpoint::make_sync(move |req| {
-        let text = config_of(&req)
-            .map(|c| spec::rendered(&c).json.clone())
-            .unwrap_or_default();
+    let spec_json = poem::endpoint::make_sync(|req| {
         Response::builder()
             .content_type("application/json; charset=utf-8")
-            .body(text)
+            .body(rendered_spec(&req, |r| &r.json))
     });
-    let spec_yaml = poem::endpoint::make_sync(move |req| {
-        let text = config_of(&req)
-            .map(|c| spec::rendered(&c).yaml.clone())
-            .unwrap_or_default();
+    let spec_yaml = poem::endpoint::make_sync(|req| {
         Response::builder()
             .content_type("application/x-yaml; charset=utf-8")
-            .body(text)
+            .body(rendered_spec(&req, |r| &r.yaml))
     });
     let docs = poem::endpoint::make_sync(move |req| {
-        let spec = config_of(&req)
-            .map(|c| spec::rendered(&c).in_script.clone())
-            .unwrap_or_default();
+        let spec = rendered_spec(&req, |r| &r.in_script);
         poem::web::Html(format!("{head}{spec}{tail}"))
     });
     Route::new()

@@ -19,6 +19,18 @@ async fn erase(app: &TestApp, namespace: &str, user: &str) -> Resp {
     .await
 }
 
+/// A retention pass once the clock has passed the last receipt (the
+/// cutoff is a millisecond).
+async fn prune_after_the_last_receipt(app: &TestApp) -> rocket_rewards::retention::Pruned {
+    let received = chrono::Utc::now().timestamp_millis();
+    while chrono::Utc::now().timestamp_millis() <= received {
+        std::hint::spin_loop();
+    }
+    rocket_rewards::retention::prune(&app.server.state)
+        .await
+        .unwrap()
+}
+
 /// A learner is erased in one call: events (raw bodies and headers),
 /// ledger entries and total; leaderboards and stats follow; erasing again
 /// answers zeros; a redelivery of an erased event is a duplicate that
@@ -260,14 +272,7 @@ async fn retention_prunes_raw_bodies_and_zero_point_events_but_never_the_ledger(
         .await;
     let id = |r: &Resp| r.body["event_id"].as_str().unwrap().to_string();
     let (scored, zero, moodle) = (id(&scored), id(&zero), id(&moodle));
-    // The cutoff is a millisecond: let the clock pass the last receipt.
-    let received = chrono::Utc::now().timestamp_millis();
-    while chrono::Utc::now().timestamp_millis() <= received {
-        std::hint::spin_loop();
-    }
-    let pruned = rocket_rewards::retention::prune(&app.server.state)
-        .await
-        .unwrap();
+    let pruned = prune_after_the_last_receipt(&app).await;
     assert_eq!(
         pruned,
         rocket_rewards::retention::Pruned { raw: 2, events: 1 }
@@ -341,13 +346,7 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
         .await;
     assert_eq!(rescored.body["rescored"], 2, "{}", rescored.text);
     assert_eq!(erase(&app, "custom", "cy").await.status, 200);
-    let received = chrono::Utc::now().timestamp_millis();
-    while chrono::Utc::now().timestamp_millis() <= received {
-        std::hint::spin_loop();
-    }
-    let pruned = rocket_rewards::retention::prune(&app.server.state)
-        .await
-        .unwrap();
+    let pruned = prune_after_the_last_receipt(&app).await;
     assert!(pruned.events >= 1, "{pruned:?}");
 
     // The totals, through the API on either store.
