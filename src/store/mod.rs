@@ -16,6 +16,7 @@ mod queue;
 pub mod rescore;
 pub mod retention;
 mod sqlite_writer;
+mod writer_sums;
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -903,6 +904,36 @@ mod tests {
             unreachable!()
         };
         (dir, store, pool)
+    }
+
+    /// The writer runs with triggers off and keeps the summary tables
+    /// itself (`writer_sums`): every trigger on a table it writes must be
+    /// one it mirrors, so a migration that adds one fails here until the
+    /// writer does the same.
+    #[tokio::test]
+    async fn the_writer_mirrors_every_trigger_on_the_tables_it_writes() {
+        let (_dir, _store, pool) = sqlite_store().await;
+        let written = [
+            "events",
+            "ledger",
+            "totals",
+            "event_counts",
+            "ledger_days",
+            "course_points",
+            "recent_points",
+        ];
+        let triggers: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger' ORDER BY name",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let on_written: Vec<&str> = triggers
+            .iter()
+            .filter(|(_, table)| written.contains(&table.as_str()))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(on_written, writer_sums::MIRRORED_TRIGGERS);
     }
 
     /// `/api/v1/stats` reads the counters, never the events

@@ -38,6 +38,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
@@ -45,6 +46,7 @@ use super::plan::{
     EventStatus, Fate, Item, Job, LedgerRow, Persisted, Plan, Settled, Totals, MAX_GROUP, QUEUE,
     RETRIES,
 };
+use super::writer_sums::Sums;
 use super::{StoreError, WalMetrics, EXISTING, INSERT_LEDGER, ONCE_HELD, RESCORE, UPSERT_TOTAL};
 
 /// The writer's page cache, in KiB. Larger than SQLite's default 2 MiB, so
@@ -302,6 +304,11 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     // with its event, and an insert then needs no lookup of the parent.
     conn.pragma_update(None, "foreign_keys", "off")?;
     conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+    // Statement journals (rare without triggers) stay in memory.
+    conn.pragma_update(None, "temp_store", "memory")?;
+    // The writer keeps the summary tables itself, once per transaction
+    // (see `writer_sums`); its statements fire no trigger.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER, false)?;
     conn.set_prepared_statement_cache_capacity(16);
     Ok(conn)
 }
@@ -414,7 +421,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 /// Executes the jobs' plan in one transaction; answers in job order.
 /// Redeliveries (rows the insert skipped) are resolved one by one: they are
 /// rare, and a failed event among them is re-scored. The stats counters
-/// follow through migration 0005's triggers.
+/// and leaderboard sums are added once for the group ([`Sums`]).
 fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<Persisted>>> {
     let now = chrono::Utc::now().timestamp_millis();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -423,6 +430,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
         let mut once_held = tx.prepare_cached(ONCE_HELD)?;
         let mut claimed = std::collections::HashSet::new();
         let mut fates = Vec::new();
+        let mut sums = Sums::default();
         for job in jobs {
             let ns = job.namespace.as_str();
             for it in &job.items {
@@ -430,30 +438,40 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                     once_held.exists(params![ns, user, rule.as_ref(), key])
                 })?;
                 let fate = if insert_event(&mut insert, ns, it, settled.points, now)? {
+                    let ev = &it.prepared.event;
+                    sums.event(&ev.source, ev.event_type.as_deref(), it.status);
                     Fate::Written(it.id.clone())
                 } else {
-                    redelivered(&tx, it, &settled, now)?
+                    let fate = redelivered(&tx, it, &settled, now)?;
+                    if let Fate::Written(id) = &fate {
+                        sums.rescored(id);
+                    }
+                    fate
                 };
                 fates.push((settled, fate));
             }
         }
         let plan = Plan::new(jobs, fates, now);
-        insert_ledger(&tx, &plan.ledger, now)?;
+        insert_ledger(&tx, &plan.ledger, now, &mut sums)?;
         upsert_totals(&tx, plan.totals, now)?;
+        sums.write(&tx, now)?;
         plan.answers
     };
     tx.commit()?;
     Ok(answers)
 }
 
-fn insert_ledger(
+/// Inserts the awards; each row inserted is added to `sums` (a once-key
+/// already held skips its row).
+fn insert_ledger<'a>(
     tx: &rusqlite::Transaction<'_>,
-    rows: &[LedgerRow<'_>],
+    rows: &[LedgerRow<'a>],
     now: i64,
+    sums: &mut Sums<'a>,
 ) -> rusqlite::Result<()> {
     let mut insert = tx.prepare_cached(INSERT_LEDGER)?;
     for r in rows {
-        insert.execute(params![
+        let inserted = insert.execute(params![
             r.event_id,
             r.namespace,
             r.user,
@@ -465,6 +483,9 @@ fn insert_ledger(
             now,
             r.award.once,
         ])?;
+        if inserted == 1 {
+            sums.ledger_row(r);
+        }
     }
     Ok(())
 }

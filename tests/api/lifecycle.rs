@@ -304,11 +304,12 @@ async fn retention_prunes_raw_bodies_and_zero_point_events_but_never_the_ledger(
     assert!(metrics.contains("rocket_retention_pruned_total{what=\"events\"} 1"));
 }
 
-/// The summary tables SQLite keeps by trigger (events by source, type and
-/// status; points per day) and the totals agree with a full recount after
-/// every kind of write: ingest, a failed event replayed, a rescore, an
-/// erasure and retention. (The totals on both stores; PostgreSQL keeps no
-/// summary tables.)
+/// The summary tables SQLite keeps (events by source, type and status;
+/// points per day; the leaderboards' sums), by trigger on the pool and by
+/// the writer itself for the hook, and the totals agree with a full recount
+/// after every kind of write: ingest, a failed event replayed or
+/// redelivered, a rescore, an erasure and retention. (The totals on both
+/// stores; PostgreSQL keeps no summary tables.)
 #[tokio::test]
 async fn summary_tables_match_a_recount_after_every_kind_of_write() {
     let app = spawn_with(|dir| {
@@ -330,6 +331,7 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
     assert_eq!(post("z1", "quiz.failed", "bob").await, 200);
     assert_eq!(post("b1", "badge.earned", "ada").await, 500);
     assert_eq!(post("b2", "badge.earned", "cy").await, 500);
+    assert_eq!(post("b3", "badge.earned", "dee").await, 500);
     fix_flaky_rule(&app.config_dir);
     std::fs::write(
         app.config_dir.join("rules/course_completed.rhai"),
@@ -337,6 +339,8 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
     )
     .unwrap();
     assert_eq!(app.reload().await.status, 200);
+    // Redelivered by its LMS, a failed event is scored again by the writer.
+    assert_eq!(post("b3", "badge.earned", "dee").await, 200);
     assert_eq!(
         app.replay(&json!({"source": "custom"})).await.body["processed"],
         2
@@ -353,6 +357,7 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
     assert_eq!(app.user_points("custom", "ada").await, 67);
     assert_eq!(app.user_points("custom", "bob").await, 60);
     assert_eq!(app.user_points("custom", "cy").await, 0);
+    assert_eq!(app.user_points("custom", "dee").await, 7);
     if app.database_url.starts_with("postgres") {
         // PostgreSQL keeps no summary tables: `/api/v1/stats` aggregates.
         return;
