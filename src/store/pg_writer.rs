@@ -97,6 +97,18 @@ fn is_transient(e: &StoreError) -> bool {
 const EVENT_ROWS: usize = 500;
 const LEDGER_ROWS: usize = 1000;
 
+/// Which of the keys (four parallel arrays) the ledger holds: one index
+/// lookup per key. A subquery with `LIMIT` is never flattened into a join,
+/// so the plan stays a nested loop over the keys whatever the statistics
+/// say; as a plain join, a young ledger's statistics (or a generic plan
+/// made while it was small) chose a hash join over a scan of the whole
+/// ledger for every group, which made the writer's cost grow with the
+/// ledger.
+const HELD_ONCE_KEYS: &str = "SELECT k.ns AS namespace, k.u AS user_id, k.r AS rule, \
+    k.o AS once_key FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(ns, u, r, o) \
+    CROSS JOIN LATERAL (SELECT 1 FROM ledger l WHERE l.namespace = k.ns AND l.user_id = k.u \
+    AND l.rule = k.r AND l.once_key = k.o LIMIT 1) AS held";
+
 /// The once-award keys of these items the ledger already holds, read in
 /// one statement.
 async fn held_once_keys(
@@ -121,17 +133,13 @@ async fn held_once_keys(
         return Ok(HashSet::new());
     }
     let [ns, users, rules, keys] = cols;
-    let rows = sqlx::query(
-        "SELECT l.namespace, l.user_id, l.rule, l.once_key FROM ledger l \
-         JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(ns, u, r, o) \
-         ON l.namespace = k.ns AND l.user_id = k.u AND l.rule = k.r AND l.once_key = k.o",
-    )
-    .bind(ns)
-    .bind(users)
-    .bind(rules)
-    .bind(keys)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = sqlx::query(HELD_ONCE_KEYS)
+        .bind(ns)
+        .bind(users)
+        .bind(rules)
+        .bind(keys)
+        .fetch_all(&mut *tx)
+        .await?;
     rows.iter()
         .map(|r| {
             Ok((
@@ -181,8 +189,11 @@ async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, 
     Ok(plan.answers)
 }
 
-/// Inserts the events in multi-row statements; the ids of those inserted
-/// (a redelivery's row is skipped).
+/// Inserts the events, one statement per [`EVENT_ROWS`]; the ids of those
+/// inserted (a redelivery's row is skipped). Each column is bound as one
+/// array and unnested, so the statement's text is the same whatever the
+/// group's size: PostgreSQL parses and plans it once per connection, where
+/// a multi-row `VALUES` list was a new statement for every size.
 async fn insert_events(
     tx: &mut sqlx::PgConnection,
     rows: &[WriteRow<'_>],
@@ -190,38 +201,57 @@ async fn insert_events(
 ) -> Result<HashSet<String>, StoreError> {
     let mut inserted: HashSet<String> = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(EVENT_ROWS) {
-        let mut qb = sqlx::QueryBuilder::new(
-            "INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, user_id, \
-             course_id, object_id, occurred_at, received_at, processed_at, status, points, error, canonical, raw, request_headers) ",
-        );
-        qb.push_values(chunk, |mut b, ((ns, it), settled)| {
-            let ev = &it.prepared.event;
-            b.push_bind(&it.id)
-                .push_bind(&ev.source)
-                .push_bind(&ev.dedupe_key)
-                .push_bind(*ns)
-                .push_bind(&ev.event_type)
-                .push_bind(&ev.vendor_event_type)
-                .push_bind(&ev.user_id)
-                .push_bind(&ev.course_id)
-                .push_bind(&ev.object_id)
-                .push_bind(ev.occurred_at.timestamp_millis())
-                .push_bind(it.received_at)
-                .push_bind((it.status != EventStatus::Queued).then_some(now))
-                .push_bind(it.status.as_str())
-                .push_bind(settled.points)
-                .push_bind(&it.error)
-                .push_bind(&it.canonical)
-                .push_bind(it.prepared.raw.as_ref())
-                .push_bind(it.prepared.headers.as_deref());
-        });
-        qb.push(" ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id");
-        for row in qb.build().fetch_all(&mut *tx).await? {
+        let col = |f: &dyn Fn(&WriteRow<'_>) -> Option<String>| -> Vec<Option<String>> {
+            chunk.iter().map(f).collect()
+        };
+        let int = |f: &dyn Fn(&WriteRow<'_>) -> Option<i64>| -> Vec<Option<i64>> {
+            chunk.iter().map(f).collect()
+        };
+        fn ev<'r>(r: &'r WriteRow<'_>) -> &'r crate::pipeline::mapping::CanonicalEvent {
+            &r.0 .1.prepared.event
+        }
+        let query = sqlx::query(INSERT_EVENTS)
+            .bind(col(&|r| Some(r.0 .1.id.clone())))
+            .bind(col(&|r| Some(ev(r).source.clone())))
+            .bind(col(&|r| Some(ev(r).dedupe_key.clone())))
+            .bind(col(&|r| Some(r.0 .0.to_string())))
+            .bind(col(&|r| ev(r).event_type.clone()))
+            .bind(col(&|r| ev(r).vendor_event_type.clone()))
+            .bind(col(&|r| ev(r).user_id.clone()))
+            .bind(col(&|r| ev(r).course_id.clone()))
+            .bind(col(&|r| ev(r).object_id.clone()))
+            .bind(int(&|r| Some(ev(r).occurred_at.timestamp_millis())))
+            .bind(int(&|r| Some(r.0 .1.received_at)))
+            .bind(int(&|r| {
+                (r.0 .1.status != EventStatus::Queued).then_some(now)
+            }))
+            .bind(col(&|r| Some(r.0 .1.status.as_str().to_string())))
+            .bind(int(&|r| Some(r.1.points)))
+            .bind(col(&|r| r.0 .1.error.clone()))
+            .bind(col(&|r| Some(r.0 .1.canonical.clone())))
+            .bind(
+                chunk
+                    .iter()
+                    .map(|r| r.0 .1.prepared.raw.as_ref())
+                    .collect::<Vec<&[u8]>>(),
+            )
+            .bind(col(&|r| {
+                r.0 .1.prepared.headers.as_deref().map(str::to_string)
+            }));
+        for row in query.fetch_all(&mut *tx).await? {
             inserted.insert(row.try_get("id")?);
         }
     }
     Ok(inserted)
 }
+
+const INSERT_EVENTS: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, \
+    vendor_event_type, user_id, course_id, object_id, occurred_at, received_at, processed_at, \
+    status, points, error, canonical, raw, request_headers) \
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], \
+    $14::bigint[], $15::text[], $16::text[], $17::bytea[], $18::text[]) \
+    ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id";
 
 /// An event already stored under the same `(source, dedupe_key)`: a failed
 /// one is re-scored (written now, under its stored id); anything else, or
@@ -286,25 +316,32 @@ async fn insert_ledger(
     now: i64,
 ) -> Result<(), StoreError> {
     for chunk in ledger.chunks(LEDGER_ROWS) {
-        let mut qb = sqlx::QueryBuilder::new(
-            "INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, occurred_at, created_at, once_key) ",
-        );
-        qb.push_values(chunk, |mut b, r| {
-            b.push_bind(&r.event_id)
-                .push_bind(r.namespace)
-                .push_bind(r.user)
-                .push_bind(r.course)
-                .push_bind(r.award.rule.as_ref())
-                .push_bind(r.award.points)
-                .push_bind(&r.award.reason)
-                .push_bind(r.occurred_at)
-                .push_bind(now)
-                .push_bind(&r.award.once);
-        });
-        qb.build().execute(&mut *tx).await?;
+        let col = |f: &dyn Fn(&LedgerRow<'_>) -> Option<String>| -> Vec<Option<String>> {
+            chunk.iter().map(f).collect()
+        };
+        let int = |f: &dyn Fn(&LedgerRow<'_>) -> i64| -> Vec<i64> { chunk.iter().map(f).collect() };
+        sqlx::query(INSERT_LEDGER_ROWS)
+            .bind(col(&|r| Some(r.event_id.clone())))
+            .bind(col(&|r| Some(r.namespace.to_string())))
+            .bind(col(&|r| Some(r.user.to_string())))
+            .bind(col(&|r| r.course.clone()))
+            .bind(col(&|r| Some(r.award.rule.to_string())))
+            .bind(int(&|r| r.award.points))
+            .bind(col(&|r| r.award.reason.clone()))
+            .bind(int(&|r| r.occurred_at))
+            .bind(int(&|_| now))
+            .bind(col(&|r| r.award.once.clone()))
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }
+
+/// The awards, unnested from one array per column (see [`insert_events`]).
+const INSERT_LEDGER_ROWS: &str = "INSERT INTO ledger (event_id, namespace, user_id, course_id, \
+    rule, points, reason, occurred_at, created_at, once_key) \
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+    $6::bigint[], $7::text[], $8::bigint[], $9::bigint[], $10::text[])";
 
 /// Adds each user's points and events, in key order: instances on
 /// PostgreSQL lock totals rows alike.
@@ -315,21 +352,27 @@ async fn upsert_totals(
 ) -> Result<(), StoreError> {
     let totals: Vec<_> = totals.into_iter().collect();
     for chunk in totals.chunks(LEDGER_ROWS) {
-        let mut qb = sqlx::QueryBuilder::new(
-            "INSERT INTO totals (namespace, user_id, points, events, updated_at) ",
-        );
-        qb.push_values(chunk, |mut b, ((ns, user), (points, events))| {
-            b.push_bind(*ns)
-                .push_bind(*user)
-                .push_bind(*points)
-                .push_bind(*events)
-                .push_bind(now);
-        });
-        qb.push(
-            " ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
-             events = totals.events + excluded.events, updated_at = excluded.updated_at",
-        );
-        qb.build().execute(&mut *tx).await?;
+        sqlx::query(UPSERT_TOTALS)
+            .bind(chunk.iter().map(|((ns, _), _)| *ns).collect::<Vec<&str>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|((_, user), _)| *user)
+                    .collect::<Vec<&str>>(),
+            )
+            .bind(chunk.iter().map(|(_, (p, _))| *p).collect::<Vec<i64>>())
+            .bind(chunk.iter().map(|(_, (_, e))| *e).collect::<Vec<i64>>())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(())
 }
+
+/// Each user's points and events added, unnested in key order (see
+/// [`insert_events`]).
+const UPSERT_TOTALS: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) \
+    SELECT ns, u, p, e, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
+    AS t(ns, u, p, e) ON CONFLICT (namespace, user_id) DO UPDATE SET \
+    points = totals.points + excluded.points, events = totals.events + excluded.events, \
+    updated_at = excluded.updated_at";
