@@ -472,8 +472,7 @@ impl Store {
                 .connect(url)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
-            let writer =
-                pg_writer::spawn_writers(pool.clone(), POSTGRES_WRITERS, group_sizes.clone());
+            let writer = pg_writer::spawn_writers(&pool, POSTGRES_WRITERS, group_sizes.clone());
             (Pool::Postgres(pool), writer, "postgres", None)
         } else {
             return Err(StoreError::BadUrl(url.to_string()));

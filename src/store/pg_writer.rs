@@ -4,13 +4,15 @@
 //! handful of multi-row statements (events, then ledger, then totals),
 //! commits, then answers each request. If a grouped transaction fails, each
 //! request is retried in a transaction of its own, so one bad request never
-//! fails its neighbours. Several writers run at once (PostgreSQL takes
-//! concurrent writers; instances share the database).
+//! fails its neighbours. Several writers run at once, each on a connection
+//! of its own (PostgreSQL takes concurrent writers; instances share the
+//! database).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use sqlx::{PgPool, Row};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, Mutex};
 
 use super::plan::{
@@ -20,16 +22,22 @@ use super::plan::{
 use super::{StoreError, EXISTING, RESCORE};
 
 pub(super) fn spawn_writers(
-    pool: PgPool,
+    pool: &PgPool,
     writers: usize,
     group_sizes: prometheus::Histogram,
 ) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>(QUEUE);
     let rx = Arc::new(Mutex::new(rx));
+    let options = (*pool.connect_options())
+        .clone()
+        .application_name(WRITER_NAME);
     for _ in 0..writers.max(1) {
-        let pool = pool.clone();
         let rx = rx.clone();
         let group_sizes = group_sizes.clone();
+        let mut writer = Writer {
+            options: options.clone(),
+            conn: None,
+        };
         tokio::spawn(async move {
             loop {
                 let jobs = {
@@ -45,38 +53,68 @@ pub(super) fn spawn_writers(
                     jobs
                 };
                 group_sizes.observe(jobs.len() as f64);
-                run_group(&pool, jobs).await;
+                writer.run_group(jobs).await;
             }
         });
     }
     tx
 }
 
-async fn run_group(pool: &PgPool, jobs: Vec<Job>) {
-    if jobs.len() > 1 {
-        match write_jobs(pool, &jobs).await {
-            Ok(results) => {
-                for (job, res) in jobs.into_iter().zip(results) {
-                    let _ = job.reply.send(Ok(res));
+/// The `application_name` of the writers' connections.
+pub(crate) const WRITER_NAME: &str = "rocket-rewards writer";
+
+/// A writer task's own connection, outside the pool. A pooled connection
+/// costs two more round trips per group: sqlx pings it when it is taken
+/// and again when it is given back. After any failed write the connection
+/// is dropped and the next attempt opens a new one, so a connection that
+/// broke (PostgreSQL restarted, a proxy closed it) fails one attempt, which
+/// is retried, and nothing else.
+struct Writer {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+}
+
+impl Writer {
+    async fn write(&mut self, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(PgConnection::connect_with(&self.options).await?),
+        };
+        let written = write_jobs(conn, jobs).await;
+        if written.is_err() {
+            self.conn = None;
+        }
+        written
+    }
+
+    async fn run_group(&mut self, jobs: Vec<Job>) {
+        if jobs.len() > 1 {
+            match self.write(&jobs).await {
+                Ok(results) => {
+                    for (job, res) in jobs.into_iter().zip(results) {
+                        let _ = job.reply.send(Ok(res));
+                    }
+                    return;
                 }
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, jobs = jobs.len(), "group commit failed; retrying each request alone")
+                Err(e) => {
+                    tracing::warn!(error = %e, jobs = jobs.len(), "group commit failed; retrying each request alone")
+                }
             }
         }
-    }
-    for job in jobs {
-        let mut attempt = 0;
-        let res = loop {
-            attempt += 1;
-            match write_jobs(pool, std::slice::from_ref(&job)).await {
-                Ok(mut r) => break Ok(r.pop().unwrap_or_default()),
-                Err(e) if attempt < RETRIES && is_transient(&e) => continue,
-                Err(e) => break Err(e),
-            }
-        };
-        let _ = job.reply.send(res);
+        for job in jobs {
+            let mut attempt = 0;
+            let res = loop {
+                attempt += 1;
+                match self.write(std::slice::from_ref(&job)).await {
+                    Ok(mut r) => break Ok(r.pop().unwrap_or_default()),
+                    Err(e) if attempt < RETRIES && is_transient(&e) => continue,
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = job.reply.send(res);
+        }
     }
 }
 
@@ -84,9 +122,15 @@ fn is_transient(e: &StoreError) -> bool {
     match e {
         // 23505: another instance committed a once-award this transaction
         // also wrote (the ledger_once index); the retry reads it and drops ours.
-        StoreError::Db(sqlx::Error::Database(db)) => {
-            matches!(db.code().as_deref(), Some("40P01" | "40001" | "23505"))
-        }
+        // 57P0x: the server ended the connection (an administrator, a
+        // restart); 08xxx: the connection failed. The next attempt opens
+        // a new one.
+        StoreError::Db(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
+            matches!(
+                &*c,
+                "40P01" | "40001" | "23505" | "57P01" | "57P02" | "57P03"
+            ) || c.starts_with("08")
+        }),
         StoreError::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
         _ => false,
     }
@@ -159,13 +203,16 @@ type WriteRow<'a> = ((&'a str, &'a Item), &'a Settled<'a>);
 /// Executes the jobs' plan in one transaction; answers in job order.
 /// Redeliveries (rows the insert skipped) are resolved one by one: they are
 /// rare, and a failed event among them is re-scored.
-async fn write_jobs(pool: &PgPool, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
+async fn write_jobs(
+    conn: &mut PgConnection,
+    jobs: &[Job],
+) -> Result<Vec<Vec<Persisted>>, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
     let items: Vec<(&str, &Item)> = jobs
         .iter()
         .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
         .collect();
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let held = held_once_keys(&mut tx, &items).await?;
     let mut claimed = HashSet::new();
     let settled: Vec<Settled> = items

@@ -132,6 +132,49 @@ async fn the_erase_subcommand_erases_on_a_running_servers_store() {
     assert_eq!(app.user_points("custom", "cy").await, 0);
 }
 
+/// PostgreSQL: when the server ends the writers' connections (an
+/// administrator, a restart), the next deliveries are still written: the
+/// attempt on a dead connection fails and is retried on a new one. (The
+/// writers take turns, so the first four deliveries open all four
+/// connections and the next four each meet a dead one.)
+#[tokio::test]
+async fn deliveries_after_the_writers_connections_were_ended_are_written() {
+    let app = spawn_app().await;
+    if !app.database_url.starts_with("postgres") {
+        return;
+    }
+    let post = |i: usize| {
+        let ev = json!({"event_id": format!("k{i}"), "event_type": "course.completed", "user_id": "kim", "course_id": format!("c{i}")});
+        let app = &app;
+        async move { app.bearer("custom", CUSTOM_TOKEN, &ev).await }
+    };
+    let mut awarded = 0;
+    for i in 0..4 {
+        let r = post(i).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        awarded += r.body["points_awarded"].as_i64().unwrap();
+    }
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+        WHERE application_name = 'rocket-rewards writer' AND datname = current_database()",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty() && ended.iter().all(|e| e.0), "{ended:?}");
+    for i in 4..8 {
+        let r = post(i).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        awarded += r.body["points_awarded"].as_i64().unwrap();
+    }
+    assert!(awarded >= 8 * 50, "{awarded}");
+    assert_eq!(app.user_points("custom", "kim").await, awarded);
+}
+
 /// `rocket-rewards backup` on the store of a server under load, then a new
 /// server on the copy: every event acknowledged before the backup began is
 /// there. (PostgreSQL: the subcommand points to pg_dump.)
