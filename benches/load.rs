@@ -32,6 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "load/bulk.rs"]
 mod bulk;
+#[path = "load/postgres.rs"]
+mod postgres;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -70,6 +72,9 @@ struct Args {
     server_env: Vec<(String, String)>,
     /// Measure the peer (`webhook`) too.
     peer: bool,
+    /// A PostgreSQL server (URL of a database to connect to): the hook is
+    /// measured again on a fresh database there, after SQLite's run.
+    postgres: Option<String>,
 }
 
 const USAGE: &str = "\
@@ -87,7 +92,9 @@ usage: cargo bench --bench load -- [options]
   --server-env K=V       extra environment variable for the server (repeatable)
   --client-threads T     tokio worker threads of the load generator (default 2)
   --no-build             do not run `cargo build --release --bin rocket-rewards` first
-  --no-peer              do not measure the peer (Debian's `webhook`, one HMAC-verified hook)";
+  --no-peer              do not measure the peer (Debian's `webhook`, one HMAC-verified hook)
+  --postgres URL         then measure the hook again on PostgreSQL, on a database the harness creates
+                         (and drops) on the server of URL, e.g. postgres://postgres@127.0.0.1:5432/postgres";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -105,6 +112,7 @@ fn parse_args() -> Result<Args, String> {
         client_threads: 2,
         server_env: Vec::new(),
         peer: true,
+        postgres: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -160,6 +168,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--no-build" => a.build = false,
             "--no-peer" => a.peer = false,
+            "--postgres" => a.postgres = Some(value("--postgres")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -813,6 +822,18 @@ async fn get_status(addr: &str, path: &str) -> std::io::Result<u16> {
 }
 
 /// `rocket_store_group_commit_requests` (sum, count) from `/metrics`.
+fn print_group_commit(before: Option<(f64, f64)>, after: Option<(f64, f64)>) {
+    if let (Some((s0, n0)), Some((s1, n1))) = (before, after) {
+        if n1 > n0 {
+            println!(
+                "group commit: {:.1} requests per transaction ({:.0} transactions)",
+                (s1 - s0) / (n1 - n0),
+                n1 - n0
+            );
+        }
+    }
+}
+
 async fn group_commit(addr: &str) -> Option<(f64, f64)> {
     let mut c = Conn::open(addr).await.ok()?;
     let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -1027,6 +1048,77 @@ fn print_row(name: &str, r: &RouteReport) {
 
 // --------------------------------------------------------------------- main
 
+/// The server's command line: `serve` on `addr` and `db_url`, with the
+/// harness's environment (and no other `ROCKET_` variable of the caller's).
+fn server_command(
+    bin: &Path,
+    addr: &str,
+    db_url: &str,
+    config_dir: &Path,
+    args: &Args,
+    log_path: &Path,
+) -> Result<Command, String> {
+    let log =
+        std::fs::File::create(log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ROCKET_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("ROCKET_RATE_LIMITS", "off")
+        .env("ROCKET_LISTEN", addr)
+        .env("ROCKET_DATABASE_URL", db_url)
+        .env("ROCKET_CONFIG_DIR", config_dir)
+        .env("ROCKET_LOG", &args.log)
+        .env("ROCKET_LEARNWORLDS_SECRET", SECRET)
+        .env("ROCKET_ADMIN_TOKEN", bulk::ADMIN_TOKEN)
+        .envs(args.server_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    Ok(cmd)
+}
+
+/// Spawns the server and waits (up to 300 s) for readiness; the time from
+/// spawn to ready.
+async fn start_server(
+    mut cmd: Command,
+    bin: &Path,
+    log_path: &Path,
+    addr: &str,
+) -> Result<(Server, Duration), String> {
+    let spawned = Instant::now();
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let mut server = Server {
+        pid: child.id(),
+        child: Some(child),
+        log: log_path.to_path_buf(),
+    };
+    let deadline = spawned + Duration::from_secs(300);
+    loop {
+        if let Some(status) = server.exited() {
+            return Err(format!(
+                "the server exited during startup ({status}):\n{}",
+                server.log_tail(40)
+            ));
+        }
+        if let Ok(200) = get_status(addr, READY_PATH).await {
+            return Ok((server, spawned.elapsed()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{READY_PATH} not 200 after 300 s:\n{}",
+                server.log_tail(40)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
@@ -1092,8 +1184,6 @@ fn run(args: Args) -> Result<bool, String> {
         .server_log
         .clone()
         .unwrap_or_else(|| tmp.path().join("server.log"));
-    let log =
-        std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
     let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
     let db = args
@@ -1101,24 +1191,8 @@ fn run(args: Args) -> Result<bool, String> {
         .clone()
         .unwrap_or_else(|| tmp.path().join("bench.db"));
 
-    let mut cmd = Command::new(&bin);
-    cmd.arg("serve");
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ROCKET_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("ROCKET_RATE_LIMITS", "off")
-        .env("ROCKET_LISTEN", &addr)
-        .env("ROCKET_DATABASE_URL", format!("sqlite://{}", db.display()))
-        .env("ROCKET_CONFIG_DIR", &config_dir)
-        .env("ROCKET_LOG", &args.log)
-        .env("ROCKET_LEARNWORLDS_SECRET", SECRET)
-        .env("ROCKET_ADMIN_TOKEN", bulk::ADMIN_TOKEN)
-        .envs(args.server_env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log);
+    let db_url = format!("sqlite://{}", db.display());
+    let cmd = server_command(&bin, &addr, &db_url, &config_dir, &args, &log_path)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads)
@@ -1129,39 +1203,8 @@ fn run(args: Args) -> Result<bool, String> {
     if args.bulk > 0 {
         bulk::fill(&db, args.bulk, &rt)?;
     }
-    let spawned = Instant::now();
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-    let pid = child.id();
-    let mut server = Server {
-        child: Some(child),
-        pid,
-        log: log_path.clone(),
-    };
-
-    // Ready?
-    let startup = rt.block_on(async {
-        let deadline = spawned + Duration::from_secs(300);
-        loop {
-            if let Some(status) = server.exited() {
-                return Err(format!(
-                    "the server exited during startup ({status}):\n{}",
-                    server.log_tail(40)
-                ));
-            }
-            if let Ok(200) = get_status(&addr, READY_PATH).await {
-                return Ok(spawned.elapsed());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{READY_PATH} not 200 after 300 s:\n{}",
-                    server.log_tail(40)
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })?;
+    let (mut server, startup) = rt.block_on(start_server(cmd, &bin, &log_path, &addr))?;
+    let pid = server.pid;
 
     let ticks = clock_ticks_per_second();
     let run_id = format!(
@@ -1298,15 +1341,7 @@ fn run(args: Args) -> Result<bool, String> {
                     (w1 - w0) as f64 / 1024.0 / sent
                 );
             }
-            if let (Some((s0, n0)), Some((s1, n1))) = (before, group_commit(&addr).await) {
-                if n1 > n0 {
-                    println!(
-                        "group commit: {:.1} requests per transaction ({:.0} transactions)",
-                        (s1 - s0) / (n1 - n0),
-                        n1 - n0
-                    );
-                }
-            }
+            print_group_commit(before, group_commit(&addr).await);
             if server_gone(&mut server, "the hook route") {
                 ok = false;
                 break;
@@ -1352,6 +1387,18 @@ fn run(args: Args) -> Result<bool, String> {
                 );
             }
             summary.push((conns, b, h, ratio));
+        }
+
+        if let Some(url) = &args.postgres {
+            let sqlite: Vec<(usize, f64)> = summary.iter().map(|(c, _, h, _)| (*c, h.rps)).collect();
+            match postgres::compare(url, &args, &bin, &config_dir, tmp.path(), &ctx, &sqlite).await {
+                Ok(true) => {}
+                Ok(false) => ok = false,
+                Err(e) => {
+                    println!("PostgreSQL not measured: {e}");
+                    ok = false;
+                }
+            }
         }
 
         println!();
