@@ -136,11 +136,6 @@ fn is_transient(e: &StoreError) -> bool {
     }
 }
 
-/// Rows per multi-row statement: well under the 65535 bound parameters a
-/// PostgreSQL statement takes.
-const EVENT_ROWS: usize = 500;
-const LEDGER_ROWS: usize = 1000;
-
 /// Which of the keys (four parallel arrays) the ledger holds: one index
 /// lookup per key. A subquery with `LIMIT` is never flattened into a join,
 /// so the plan stays a nested loop over the keys whatever the statistics
@@ -200,9 +195,18 @@ async fn held_once_keys(
 /// One item with its namespace and settled awards.
 type WriteRow<'a> = ((&'a str, &'a Item), &'a Settled<'a>);
 
-/// Executes the jobs' plan in one transaction; answers in job order.
-/// Redeliveries (rows the insert skipped) are resolved one by one: they are
-/// rare, and a failed event among them is re-scored.
+/// Writes the jobs; answers in job order. The new events, their awards and
+/// their learners' totals go in one statement, which PostgreSQL runs
+/// atomically and commits on its own: with the once-key read, two round
+/// trips per group, where a transaction around separate statements took
+/// six. Redeliveries (rows that statement skipped) are rare: they are
+/// resolved, and a failed one rescored, in a transaction of their own
+/// afterwards. Should that transaction fail, the group's retry answers the
+/// events already written as duplicates, with the points they earned.
+///
+/// The once-key read is outside any transaction, as it would be at READ
+/// COMMITTED anyway: if another instance commits a key after the read, the
+/// `ledger_once` index fails the statement (23505) and the retry reads it.
 async fn write_jobs(
     conn: &mut PgConnection,
     jobs: &[Job],
@@ -212,93 +216,181 @@ async fn write_jobs(
         .iter()
         .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
         .collect();
-    let mut tx = conn.begin().await?;
-    let held = held_once_keys(&mut tx, &items).await?;
+    let held = held_once_keys(&mut *conn, &items).await?;
     let mut claimed = HashSet::new();
     let settled: Vec<Settled> = items
         .iter()
         .map(|(ns, it)| it.settle_against(ns, &mut claimed, &held))
         .collect();
     let rows: Vec<WriteRow> = items.iter().copied().zip(&settled).collect();
-    let inserted = insert_events(&mut tx, &rows, now).await?;
-    let mut fates = Vec::with_capacity(items.len());
-    for (_, it) in &items {
-        fates.push(if inserted.contains(&it.id) {
-            Fate::Written(it.id.clone())
-        } else {
-            redelivered(&mut tx, it, &settled[fates.len()], now).await?
-        });
-    }
-    let plan = Plan::new(jobs, settled.into_iter().zip(fates), now);
-    insert_ledger(&mut tx, &plan.ledger, now).await?;
-    upsert_totals(&mut tx, plan.totals, now).await?;
-    tx.commit().await?;
-    Ok(plan.answers)
+    let inserted = insert_fresh(&mut *conn, &rows, now).await?;
+    let fates = if inserted.len() == items.len() {
+        items
+            .iter()
+            .map(|(_, it)| Fate::Written(it.id.clone()))
+            .collect()
+    } else {
+        resolve_redeliveries(conn, &rows, &inserted, now).await?
+    };
+    Ok(Plan::new(jobs, settled.iter().cloned().zip(fates), now).answers)
 }
 
-/// Inserts the events, one statement per [`EVENT_ROWS`]; the ids of those
-/// inserted (a redelivery's row is skipped). Each column is bound as one
-/// array and unnested, so the statement's text is the same whatever the
-/// group's size: PostgreSQL parses and plans it once per connection, where
-/// a multi-row `VALUES` list was a new statement for every size.
-async fn insert_events(
-    tx: &mut sqlx::PgConnection,
+/// The fates of a group some of whose events were stored already: each
+/// redelivery is resolved (a failed one rescored, with its awards and
+/// totals) in one transaction.
+async fn resolve_redeliveries(
+    conn: &mut PgConnection,
+    rows: &[WriteRow<'_>],
+    inserted: &HashSet<String>,
+    now: i64,
+) -> Result<Vec<Fate>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut rescored = Plan::empty();
+    let mut fates = Vec::with_capacity(rows.len());
+    for &((ns, it), settled) in rows {
+        if inserted.contains(&it.id) {
+            fates.push(Fate::Written(it.id.clone()));
+            continue;
+        }
+        let fate = redelivered(&mut tx, it, settled, now).await?;
+        if let Fate::Written(id) = &fate {
+            rescored.add_written(ns, it, settled, id);
+        }
+        fates.push(fate);
+    }
+    insert_ledger(&mut tx, &rescored.ledger, now).await?;
+    upsert_totals(&mut tx, rescored.totals, now).await?;
+    tx.commit().await?;
+    Ok(fates)
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Inserts the new events with their awards and their learners' totals
+/// ([`INSERT_FRESH`]); the ids of the events inserted (a redelivery's row
+/// is skipped, and with it its awards and its part of the totals). Each
+/// column is bound as one array and unnested, so the statement's text is
+/// the same whatever the group's size: PostgreSQL parses and plans it once
+/// per connection.
+async fn insert_fresh(
+    conn: &mut PgConnection,
     rows: &[WriteRow<'_>],
     now: i64,
 ) -> Result<HashSet<String>, StoreError> {
-    let mut inserted: HashSet<String> = HashSet::with_capacity(rows.len());
-    for chunk in rows.chunks(EVENT_ROWS) {
-        let col = |f: &dyn Fn(&WriteRow<'_>) -> Option<String>| -> Vec<Option<String>> {
-            chunk.iter().map(f).collect()
-        };
-        let int = |f: &dyn Fn(&WriteRow<'_>) -> Option<i64>| -> Vec<Option<i64>> {
-            chunk.iter().map(f).collect()
-        };
-        fn ev<'r>(r: &'r WriteRow<'_>) -> &'r crate::pipeline::mapping::CanonicalEvent {
-            &r.0 .1.prepared.event
+    let mut fresh = Plan::empty();
+    let mut earned: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
+    for &((ns, it), settled) in rows {
+        fresh.add_written(ns, it, settled, &it.id);
+        if let Some(user) = it.earner() {
+            earned.0.push(&it.id);
+            earned.1.push(ns);
+            earned.2.push(user);
+            earned.3.push(settled.points);
         }
-        let query = sqlx::query(INSERT_EVENTS)
-            .bind(col(&|r| Some(r.0 .1.id.clone())))
-            .bind(col(&|r| Some(ev(r).source.clone())))
-            .bind(col(&|r| Some(ev(r).dedupe_key.clone())))
-            .bind(col(&|r| Some(r.0 .0.to_string())))
-            .bind(col(&|r| ev(r).event_type.clone()))
-            .bind(col(&|r| ev(r).vendor_event_type.clone()))
-            .bind(col(&|r| ev(r).user_id.clone()))
-            .bind(col(&|r| ev(r).course_id.clone()))
-            .bind(col(&|r| ev(r).object_id.clone()))
-            .bind(int(&|r| Some(ev(r).occurred_at.timestamp_millis())))
-            .bind(int(&|r| Some(r.0 .1.received_at)))
-            .bind(int(&|r| {
-                (r.0 .1.status != EventStatus::Queued).then_some(now)
-            }))
-            .bind(col(&|r| Some(r.0 .1.status.as_str().to_string())))
-            .bind(int(&|r| Some(r.1.points)))
-            .bind(col(&|r| r.0 .1.error.clone()))
-            .bind(col(&|r| Some(r.0 .1.canonical.clone())))
-            .bind(
-                chunk
-                    .iter()
-                    .map(|r| r.0 .1.prepared.raw.as_ref())
-                    .collect::<Vec<&[u8]>>(),
-            )
-            .bind(col(&|r| {
-                r.0 .1.prepared.headers.as_deref().map(str::to_string)
-            }));
-        for row in query.fetch_all(&mut *tx).await? {
-            inserted.insert(row.try_get("id")?);
-        }
+    }
+    let query = bind_events(sqlx::query(INSERT_FRESH), rows, now);
+    let query = bind_ledger(query, &fresh.ledger)
+        .bind(now)
+        .bind(earned.0)
+        .bind(earned.1)
+        .bind(earned.2)
+        .bind(earned.3);
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for row in query.fetch_all(&mut *conn).await? {
+        inserted.insert(row.try_get("id")?);
     }
     Ok(inserted)
 }
 
-const INSERT_EVENTS: &str = "INSERT INTO events (id, source, dedupe_key, namespace, event_type, \
-    vendor_event_type, user_id, course_id, object_id, occurred_at, received_at, processed_at, \
-    status, points, error, canonical, raw, request_headers) \
-    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-    $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[], $13::text[], \
-    $14::bigint[], $15::text[], $16::text[], $17::bytea[], $18::text[]) \
-    ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id";
+/// Binds $1..$18: the events' columns, one array each.
+fn bind_events<'q>(query: PgQuery<'q>, rows: &'q [WriteRow<'_>], now: i64) -> PgQuery<'q> {
+    fn ev<'r>(r: &'r WriteRow<'_>) -> &'r crate::pipeline::mapping::CanonicalEvent {
+        &r.0 .1.prepared.event
+    }
+    let col = |f: &dyn Fn(&WriteRow<'_>) -> Option<String>| -> Vec<Option<String>> {
+        rows.iter().map(f).collect()
+    };
+    let int = |f: &dyn Fn(&WriteRow<'_>) -> Option<i64>| -> Vec<Option<i64>> {
+        rows.iter().map(f).collect()
+    };
+    query
+        .bind(col(&|r| Some(r.0 .1.id.clone())))
+        .bind(col(&|r| Some(ev(r).source.clone())))
+        .bind(col(&|r| Some(ev(r).dedupe_key.clone())))
+        .bind(col(&|r| Some(r.0 .0.to_string())))
+        .bind(col(&|r| ev(r).event_type.clone()))
+        .bind(col(&|r| ev(r).vendor_event_type.clone()))
+        .bind(col(&|r| ev(r).user_id.clone()))
+        .bind(col(&|r| ev(r).course_id.clone()))
+        .bind(col(&|r| ev(r).object_id.clone()))
+        .bind(int(&|r| Some(ev(r).occurred_at.timestamp_millis())))
+        .bind(int(&|r| Some(r.0 .1.received_at)))
+        .bind(int(&|r| {
+            (r.0 .1.status != EventStatus::Queued).then_some(now)
+        }))
+        .bind(col(&|r| Some(r.0 .1.status.as_str().to_string())))
+        .bind(int(&|r| Some(r.1.points)))
+        .bind(col(&|r| r.0 .1.error.clone()))
+        .bind(col(&|r| Some(r.0 .1.canonical.clone())))
+        .bind(
+            rows.iter()
+                .map(|r| r.0 .1.prepared.raw.as_ref())
+                .collect::<Vec<&[u8]>>(),
+        )
+        .bind(col(&|r| {
+            r.0 .1.prepared.headers.as_deref().map(str::to_string)
+        }))
+}
+
+/// Binds the awards' columns (event id, namespace, user, course, rule,
+/// points, reason, occurred_at, once-key), one array each.
+fn bind_ledger<'q>(query: PgQuery<'q>, rows: &[LedgerRow<'_>]) -> PgQuery<'q> {
+    let col = |f: &dyn Fn(&LedgerRow<'_>) -> Option<String>| -> Vec<Option<String>> {
+        rows.iter().map(f).collect()
+    };
+    let int = |f: &dyn Fn(&LedgerRow<'_>) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+    query
+        .bind(col(&|r| Some(r.event_id.clone())))
+        .bind(col(&|r| Some(r.namespace.to_string())))
+        .bind(col(&|r| Some(r.user.to_string())))
+        .bind(col(&|r| r.course.clone()))
+        .bind(col(&|r| Some(r.award.rule.to_string())))
+        .bind(int(&|r| r.award.points))
+        .bind(col(&|r| r.award.reason.clone()))
+        .bind(int(&|r| r.occurred_at))
+        .bind(col(&|r| r.award.once.clone()))
+}
+
+/// The new events ($1..$18), the awards of those inserted ($19..$27, in
+/// their order; created at $28) and those events' points and count added to
+/// their learners' totals ($29..$32: event id, namespace, user, points; in
+/// key order, as every instance locks totals rows alike). One statement:
+/// atomic, and committed when it returns.
+const INSERT_FRESH: &str = "WITH ev AS (\
+    INSERT INTO events (id, source, dedupe_key, namespace, event_type, vendor_event_type, \
+    user_id, course_id, object_id, occurred_at, received_at, processed_at, status, points, \
+    error, canonical, raw, request_headers) \
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+    $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[], \
+    $12::bigint[], $13::text[], $14::bigint[], $15::text[], $16::text[], $17::bytea[], \
+    $18::text[]) \
+    ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id), \
+  awards AS (\
+    INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, reason, \
+    occurred_at, created_at, once_key) \
+    SELECT a.e, a.ns, a.u, a.c, a.r, a.p, a.why, a.at, $28, a.once \
+    FROM UNNEST($19::text[], $20::text[], $21::text[], $22::text[], $23::text[], \
+    $24::bigint[], $25::text[], $26::bigint[], $27::text[]) \
+    WITH ORDINALITY AS a(e, ns, u, c, r, p, why, at, once, n) \
+    WHERE a.e IN (SELECT id FROM ev) ORDER BY a.n), \
+  sums AS (\
+    INSERT INTO totals (namespace, user_id, points, events, updated_at) \
+    SELECT t.ns, t.u, SUM(t.p), COUNT(*), $28 \
+    FROM UNNEST($29::text[], $30::text[], $31::text[], $32::bigint[]) AS t(e, ns, u, p) \
+    WHERE t.e IN (SELECT id FROM ev) GROUP BY t.ns, t.u ORDER BY t.ns, t.u \
+    ON CONFLICT (namespace, user_id) DO UPDATE SET points = totals.points + excluded.points, \
+    events = totals.events + excluded.events, updated_at = excluded.updated_at) \
+  SELECT id FROM ev";
 
 /// An event already stored under the same `(source, dedupe_key)`: a failed
 /// one is re-scored (written now, under its stored id); anything else, or
@@ -362,33 +454,23 @@ async fn insert_ledger(
     ledger: &[LedgerRow<'_>],
     now: i64,
 ) -> Result<(), StoreError> {
-    for chunk in ledger.chunks(LEDGER_ROWS) {
-        let col = |f: &dyn Fn(&LedgerRow<'_>) -> Option<String>| -> Vec<Option<String>> {
-            chunk.iter().map(f).collect()
-        };
-        let int = |f: &dyn Fn(&LedgerRow<'_>) -> i64| -> Vec<i64> { chunk.iter().map(f).collect() };
-        sqlx::query(INSERT_LEDGER_ROWS)
-            .bind(col(&|r| Some(r.event_id.clone())))
-            .bind(col(&|r| Some(r.namespace.to_string())))
-            .bind(col(&|r| Some(r.user.to_string())))
-            .bind(col(&|r| r.course.clone()))
-            .bind(col(&|r| Some(r.award.rule.to_string())))
-            .bind(int(&|r| r.award.points))
-            .bind(col(&|r| r.award.reason.clone()))
-            .bind(int(&|r| r.occurred_at))
-            .bind(int(&|_| now))
-            .bind(col(&|r| r.award.once.clone()))
+    if !ledger.is_empty() {
+        bind_ledger(sqlx::query(INSERT_LEDGER_ROWS), ledger)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
     }
     Ok(())
 }
 
-/// The awards, unnested from one array per column (see [`insert_events`]).
+/// The awards of rescored events, unnested from one array per column (see
+/// [`bind_ledger`]); created at $10.
 const INSERT_LEDGER_ROWS: &str = "INSERT INTO ledger (event_id, namespace, user_id, course_id, \
     rule, points, reason, occurred_at, created_at, once_key) \
-    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-    $6::bigint[], $7::text[], $8::bigint[], $9::bigint[], $10::text[])";
+    SELECT a.e, a.ns, a.u, a.c, a.r, a.p, a.why, a.at, $10, a.once \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
+    $7::text[], $8::bigint[], $9::text[]) WITH ORDINALITY AS a(e, ns, u, c, r, p, why, at, once, n) \
+    ORDER BY a.n";
 
 /// Adds each user's points and events, in key order: instances on
 /// PostgreSQL lock totals rows alike.
@@ -397,27 +479,23 @@ async fn upsert_totals(
     totals: Totals<'_>,
     now: i64,
 ) -> Result<(), StoreError> {
-    let totals: Vec<_> = totals.into_iter().collect();
-    for chunk in totals.chunks(LEDGER_ROWS) {
-        sqlx::query(UPSERT_TOTALS)
-            .bind(chunk.iter().map(|((ns, _), _)| *ns).collect::<Vec<&str>>())
-            .bind(
-                chunk
-                    .iter()
-                    .map(|((_, user), _)| *user)
-                    .collect::<Vec<&str>>(),
-            )
-            .bind(chunk.iter().map(|(_, (p, _))| *p).collect::<Vec<i64>>())
-            .bind(chunk.iter().map(|(_, (_, e))| *e).collect::<Vec<i64>>())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+    if totals.is_empty() {
+        return Ok(());
     }
+    let totals: Vec<_> = totals.into_iter().collect();
+    sqlx::query(UPSERT_TOTALS)
+        .bind(totals.iter().map(|((ns, _), _)| *ns).collect::<Vec<&str>>())
+        .bind(totals.iter().map(|((_, u), _)| *u).collect::<Vec<&str>>())
+        .bind(totals.iter().map(|(_, (p, _))| *p).collect::<Vec<i64>>())
+        .bind(totals.iter().map(|(_, (_, e))| *e).collect::<Vec<i64>>())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 
 /// Each user's points and events added, unnested in key order (see
-/// [`insert_events`]).
+/// [`insert_fresh`]).
 const UPSERT_TOTALS: &str = "INSERT INTO totals (namespace, user_id, points, events, updated_at) \
     SELECT ns, u, p, e, $5 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[]) \
     AS t(ns, u, p, e) ON CONFLICT (namespace, user_id) DO UPDATE SET \

@@ -123,6 +123,7 @@ impl Job {
 pub(super) type OnceKey = (String, String, Arc<str>, String);
 
 /// What an item awards once its once-awards are settled.
+#[derive(Clone)]
 pub(super) struct Settled<'a> {
     pub(super) awards: Vec<&'a Award>,
     pub(super) points: i64,
@@ -187,6 +188,15 @@ impl Item {
     }
 
     /// The answer for this item, written now under `event_id` with `points`.
+    /// The learner whose total this item changes: a processed event with a
+    /// user (a failed or queued one earns nothing yet).
+    pub(super) fn earner(&self) -> Option<&str> {
+        match (&self.prepared.event.user_id, self.status) {
+            (Some(user), EventStatus::Processed) => Some(user),
+            _ => None,
+        }
+    }
+
     pub(super) fn stored_as(&self, event_id: String, points: i64, now: i64) -> Persisted {
         Persisted {
             event_id,
@@ -256,11 +266,7 @@ impl<'a> Plan<'a> {
         fates: impl IntoIterator<Item = (Settled<'a>, Fate)>,
         now: i64,
     ) -> Plan<'a> {
-        let mut plan = Plan {
-            ledger: Vec::new(),
-            totals: BTreeMap::new(),
-            answers: Vec::with_capacity(jobs.len()),
-        };
+        let mut plan = Plan::empty();
         let mut fates = fates.into_iter();
         for job in jobs {
             let ns = job.namespace.as_str();
@@ -273,26 +279,46 @@ impl<'a> Plan<'a> {
                     }
                     Fate::Written(id) => id,
                 };
-                let ev = &it.prepared.event;
-                if let (Some(user), EventStatus::Processed) = (&ev.user_id, it.status) {
-                    for award in settled.awards {
-                        plan.ledger.push(LedgerRow {
-                            event_id: event_id.clone(),
-                            namespace: ns,
-                            user,
-                            course: &ev.course_id,
-                            award,
-                            occurred_at: ev.occurred_at.timestamp_millis(),
-                        });
-                    }
-                    let t = plan.totals.entry((ns, user.as_str())).or_insert((0, 0));
-                    t.0 += settled.points;
-                    t.1 += 1;
-                }
+                plan.add_written(ns, it, &settled, &event_id);
                 answers.push(it.stored_as(event_id, settled.points, now));
             }
             plan.answers.push(answers);
         }
         plan
+    }
+
+    /// A plan that writes nothing yet (see [`Plan::add_written`]).
+    pub(super) fn empty() -> Plan<'a> {
+        Plan {
+            ledger: Vec::new(),
+            totals: BTreeMap::new(),
+            answers: Vec::new(),
+        }
+    }
+
+    /// Adds an item written under `event_id`: its awards to the ledger and
+    /// its points and one event to its learner's total (when it earns).
+    pub(super) fn add_written(
+        &mut self,
+        ns: &'a str,
+        it: &'a Item,
+        settled: &Settled<'a>,
+        event_id: &str,
+    ) {
+        let Some(user) = it.earner() else { return };
+        let ev = &it.prepared.event;
+        for &award in &settled.awards {
+            self.ledger.push(LedgerRow {
+                event_id: event_id.to_string(),
+                namespace: ns,
+                user,
+                course: &ev.course_id,
+                award,
+                occurred_at: ev.occurred_at.timestamp_millis(),
+            });
+        }
+        let t = self.totals.entry((ns, user)).or_insert((0, 0));
+        t.0 += settled.points;
+        t.1 += 1;
     }
 }
