@@ -357,8 +357,12 @@ pub(crate) const UPSERT_TOTAL: &str =
     updated_at = excluded.updated_at";
 
 /// How many writer tasks drain the queue on PostgreSQL (SQLite has one
-/// writer thread: see `sqlite_writer`).
-const POSTGRES_WRITERS: usize = 4;
+/// writer thread: see `sqlite_writer`). Two: one writes while the other's
+/// commit waits for the disk. More writers make smaller groups, and
+/// PostgreSQL's cost is mostly per statement: with four, 0.58-0.60 of
+/// SQLite's throughput at 64 connections against 0.64-0.66 with two, and
+/// less at 8 connections too (docs/performance.md).
+const POSTGRES_WRITERS: usize = 2;
 
 /// The SQLite pool (migrated), and the writer thread with the WAL's metrics
 /// and the file's identity.

@@ -135,8 +135,8 @@ async fn the_erase_subcommand_erases_on_a_running_servers_store() {
 /// PostgreSQL: when the server ends the writers' connections (an
 /// administrator, a restart), the next deliveries are still written: the
 /// attempt on a dead connection fails and is retried on a new one. (The
-/// writers take turns, so the first four deliveries open all four
-/// connections and the next four each meet a dead one.)
+/// writers take turns: four deliveries open every writer's connection, and
+/// the next four meet the dead ones.)
 #[tokio::test]
 async fn deliveries_after_the_writers_connections_were_ended_are_written() {
     let app = spawn_app().await;
