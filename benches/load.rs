@@ -821,7 +821,7 @@ async fn get_status(addr: &str, path: &str) -> std::io::Result<u16> {
     Ok(c.roundtrip(req.as_bytes()).await?.status)
 }
 
-/// `rocket_store_group_commit_requests` (sum, count) from `/metrics`.
+/// Requests per transaction between two readings of [`group_commit`].
 fn print_group_commit(before: Option<(f64, f64)>, after: Option<(f64, f64)>) {
     if let (Some((s0, n0)), Some((s1, n1))) = (before, after) {
         if n1 > n0 {
@@ -834,6 +834,7 @@ fn print_group_commit(before: Option<(f64, f64)>, after: Option<(f64, f64)>) {
     }
 }
 
+/// `rocket_store_group_commit_requests` (sum, count) from `/metrics`.
 async fn group_commit(addr: &str) -> Option<(f64, f64)> {
     let mut c = Conn::open(addr).await.ok()?;
     let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");

@@ -13,15 +13,19 @@ use super::{
     server_command, start_server, Args, Ctx, Target, HOOK_PATH,
 };
 
-/// `url` with its database replaced by `name` (and no query string).
+/// `url` with its database replaced by `name` (its query string, such as
+/// `sslmode`, kept).
 fn with_database(url: &str, name: &str) -> String {
-    let url = url.split('?').next().unwrap_or(url);
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, format!("?{q}")),
+        None => (url, String::new()),
+    };
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
     let base = match url[after_scheme..].find('/') {
         Some(i) => &url[..after_scheme + i],
         None => url,
     };
-    format!("{base}/{name}")
+    format!("{base}/{name}{query}")
 }
 
 /// Measures the hook on PostgreSQL at each connection count of `sqlite`
@@ -39,13 +43,14 @@ pub(super) async fn compare(
     let name = format!("rocket_bench_{}", ctx.run);
     let mut admin = sqlx::PgConnection::connect(url)
         .await
-        .map_err(|e| format!("--postgres {url}: {e}"))?;
+        .map_err(|e| format!("--postgres: connecting: {e}"))?;
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
         .map_err(|e| format!("creating database {name}: {e}"))?;
     let result = measure(
         &with_database(url, &name),
+        &name,
         args,
         bin,
         config_dir,
@@ -61,8 +66,10 @@ pub(super) async fn compare(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     db_url: &str,
+    name: &str,
     args: &Args,
     bin: &Path,
     config_dir: &Path,
@@ -91,7 +98,11 @@ async fn measure(
         ctx.next_id.clone(),
     ));
     println!();
-    println!("== PostgreSQL ({db_url}), {} s per route ==", args.seconds);
+    // The database's name only: the URL may hold a password.
+    println!(
+        "== PostgreSQL (database {name}), {} s per route ==",
+        args.seconds
+    );
     print_header();
     let mut ok = true;
     for &(conns, sqlite_rps) in sqlite {

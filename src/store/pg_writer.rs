@@ -1,12 +1,11 @@
 //! The PostgreSQL group-commit writer: async tasks on sqlx. Requests hand
 //! their events to a queue; a writer task takes everything waiting (up to
-//! [`MAX_GROUP`]), executes the group's [`Plan`] in one transaction with a
-//! handful of multi-row statements (events, then ledger, then totals),
-//! commits, then answers each request. If a grouped transaction fails, each
-//! request is retried in a transaction of its own, so one bad request never
-//! fails its neighbours. Several writers run at once, each on a connection
-//! of its own (PostgreSQL takes concurrent writers; instances share the
-//! database).
+//! [`MAX_GROUP`]), writes the group's new events, their awards and their
+//! learners' totals in one statement (committed when it returns; see
+//! [`write_jobs`]), then answers each request. If the group's write fails,
+//! each request is retried on its own, so one bad request never fails its
+//! neighbours. Several writers run at once, each on a connection of its own
+//! (PostgreSQL takes concurrent writers; instances share the database).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -60,6 +59,10 @@ pub(super) fn spawn_writers(
     tx
 }
 
+/// How long a writer waits to open its connection (as the pool waits to
+/// hand one out): an unreachable server fails the attempt, not hangs it.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The `application_name` of the writers' connections.
 pub(crate) const WRITER_NAME: &str = "rocket-rewards writer";
 
@@ -75,15 +78,19 @@ struct Writer {
 }
 
 impl Writer {
-    async fn write(&mut self, jobs: &[Job]) -> Result<Vec<Vec<Persisted>>, StoreError> {
+    async fn write(&mut self, jobs: &[Job]) -> Result<JobResults, StoreError> {
         let conn = match &mut self.conn {
             Some(conn) => conn,
-            None => self
-                .conn
-                .insert(PgConnection::connect_with(&self.options).await?),
+            None => {
+                let connect = PgConnection::connect_with(&self.options);
+                let conn = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                    .await
+                    .map_err(|_| StoreError::Db(sqlx::Error::PoolTimedOut))??;
+                self.conn.insert(conn)
+            }
         };
         let written = write_jobs(conn, jobs).await;
-        if written.is_err() {
+        if !matches!(&written, Ok(r) if r.iter().all(Result::is_ok)) {
             self.conn = None;
         }
         written
@@ -94,7 +101,7 @@ impl Writer {
             match self.write(&jobs).await {
                 Ok(results) => {
                     for (job, res) in jobs.into_iter().zip(results) {
-                        let _ = job.reply.send(Ok(res));
+                        let _ = job.reply.send(res);
                     }
                     return;
                 }
@@ -108,7 +115,7 @@ impl Writer {
             let res = loop {
                 attempt += 1;
                 match self.write(std::slice::from_ref(&job)).await {
-                    Ok(mut r) => break Ok(r.pop().unwrap_or_default()),
+                    Ok(mut r) => break r.pop().unwrap_or_else(|| Ok(Vec::new())),
                     Err(e) if attempt < RETRIES && is_transient(&e) => continue,
                     Err(e) => break Err(e),
                 }
@@ -120,8 +127,9 @@ impl Writer {
 
 fn is_transient(e: &StoreError) -> bool {
     match e {
-        // 23505: another instance committed a once-award this transaction
-        // also wrote (the ledger_once index); the retry reads it and drops ours.
+        // 23505: another writer (of this instance or another) committed a
+        // once-award this statement also wrote (the ledger_once index); the
+        // retry reads it and drops ours.
         // 57P0x: the server ended the connection (an administrator, a
         // restart); 08xxx: the connection failed. The next attempt opens
         // a new one.
@@ -195,22 +203,27 @@ async fn held_once_keys(
 /// One item with its namespace and settled awards.
 type WriteRow<'a> = ((&'a str, &'a Item), &'a Settled<'a>);
 
+/// Each job's answer, or the error that failed it.
+type JobResults = Vec<Result<Vec<Persisted>, StoreError>>;
+
 /// Writes the jobs; answers in job order. The new events, their awards and
 /// their learners' totals go in one statement, which PostgreSQL runs
 /// atomically and commits on its own: with the once-key read, two round
 /// trips per group, where a transaction around separate statements took
 /// six. Redeliveries (rows that statement skipped) are rare: they are
 /// resolved, and a failed one rescored, in a transaction of their own
-/// afterwards. Should that transaction fail, the group's retry answers the
-/// events already written as duplicates, with the points they earned.
+/// afterwards.
+///
+/// `Err`: nothing was written, and the caller may retry. Should only the
+/// redeliveries' transaction fail, the new events stand: a job with no
+/// redelivery gets its answer, a job with one gets the error (its new
+/// events are stored, and its sender's retry finds them, as after any
+/// answer lost on the way), and nothing is retried.
 ///
 /// The once-key read is outside any transaction, as it would be at READ
 /// COMMITTED anyway: if another instance commits a key after the read, the
 /// `ledger_once` index fails the statement (23505) and the retry reads it.
-async fn write_jobs(
-    conn: &mut PgConnection,
-    jobs: &[Job],
-) -> Result<Vec<Vec<Persisted>>, StoreError> {
+async fn write_jobs(conn: &mut PgConnection, jobs: &[Job]) -> Result<JobResults, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
     let items: Vec<(&str, &Item)> = jobs
         .iter()
@@ -230,9 +243,47 @@ async fn write_jobs(
             .map(|(_, it)| Fate::Written(it.id.clone()))
             .collect()
     } else {
-        resolve_redeliveries(conn, &rows, &inserted, now).await?
+        match resolve_redeliveries(conn, &rows, &inserted, now).await {
+            Ok(fates) => fates,
+            Err(e) => return Ok(partly_written(jobs, &settled, &inserted, &e, now)),
+        }
     };
-    Ok(Plan::new(jobs, settled.iter().cloned().zip(fates), now).answers)
+    let plan = Plan::new(jobs, settled.iter().cloned().zip(fates), now);
+    Ok(plan.answers.into_iter().map(Ok).collect())
+}
+
+/// The answers when the new events were written but resolving the
+/// redeliveries failed (see [`write_jobs`]).
+fn partly_written(
+    jobs: &[Job],
+    settled: &[Settled<'_>],
+    inserted: &HashSet<String>,
+    e: &StoreError,
+    now: i64,
+) -> JobResults {
+    tracing::warn!(error = %e, "resolving redelivered events failed; the group's new events are written");
+    let mut settled = settled.iter();
+    jobs.iter()
+        .map(|job| {
+            let answers: Vec<Option<Persisted>> = job
+                .items
+                .iter()
+                .zip(settled.by_ref())
+                .map(|(it, s)| {
+                    let new = inserted.contains(&it.id);
+                    new.then(|| it.stored_as(it.id.clone(), s.points, now))
+                })
+                .collect();
+            answers
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    StoreError::Db(sqlx::Error::Protocol(format!(
+                        "resolving redelivered events: {e}"
+                    )))
+                })
+        })
+        .collect()
 }
 
 /// The fates of a group some of whose events were stored already: each

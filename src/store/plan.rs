@@ -187,7 +187,6 @@ impl Item {
         }
     }
 
-    /// The answer for this item, written now under `event_id` with `points`.
     /// The learner whose total this item changes: a processed event with a
     /// user (a failed or queued one earns nothing yet).
     pub(super) fn earner(&self) -> Option<&str> {
@@ -197,6 +196,7 @@ impl Item {
         }
     }
 
+    /// The answer for this item, written now under `event_id` with `points`.
     pub(super) fn stored_as(&self, event_id: String, points: i64, now: i64) -> Persisted {
         Persisted {
             event_id,

@@ -444,7 +444,7 @@ fn write_jobs(conn: &mut Connection, jobs: &[Job]) -> rusqlite::Result<Vec<Vec<P
                 } else {
                     let fate = redelivered(&tx, it, &settled, now)?;
                     if let Fate::Written(id) = &fate {
-                        sums.rescored(id);
+                        sums.rescored(id, it.status);
                     }
                     fate
                 };

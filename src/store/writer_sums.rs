@@ -6,7 +6,7 @@
 //! its statement and makes SQLite keep a statement journal (a copy of every
 //! page the statement touches that the transaction already changed), which
 //! cost the writer about 16 µs per event, a quarter of its time
-//! (docs/performance.md). The writer writes the same sums instead, in the
+//! (docs/performance.md, 2026-11-30, night). The writer writes the same sums instead, in the
 //! same transaction and with the same SQL expressions, so the tables stay
 //! exactly what the triggers would make them; every other connection (the
 //! pool: replay, rescore, erasure, retention, the window's move) keeps them
@@ -46,13 +46,15 @@ pub(super) const MIRRORED_TRIGGERS: &[&str] = &[
 const ADD_COUNT: &str = "INSERT INTO event_counts (source, event_type, status, n) \
     VALUES (?1, COALESCE(?2, 'unmapped'), ?3, ?4) \
     ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + excluded.n";
-/// A failed event scored again under its stored id: the count moves from
-/// `failed` to its new status (as trigger `event_counts_update`).
+/// A failed event scored again under its stored id: its count moves from
+/// `failed` to the status that rescore gave it (?2), as trigger
+/// `event_counts_update` does for each update. (Source and type are the
+/// stored row's: the rescore changes neither.)
 const MOVE_COUNT: [&str; 2] = [
     "UPDATE event_counts SET n = n - 1 WHERE (source, event_type, status) = \
     (SELECT source, COALESCE(event_type, 'unmapped'), 'failed' FROM events WHERE id = ?1)",
     "INSERT INTO event_counts (source, event_type, status, n) \
-    SELECT source, COALESCE(event_type, 'unmapped'), status, 1 FROM events WHERE id = ?1 \
+    SELECT source, COALESCE(event_type, 'unmapped'), ?2, 1 FROM events WHERE id = ?1 \
     ON CONFLICT (source, event_type, status) DO UPDATE SET n = n + 1",
 ];
 const ADD_DAY: &str = "INSERT INTO ledger_days (day, points, entries) \
@@ -76,8 +78,10 @@ type Sum = (i64, i64);
 pub(super) struct Sums<'a> {
     /// Events inserted, by (source, event type, status).
     counts: HashMap<(&'a str, Option<&'a str>, &'static str), i64>,
-    /// Failed events scored again, by stored id.
-    rescored: Vec<String>,
+    /// Failed events scored again: stored id and new status, for each
+    /// rescore (one event may be rescored twice in a group, and stay
+    /// failed the first time).
+    rescored: Vec<(String, &'static str)>,
     /// Ledger rows inserted (all created at the transaction's `now`).
     day: Sum,
     courses: HashMap<(&'a str, &'a str, &'a str), Sum>,
@@ -95,8 +99,8 @@ impl<'a> Sums<'a> {
             .or_default() += 1;
     }
 
-    pub(super) fn rescored(&mut self, event_id: &str) {
-        self.rescored.push(event_id.to_string());
+    pub(super) fn rescored(&mut self, event_id: &str, s: EventStatus) {
+        self.rescored.push((event_id.to_string(), s.as_str()));
     }
 
     pub(super) fn ledger_row(&mut self, r: &LedgerRow<'a>) {
@@ -121,10 +125,9 @@ impl<'a> Sums<'a> {
         for ((source, event_type, status), n) in self.counts {
             add.execute(params![source, event_type, status, n])?;
         }
-        for id in &self.rescored {
-            for sql in MOVE_COUNT {
-                tx.prepare_cached(sql)?.execute([id])?;
-            }
+        for (id, status) in &self.rescored {
+            tx.prepare_cached(MOVE_COUNT[0])?.execute([id])?;
+            tx.prepare_cached(MOVE_COUNT[1])?.execute([id, *status])?;
         }
         if self.day.1 == 0 {
             return Ok(());

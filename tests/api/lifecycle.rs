@@ -175,6 +175,56 @@ async fn deliveries_after_the_writers_connections_were_ended_are_written() {
     assert_eq!(app.user_points("custom", "kim").await, awarded);
 }
 
+/// PostgreSQL: when rescoring a redelivered failed event fails (here a
+/// trigger refuses the update), that delivery is answered 500 and nothing
+/// of it is written; its redelivery once the database accepts it again is
+/// scored, and the server's writers work on.
+#[tokio::test]
+async fn a_rescore_the_database_refuses_fails_only_its_delivery() {
+    let app = spawn_with(with_flaky_rule).await;
+    if !app.database_url.starts_with("postgres") {
+        return;
+    }
+    let post = |id: &str, kind: &str| {
+        let ev = json!({"event_id": id, "event_type": kind, "user_id": "lou", "course_id": id});
+        let app = &app;
+        async move { app.bearer("custom", CUSTOM_TOKEN, &ev).await }
+    };
+    assert_eq!(post("b1", "badge.earned").await.status, 500);
+    fix_flaky_rule(&app.config_dir);
+    assert_eq!(app.reload().await.status, 200);
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+        "CREATE TRIGGER refuse BEFORE UPDATE ON events FOR EACH ROW \
+         WHEN (OLD.status = 'failed') EXECUTE FUNCTION refuse()",
+    ] {
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    }
+    assert_eq!(post("b1", "badge.earned").await.status, 500);
+    let fresh = post("c1", "course.completed").await;
+    assert_eq!(fresh.status, 200, "{}", fresh.text);
+    assert_eq!(
+        app.user_points("custom", "lou").await,
+        fresh.body["points_awarded"].as_i64().unwrap()
+    );
+    sqlx::query("DROP TRIGGER refuse ON events")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let rescored = post("b1", "badge.earned").await;
+    assert_eq!(rescored.status, 200, "{}", rescored.text);
+    assert_eq!(rescored.body["points_awarded"], 7);
+    assert_eq!(
+        app.user_points("custom", "lou").await,
+        fresh.body["points_awarded"].as_i64().unwrap() + 7
+    );
+}
+
 /// `rocket-rewards backup` on the store of a server under load, then a new
 /// server on the copy: every event acknowledged before the backup began is
 /// there. (PostgreSQL: the subcommand points to pg_dump.)
