@@ -1,6 +1,7 @@
 //! Leaderboards read from summary tables instead of aggregating the ledger
 //! (SQLite; see `migrations/sqlite/0009_leaderboards.sql`, whose triggers
-//! keep them exact):
+//! keep them exact, and `writer_sums`, where the hook's writer, which runs
+//! without triggers, does the same):
 //!
 //! - a course's leaderboard (no time bounds) is the top of `course_points`;
 //! - a leaderboard `since` a time at or shortly after the trailing window's

@@ -806,7 +806,8 @@ impl Store {
     /// `since_ms` falls in.
     ///
     /// SQLite reads both from counters kept in the same transactions as the
-    /// rows they count (migration 0005's triggers, whichever path writes),
+    /// rows they count (by the hook's writer itself, and by migration 0005's
+    /// triggers on every other path),
     /// so the answer costs the same at any ledger size; PostgreSQL,
     /// whose parallel writers such counters would serialise, aggregates.
     pub async fn stats(&self, since_ms: i64) -> Result<Stats, StoreError> {
