@@ -28,9 +28,9 @@ fn with_database(url: &str, name: &str) -> String {
     format!("{base}/{name}{query}")
 }
 
-/// Measures the hook on PostgreSQL at each connection count of `sqlite`
-/// (connections, SQLite's req/s) and prints the ratio; false when a
-/// request failed.
+/// Starts a server on a new database and measures the hook there at each
+/// connection count of `sqlite` (connections, SQLite's req/s), printing
+/// the ratio; false when a request failed.
 pub(super) async fn compare(
     url: &str,
     args: &Args,
@@ -48,16 +48,28 @@ pub(super) async fn compare(
         .execute(&mut admin)
         .await
         .map_err(|e| format!("creating database {name}: {e}"))?;
-    let result = measure(
-        &with_database(url, &name),
-        &name,
-        args,
-        bin,
-        config_dir,
-        tmp,
-        ctx,
-        sqlite,
-    )
+    // The database is dropped however the measurement ends.
+    let db_url = with_database(url, &name);
+    let result = async {
+        let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
+        let addr = format!("127.0.0.1:{port}");
+        let log_path = tmp.join("server-postgres.log");
+        let cmd = server_command(bin, &addr, &db_url, config_dir, args, &log_path)?;
+        let (mut server, _) = start_server(cmd, bin, &log_path, &addr).await?;
+        println!();
+        // The database's name only: the URL may hold a password.
+        println!(
+            "== PostgreSQL (database {name}), {} s per route ==",
+            args.seconds
+        );
+        let mut ok = measure_hook(&addr, server.pid, ctx, sqlite).await;
+        if server.exited().is_some() {
+            println!("the PostgreSQL server exited:\n{}", server.log_tail(30));
+            ok = false;
+        }
+        server.terminate();
+        Ok(ok)
+    }
     .await;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut admin)
@@ -66,50 +78,27 @@ pub(super) async fn compare(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn measure(
-    db_url: &str,
-    name: &str,
-    args: &Args,
-    bin: &Path,
-    config_dir: &Path,
-    tmp: &Path,
-    ctx: &Ctx,
-    sqlite: &[(usize, f64)],
-) -> Result<bool, String> {
-    let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
-    let addr = format!("127.0.0.1:{port}");
-    let log_path = tmp.join("server-postgres.log");
-    let cmd = server_command(bin, &addr, db_url, config_dir, args, &log_path)?;
-    let (mut server, _) = start_server(cmd, bin, &log_path, &addr).await?;
+/// The hook on the PostgreSQL server at `addr` (process `pid`), at each
+/// connection count of `sqlite`, with PostgreSQL ÷ SQLite; false when a
+/// request failed.
+async fn measure_hook(addr: &str, pid: u32, ctx: &Ctx, sqlite: &[(usize, f64)]) -> bool {
     let pg = Ctx {
-        addr: Arc::new(addr.clone()),
-        pid: server.pid,
+        addr: Arc::new(addr.to_string()),
+        pid,
         ticks: ctx.ticks,
         run: ctx.run.clone(),
         next_id: ctx.next_id.clone(),
         warmup: ctx.warmup,
         measure: ctx.measure,
     };
-    let hook = Arc::new(Target::hook(
-        &addr,
-        HOOK_PATH,
-        &ctx.run,
-        ctx.next_id.clone(),
-    ));
-    println!();
-    // The database's name only: the URL may hold a password.
-    println!(
-        "== PostgreSQL (database {name}), {} s per route ==",
-        args.seconds
-    );
+    let hook = Arc::new(Target::hook(addr, HOOK_PATH, &ctx.run, ctx.next_id.clone()));
     print_header();
     let mut ok = true;
     for &(conns, sqlite_rps) in sqlite {
-        let before = group_commit(&addr).await;
+        let before = group_commit(addr).await;
         let h = measure_route(&pg, &hook, conns).await;
         print_row(&format!("POST {HOOK_PATH} ({conns} conns)"), &h);
-        print_group_commit(before, group_commit(&addr).await);
+        print_group_commit(before, group_commit(addr).await);
         let hook_ok = h.non_2xx == 0 && h.errors == 0 && h.responses > 0 && h.duplicates == 0;
         ok &= hook_ok;
         println!(
@@ -124,10 +113,5 @@ async fn measure(
             }
         );
     }
-    if server.exited().is_some() {
-        println!("the PostgreSQL server exited:\n{}", server.log_tail(30));
-        ok = false;
-    }
-    server.terminate();
-    Ok(ok)
+    ok
 }
