@@ -42,11 +42,6 @@ pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Where the window starts now (`None` on PostgreSQL, which keeps none).
-pub async fn start(state: &AppState) -> Result<Option<i64>, StoreError> {
-    state.store.recent_window_start().await
-}
-
 /// Moves the window until the server stops or drains.
 pub async fn run(state: Weak<AppState>) {
     loop {

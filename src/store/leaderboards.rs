@@ -30,7 +30,7 @@ pub(super) const COURSE_TOP: &str = "SELECT namespace, user_id, points FROM cour
     WHERE course_id = $1 ORDER BY points DESC, namespace, user_id LIMIT $2";
 pub(super) const COURSE_TOP_NS: &str = "SELECT namespace, user_id, points FROM course_points \
     WHERE course_id = $1 AND namespace = $2 ORDER BY points DESC, namespace, user_id LIMIT $3";
-const WINDOW_START: &str = "SELECT start_ms FROM recent_window WHERE id = 1";
+pub(super) const WINDOW_START: &str = "SELECT start_ms FROM recent_window WHERE id = 1";
 /// The namespaces with recent points: a loose scan of
 /// `recent_points_ns_rank`, one probe per namespace. (The unfiltered top is
 /// each namespace's top, merged: one rank index to move per write, not two.)

@@ -328,10 +328,10 @@ async fn insert_fresh(
     rows: &[WriteRow<'_>],
     now: i64,
 ) -> Result<HashSet<String>, StoreError> {
-    let mut fresh = Plan::empty();
+    let mut ledger = Vec::new();
     let mut earned: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>) = Default::default();
     for &((ns, it), settled) in rows {
-        fresh.add_written(ns, it, settled, &it.id);
+        ledger.extend(it.ledger_rows(ns, settled, &it.id));
         if let Some(user) = it.earner() {
             earned.0.push(&it.id);
             earned.1.push(ns);
@@ -340,7 +340,7 @@ async fn insert_fresh(
         }
     }
     let query = bind_events(sqlx::query(INSERT_FRESH), rows, now);
-    let query = bind_ledger(query, &fresh.ledger)
+    let query = bind_ledger(query, &ledger)
         .bind(now)
         .bind(earned.0)
         .bind(earned.1)

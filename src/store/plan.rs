@@ -196,6 +196,31 @@ impl Item {
         }
     }
 
+    /// The ledger rows of this item's awards, written under `event_id`
+    /// (none when it earns nothing: see [`Item::earner`]).
+    pub(super) fn ledger_rows<'a, 's>(
+        &'a self,
+        ns: &'a str,
+        settled: &'s Settled<'a>,
+        event_id: &'s str,
+    ) -> impl Iterator<Item = LedgerRow<'a>> + 's
+    where
+        'a: 's,
+    {
+        let ev = &self.prepared.event;
+        let user = self.earner();
+        settled.awards.iter().filter_map(move |&award| {
+            Some(LedgerRow {
+                event_id: event_id.to_string(),
+                namespace: ns,
+                user: user?,
+                course: &ev.course_id,
+                award,
+                occurred_at: ev.occurred_at.timestamp_millis(),
+            })
+        })
+    }
+
     /// The answer for this item, written now under `event_id` with `points`.
     pub(super) fn stored_as(&self, event_id: String, points: i64, now: i64) -> Persisted {
         Persisted {
@@ -306,17 +331,7 @@ impl<'a> Plan<'a> {
         event_id: &str,
     ) {
         let Some(user) = it.earner() else { return };
-        let ev = &it.prepared.event;
-        for &award in &settled.awards {
-            self.ledger.push(LedgerRow {
-                event_id: event_id.to_string(),
-                namespace: ns,
-                user,
-                course: &ev.course_id,
-                award,
-                occurred_at: ev.occurred_at.timestamp_millis(),
-            });
-        }
+        self.ledger.extend(it.ledger_rows(ns, settled, event_id));
         let t = self.totals.entry((ns, user)).or_insert((0, 0));
         t.0 += settled.points;
         t.1 += 1;

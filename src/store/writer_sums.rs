@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
+use super::leaderboards::WINDOW_START;
 use super::plan::{EventStatus, LedgerRow};
 
 /// The triggers on the tables the writer writes, each mirrored here (the
@@ -68,7 +69,6 @@ const ADD_COURSE: &str =
 const ADD_RECENT: &str = "INSERT INTO recent_points (namespace, user_id, points, entries) \
     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (namespace, user_id) \
     DO UPDATE SET points = points + excluded.points, entries = entries + excluded.entries";
-const WINDOW_START: &str = "SELECT start_ms FROM recent_window WHERE id = 1";
 
 /// (points, entries) added to one sum.
 type Sum = (i64, i64);

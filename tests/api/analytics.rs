@@ -396,7 +396,7 @@ async fn course_and_recent_leaderboards_agree_with_the_ledger() {
     // to the minute), then moved back and forth: `since` a little after
     // its start subtracts the rows between the two.
     let sqlite = !app.database_url.starts_with("postgres");
-    let window = || rocket_rewards::window::start(&app.server.state);
+    let window = || app.server.state.store.recent_window_start();
     if sqlite {
         // Where the server put it: `since` a week ago reads the window.
         let start = window().await.unwrap().unwrap();

@@ -112,7 +112,7 @@ pub async fn spawn_custom(
 async fn window_moved(server: &Running) {
     let week_ago = chrono::Utc::now().timestamp_millis() - 7 * 86_400_000;
     for _ in 0..2000 {
-        match rocket_rewards::window::start(&server.state).await.unwrap() {
+        match server.state.store.recent_window_start().await.unwrap() {
             Some(start) if start > week_ago => {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await
             }
