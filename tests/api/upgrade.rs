@@ -138,3 +138,66 @@ async fn upgrading_keys_the_awards_already_earned() {
         "on {url}"
     );
 }
+
+/// A SQLite store from before migration 0010 (the ledger's two learner
+/// indexes merged into one, totals without a rowid) is upgraded by the
+/// server at startup: totals are kept, a once-award already held is not
+/// awarded again, and the same rule still awards others.
+#[tokio::test]
+async fn upgrading_to_one_learner_index_keeps_totals_and_held_once_keys() {
+    if std::env::var("ROCKET_TEST_POSTGRES_URL").is_ok_and(|u| !u.is_empty()) {
+        return; // SQLite's migration; PostgreSQL keeps its indexes.
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", tmp.path().join("old.db").display());
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+        .unwrap()
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    let mut migrator = sqlx::migrate::Migrator::new(repo_dir().join("migrations/sqlite"))
+        .await
+        .unwrap();
+    migrator.migrations = migrator
+        .migrations
+        .iter()
+        .filter(|m| m.version < 10)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    migrator.run(&pool).await.unwrap();
+    // U-held earned the course's once-award (key C-987) before the upgrade.
+    sqlx::raw_sql(
+        "INSERT INTO events (id, source, dedupe_key, namespace, user_id, course_id, event_type, \
+         occurred_at, received_at, status, points, canonical, raw) VALUES \
+         ('evt_old', 'learnworlds', 'old', 'learnworlds', 'U-held', 'C-987', 'course.completed', \
+         0, 0, 'processed', 50, '{}', '');
+         INSERT INTO ledger (event_id, namespace, user_id, course_id, rule, points, occurred_at, \
+         created_at, once_key) VALUES ('evt_old', 'learnworlds', 'U-held', 'C-987', \
+         'course_completed', 50, 0, 0, 'C-987');
+         INSERT INTO totals (namespace, user_id, points, events, updated_at) \
+         VALUES ('learnworlds', 'U-held', 50, 1, 0);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let app = spawn_custom(|_| {}, |s| s.database_url = url.clone()).await;
+    assert_eq!(app.user_points("learnworlds", "U-held").await, 50);
+    for user in ["U-held", "U-new"] {
+        let body = learnworlds_completion(user);
+        let r = app.signed("learnworlds", LEARNWORLDS_SECRET, &body).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(app.user_points("learnworlds", "U-held").await, 50);
+    assert_eq!(app.user_points("learnworlds", "U-new").await, 50);
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger' \
+         AND name LIKE 'ledger_%' ORDER BY name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["ledger_course", "ledger_learner", "ledger_time"]);
+}
