@@ -314,11 +314,12 @@ pub struct Stats {
 // SQLite, `$N` is a named parameter numbered by first appearance, so the
 // placeholders stay in order and bind by position on both stores.
 
-/// The namespaces that have totals: a loose scan of `totals_ns_rank`, one
-/// probe per namespace.
-/// A learner's latest ledger rows: their range of `ledger_learner`, sorted.
+/// A learner's latest ledger rows (on SQLite, their range of
+/// `ledger_learner`, sorted).
 const LEARNER_LEDGER: &str = "SELECT event_id, rule, points, reason, course_id, occurred_at \
     FROM ledger WHERE namespace = $1 AND user_id = $2 ORDER BY id DESC LIMIT $3";
+/// The namespaces that have totals: a loose scan of `totals_ns_rank`, one
+/// probe per namespace.
 const NAMESPACES: &str = "WITH RECURSIVE ns(name) AS ( \
     SELECT MIN(namespace) FROM totals \
     UNION ALL SELECT (SELECT MIN(namespace) FROM totals WHERE namespace > ns.name) FROM ns \
