@@ -200,4 +200,27 @@ async fn upgrading_to_one_learner_index_keeps_totals_and_held_once_keys() {
     .await
     .unwrap();
     assert_eq!(indexes, ["ledger_course", "ledger_learner", "ledger_time"]);
+    // The index itself holds once-keys to one per learner and rule (queue
+    // workers and rescoring rely on it alone); rows without a key never
+    // conflict.
+    let insert = |key: Option<&'static str>| {
+        sqlx::query(
+            "INSERT INTO ledger (event_id, namespace, user_id, rule, points, occurred_at, \
+             created_at, once_key) VALUES ('evt_old', 'learnworlds', 'U-held', \
+             'course_completed', 1, 0, 0, $1)",
+        )
+        .bind(key)
+    };
+    let held = insert(Some("C-987")).execute(&mut conn).await.unwrap_err();
+    assert!(held.to_string().contains("UNIQUE"), "{held}");
+    for _ in 0..2 {
+        insert(None).execute(&mut conn).await.unwrap();
+    }
+    let totals: String = sqlx::query_scalar(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'totals'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(totals.ends_with("WITHOUT ROWID"), "{totals}");
 }
