@@ -110,8 +110,12 @@ pub async fn spawn_custom(
 /// the server puts it and no later move of the task's (a minute on) races
 /// theirs.
 async fn window_moved(server: &Running) {
-    let week_ago = chrono::Utc::now().timestamp_millis() - 7 * 86_400_000;
     for _ in 0..2000 {
+        // Taken again each time: the task moves the start to seven days
+        // before its own now, to the minute, never later than seven days
+        // before any now taken after the move. (Taken once before the loop,
+        // a minute starting before the task's move kept the test waiting.)
+        let week_ago = chrono::Utc::now().timestamp_millis() - 7 * 86_400_000;
         match server.state.store.recent_window_start().await.unwrap() {
             Some(start) if start > week_ago => {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await
