@@ -113,8 +113,8 @@ async fn window_moved(server: &Running) {
     for _ in 0..2000 {
         // Taken again each time: the task moves the start to seven days
         // before its own now, to the minute, never later than seven days
-        // before any now taken after the move. (Taken once before the loop,
-        // a minute starting before the task's move kept the test waiting.)
+        // before a now taken after the move; a bound taken once, before the
+        // move, falls short of it when a minute begins in between.
         let week_ago = chrono::Utc::now().timestamp_millis() - 7 * 86_400_000;
         match server.state.store.recent_window_start().await.unwrap() {
             Some(start) if start > week_ago => {
