@@ -314,9 +314,9 @@ pub struct Stats {
 // SQLite, `$N` is a named parameter numbered by first appearance, so the
 // placeholders stay in order and bind by position on both stores.
 
-/// A learner's latest ledger rows. On SQLite the ids come from the
-/// learner's range of `ledger_learner` alone (the index holds them), sorted,
-/// and only the rows kept are read: the sort grows with the learner's
+/// A learner's latest ledger rows. The ids come from the learner's range of
+/// `ledger_learner` alone (the index holds them), sorted, and only the rows
+/// kept are read: the sort grows with the learner's
 /// ledger (about 7 ms for 50,000 rows), the price of one index by learner
 /// instead of two on every write (docs/storage.md).
 const LEARNER_LEDGER: &str = "SELECT event_id, rule, points, reason, course_id, occurred_at \

@@ -128,7 +128,7 @@ impl Writer {
 fn is_transient(e: &StoreError) -> bool {
     match e {
         // 23505: another writer (of this instance or another) committed a
-        // once-award this statement also wrote (the ledger_once index); the
+        // once-award this statement also wrote (the ledger_learner index); the
         // retry reads it and drops ours.
         // 57P0x: the server ended the connection (an administrator, a
         // restart); 08xxx: the connection failed. The next attempt opens
@@ -222,7 +222,7 @@ type JobResults = Vec<Result<Vec<Persisted>, StoreError>>;
 ///
 /// The once-key read is outside any transaction, as it would be at READ
 /// COMMITTED anyway: if another instance commits a key after the read, the
-/// `ledger_once` index fails the statement (23505) and the retry reads it.
+/// `ledger_learner` index fails the statement (23505) and the retry reads it.
 async fn write_jobs(conn: &mut PgConnection, jobs: &[Job]) -> Result<JobResults, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
     let items: Vec<(&str, &Item)> = jobs

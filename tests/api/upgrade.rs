@@ -65,6 +65,23 @@ impl Db {
         }
     }
 
+    /// A query's first column, as text.
+    async fn strings(&mut self, sql: &str) -> Vec<String> {
+        match self {
+            Db::Sqlite(c) => sqlx::query_scalar(sql).fetch_all(c).await,
+            Db::Pg(c) => sqlx::query_scalar(sql).fetch_all(c).await,
+        }
+        .unwrap()
+    }
+
+    /// Runs `sql` with `key` bound to `$1`.
+    async fn insert_key(&mut self, sql: &str, key: Option<&str>) -> Result<(), sqlx::Error> {
+        match self {
+            Db::Sqlite(c) => sqlx::query(sql).bind(key).execute(c).await.map(drop),
+            Db::Pg(c) => sqlx::query(sql).bind(key).execute(c).await.map(drop),
+        }
+    }
+
     async fn keys(&mut self) -> Vec<(String, String, Option<String>)> {
         let sql = "SELECT event_id, rule, once_key FROM ledger ORDER BY id";
         match self {
@@ -139,34 +156,39 @@ async fn upgrading_keys_the_awards_already_earned() {
     );
 }
 
-/// A SQLite store from before migration 0010 (the ledger's two learner
-/// indexes merged into one, totals without a rowid) is upgraded by the
-/// server at startup: totals are kept, a once-award already held is not
-/// awarded again, and the same rule still awards others.
+/// A store from before the ledger's two learner indexes became one
+/// (SQLite's migration 0010, which also rebuilds totals without a rowid;
+/// PostgreSQL's 0007) is upgraded by the server at startup: totals are
+/// kept, a once-award already held is not awarded again, the same rule
+/// still awards others, and the new index holds once-keys by itself.
 #[tokio::test]
 async fn upgrading_to_one_learner_index_keeps_totals_and_held_once_keys() {
-    if std::env::var("ROCKET_TEST_POSTGRES_URL").is_ok_and(|u| !u.is_empty()) {
-        return; // SQLite's migration; PostgreSQL keeps its indexes.
-    }
     let tmp = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", tmp.path().join("old.db").display());
-    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
-        .unwrap()
-        .create_if_missing(true);
-    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-    let mut migrator = sqlx::migrate::Migrator::new(repo_dir().join("migrations/sqlite"))
+    let url = fresh_database(tmp.path()).await;
+    let sqlite = !url.starts_with("postgres");
+    let (dir, merged) = if sqlite {
+        ("migrations/sqlite", 10)
+    } else {
+        ("migrations/postgres", 7)
+    };
+    let mut db = Db::open(&url).await;
+    let mut migrator = sqlx::migrate::Migrator::new(repo_dir().join(dir))
         .await
         .unwrap();
     migrator.migrations = migrator
         .migrations
         .iter()
-        .filter(|m| m.version < 10)
+        .filter(|m| m.version < merged)
         .cloned()
         .collect::<Vec<_>>()
         .into();
-    migrator.run(&pool).await.unwrap();
+    match &mut db {
+        Db::Sqlite(c) => migrator.run(c).await,
+        Db::Pg(c) => migrator.run(c).await,
+    }
+    .unwrap();
     // U-held earned the course's once-award (key C-987) before the upgrade.
-    sqlx::raw_sql(
+    db.run(
         "INSERT INTO events (id, source, dedupe_key, namespace, user_id, course_id, event_type, \
          occurred_at, received_at, status, points, canonical, raw) VALUES \
          ('evt_old', 'learnworlds', 'old', 'learnworlds', 'U-held', 'C-987', 'course.completed', \
@@ -177,10 +199,8 @@ async fn upgrading_to_one_learner_index_keeps_totals_and_held_once_keys() {
          INSERT INTO totals (namespace, user_id, points, events, updated_at) \
          VALUES ('learnworlds', 'U-held', 50, 1, 0);",
     )
-    .execute(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
+    .await;
+    drop(db);
 
     let app = spawn_custom(|_| {}, |s| s.database_url = url.clone()).await;
     assert_eq!(app.user_points("learnworlds", "U-held").await, 50);
@@ -191,36 +211,42 @@ async fn upgrading_to_one_learner_index_keeps_totals_and_held_once_keys() {
     }
     assert_eq!(app.user_points("learnworlds", "U-held").await, 50);
     assert_eq!(app.user_points("learnworlds", "U-new").await, 50);
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger' \
-         AND name LIKE 'ledger_%' ORDER BY name",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert_eq!(indexes, ["ledger_course", "ledger_learner", "ledger_time"]);
+
+    let mut db = Db::open(&url).await;
+    let indexes = db
+        .strings(if sqlite {
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ledger' \
+             ORDER BY name"
+        } else {
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'ledger' ORDER BY indexname"
+        })
+        .await;
+    assert!(indexes.iter().any(|i| i == "ledger_learner"), "{indexes:?}");
+    assert!(
+        !indexes
+            .iter()
+            .any(|i| i == "ledger_user" || i == "ledger_once"),
+        "{indexes:?}"
+    );
     // The index itself holds once-keys to one per learner and rule (queue
     // workers and rescoring rely on it alone); rows without a key never
     // conflict.
-    let insert = |key: Option<&'static str>| {
-        sqlx::query(
-            "INSERT INTO ledger (event_id, namespace, user_id, rule, points, occurred_at, \
-             created_at, once_key) VALUES ('evt_old', 'learnworlds', 'U-held', \
-             'course_completed', 1, 0, 0, $1)",
-        )
-        .bind(key)
-    };
-    let held = insert(Some("C-987")).execute(&mut conn).await.unwrap_err();
-    assert!(held.to_string().contains("UNIQUE"), "{held}");
+    let insert = "INSERT INTO ledger (event_id, namespace, user_id, rule, points, occurred_at, \
+        created_at, once_key) VALUES ('evt_old', 'learnworlds', 'U-held', 'course_completed', \
+        1, 0, 0, $1)";
+    let held = db.insert_key(insert, Some("C-987")).await.unwrap_err();
+    assert!(
+        held.to_string().to_lowercase().contains("unique")
+            || held.to_string().contains("duplicate key"),
+        "{held}"
+    );
     for _ in 0..2 {
-        insert(None).execute(&mut conn).await.unwrap();
+        db.insert_key(insert, None).await.unwrap();
     }
-    let totals: String = sqlx::query_scalar(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'totals'",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
-    assert!(totals.ends_with("WITHOUT ROWID"), "{totals}");
+    if sqlite {
+        let totals = db
+            .strings("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'totals'")
+            .await;
+        assert!(totals[0].ends_with("WITHOUT ROWID"), "{totals:?}");
+    }
 }
