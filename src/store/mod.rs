@@ -85,6 +85,13 @@ impl StoreError {
             StoreError::Sync(_) => "syncing the write-ahead log failed; restart the server",
             StoreError::WriterGone => "the store writer has stopped",
             StoreError::Unwritable(why) => why,
+            StoreError::Db(sqlx::Error::Database(db))
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57P0") || c.starts_with("08")) =>
+            {
+                "the connection to the database was lost"
+            }
             e if e.is_unavailable() => {
                 "the database cannot be written (read-only, full or failing disk)"
             }
@@ -107,14 +114,16 @@ impl StoreError {
                 Some(C::ReadOnly | C::DiskFull | C::SystemIoFailure | C::CannotOpen)
             ),
             StoreError::Db(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut) => true,
-            StoreError::Db(sqlx::Error::Database(db)) => {
+            StoreError::Db(sqlx::Error::Database(db)) => db.code().is_some_and(|c| {
                 // SQLite's read-only, disk-full and I/O codes; PostgreSQL's
-                // disk-full, out-of-memory and read-only transaction.
+                // disk-full, out-of-memory and read-only transaction, and a
+                // connection the server ended (57P0x) or that failed (08xxx),
+                // which the PostgreSQL writers retry on a new connection.
                 matches!(
-                    db.code().as_deref(),
-                    Some("8" | "13" | "10" | "53100" | "53200" | "25006")
-                )
-            }
+                    &*c,
+                    "8" | "13" | "10" | "53100" | "53200" | "25006" | "57P01" | "57P02" | "57P03"
+                ) || c.starts_with("08")
+            }),
             _ => false,
         }
     }

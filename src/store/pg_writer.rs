@@ -68,10 +68,12 @@ pub(crate) const WRITER_NAME: &str = "rocket-rewards writer";
 
 /// A writer task's own connection, outside the pool. A pooled connection
 /// costs two more round trips per group: sqlx pings it when it is taken
-/// and again when it is given back. After any failed write the connection
+/// and again when it is given back. After a failed write the connection
 /// is dropped and the next attempt opens a new one, so a connection that
 /// broke (PostgreSQL restarted, a proxy closed it) fails one attempt, which
-/// is retried, and nothing else.
+/// is retried, and nothing else; only a statement the database refused for
+/// a constraint (23xxx) or a conflict with another transaction (40xxx),
+/// which leave the connection sound, keep it.
 struct Writer {
     options: PgConnectOptions,
     conn: Option<PgConnection>,
@@ -90,7 +92,11 @@ impl Writer {
             }
         };
         let written = write_jobs(conn, jobs).await;
-        if !matches!(&written, Ok(r) if r.iter().all(Result::is_ok)) {
+        let failures: Vec<&StoreError> = match &written {
+            Ok(results) => results.iter().filter_map(|r| r.as_ref().err()).collect(),
+            Err(e) => vec![e],
+        };
+        if failures.into_iter().any(|e| !keeps_connection(e)) {
             self.conn = None;
         }
         written
@@ -123,6 +129,14 @@ impl Writer {
             let _ = job.reply.send(res);
         }
     }
+}
+
+/// Whether the connection a write failed on can be used again: the
+/// database refused the statement (a constraint, a deadlock or a
+/// serialization conflict), and any transaction of it was rolled back.
+fn keeps_connection(e: &StoreError) -> bool {
+    matches!(e, StoreError::Db(sqlx::Error::Database(db))
+        if db.code().is_some_and(|c| c.starts_with("23") || c.starts_with("40")))
 }
 
 fn is_transient(e: &StoreError) -> bool {
