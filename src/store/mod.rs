@@ -325,9 +325,9 @@ pub struct Stats {
 
 /// A learner's latest ledger rows. The ids come from the learner's range of
 /// `ledger_learner` alone (the index holds them), sorted, and only the rows
-/// kept are read: the sort grows with the learner's
-/// ledger (about 7 ms for 50,000 rows), the price of one index by learner
-/// instead of two on every write (docs/storage.md).
+/// kept are read: the sort grows with the learner's ledger (about 7 ms for
+/// 50,000 rows), the price of one index by learner instead of two on every
+/// write (docs/storage.md).
 const LEARNER_LEDGER: &str = "SELECT event_id, rule, points, reason, course_id, occurred_at \
     FROM ledger WHERE id IN (SELECT id FROM ledger WHERE namespace = $1 AND user_id = $2 \
     ORDER BY id DESC LIMIT $3) ORDER BY id DESC";
