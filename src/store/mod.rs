@@ -73,6 +73,12 @@ pub enum StoreError {
     /// Writes failed for want of a writable store (see [`StoreError::reason`]).
     #[error("{0}")]
     Unwritable(&'static str),
+    /// A PostgreSQL group's new events were written but resolving its
+    /// redelivered ones failed: the cause, shared by every request that
+    /// held a redelivery, and classed as it is (a lost connection is still
+    /// a 503).
+    #[error("resolving redelivered events: {0}")]
+    Redeliveries(std::sync::Arc<StoreError>),
 }
 
 impl StoreError {
@@ -85,6 +91,7 @@ impl StoreError {
             StoreError::Sync(_) => "syncing the write-ahead log failed; restart the server",
             StoreError::WriterGone => "the store writer has stopped",
             StoreError::Unwritable(why) => why,
+            StoreError::Redeliveries(cause) => cause.reason(),
             StoreError::Db(sqlx::Error::Database(db))
                 if db
                     .code()
@@ -109,6 +116,7 @@ impl StoreError {
             | StoreError::WriterGone
             | StoreError::FileGone(_)
             | StoreError::Unwritable(_) => true,
+            StoreError::Redeliveries(cause) => cause.is_unavailable(),
             StoreError::Sqlite(e) => matches!(
                 e.sqlite_error_code(),
                 Some(C::ReadOnly | C::DiskFull | C::SystemIoFailure | C::CannotOpen)
@@ -897,6 +905,28 @@ mod tests {
                 Err(StoreError::UnknownStatus(_))
             ));
         }
+    }
+
+    /// A request failed because its group's redeliveries could not be
+    /// resolved answers as its cause would: 503 for a store that is
+    /// unreachable, 500 otherwise.
+    #[test]
+    fn a_failed_redelivery_keeps_its_cause_class() {
+        let lost = StoreError::Redeliveries(std::sync::Arc::new(StoreError::Db(
+            sqlx::Error::PoolTimedOut,
+        )));
+        assert!(lost.is_unavailable());
+        assert_eq!(
+            lost.reason(),
+            StoreError::Db(sqlx::Error::PoolTimedOut).reason()
+        );
+        assert!(lost
+            .to_string()
+            .starts_with("resolving redelivered events: "));
+        let other = StoreError::Redeliveries(std::sync::Arc::new(StoreError::Db(
+            sqlx::Error::RowNotFound,
+        )));
+        assert!(!other.is_unavailable());
     }
 
     async fn plan(pool: &SqlitePool, sql: &str, binds: usize) -> Vec<String> {

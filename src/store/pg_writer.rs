@@ -15,8 +15,8 @@ use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, Mutex};
 
 use super::plan::{
-    EventStatus, Fate, Item, Job, LedgerRow, OnceKey, Persisted, Plan, Settled, Totals, MAX_GROUP,
-    QUEUE, RETRIES,
+    by_job, EventStatus, Fate, Item, Job, LedgerRow, OnceKey, Persisted, Plan, Settled, Totals,
+    MAX_GROUP, QUEUE, RETRIES,
 };
 use super::{StoreError, EXISTING, RESCORE};
 
@@ -135,8 +135,13 @@ impl Writer {
 /// database refused the statement (a constraint, a deadlock or a
 /// serialization conflict), and any transaction of it was rolled back.
 fn keeps_connection(e: &StoreError) -> bool {
-    matches!(e, StoreError::Db(sqlx::Error::Database(db))
-        if db.code().is_some_and(|c| c.starts_with("23") || c.starts_with("40")))
+    match e {
+        StoreError::Redeliveries(cause) => keeps_connection(cause),
+        StoreError::Db(sqlx::Error::Database(db)) => db
+            .code()
+            .is_some_and(|c| c.starts_with("23") || c.starts_with("40")),
+        _ => false,
+    }
 }
 
 fn is_transient(e: &StoreError) -> bool {
@@ -176,17 +181,17 @@ async fn held_once_keys(
     tx: &mut sqlx::PgConnection,
     items: &[(&str, &Item)],
 ) -> Result<HashSet<OnceKey>, StoreError> {
-    let mut cols: [Vec<String>; 4] = Default::default();
+    let mut cols: [Vec<&str>; 4] = Default::default();
     for (ns, it) in items {
         let (Ok(awards), Some(user)) = (&it.prepared.outcome, &it.prepared.event.user_id) else {
             continue;
         };
         for a in awards {
             if let Some(key) = &a.once {
-                cols[0].push(ns.to_string());
-                cols[1].push(user.clone());
-                cols[2].push(a.rule.to_string());
-                cols[3].push(key.clone());
+                cols[0].push(ns);
+                cols[1].push(user);
+                cols[2].push(&a.rule);
+                cols[3].push(key);
             }
         }
     }
@@ -239,10 +244,7 @@ type JobResults = Vec<Result<Vec<Persisted>, StoreError>>;
 /// `ledger_learner` index fails the statement (23505) and the retry reads it.
 async fn write_jobs(conn: &mut PgConnection, jobs: &[Job]) -> Result<JobResults, StoreError> {
     let now = chrono::Utc::now().timestamp_millis();
-    let items: Vec<(&str, &Item)> = jobs
-        .iter()
-        .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
-        .collect();
+    let items: Vec<(&str, &Item)> = super::plan::items(jobs).collect();
     let held = held_once_keys(&mut *conn, &items).await?;
     let mut claimed = HashSet::new();
     let settled: Vec<Settled> = items
@@ -259,43 +261,39 @@ async fn write_jobs(conn: &mut PgConnection, jobs: &[Job]) -> Result<JobResults,
     } else {
         match resolve_redeliveries(conn, &rows, &inserted, now).await {
             Ok(fates) => fates,
-            Err(e) => return Ok(partly_written(jobs, &settled, &inserted, &e, now)),
+            Err(e) => return Ok(partly_written(jobs, &rows, &inserted, e, now)),
         }
     };
-    let plan = Plan::new(jobs, settled.iter().cloned().zip(fates), now);
-    Ok(plan.answers.into_iter().map(Ok).collect())
+    let answers = rows
+        .iter()
+        .zip(fates)
+        .map(|(((_, it), settled), fate)| it.answer(fate, settled.points, now));
+    Ok(by_job(jobs, answers).into_iter().map(Ok).collect())
 }
 
 /// The answers when the new events were written but resolving the
-/// redeliveries failed (see [`write_jobs`]).
+/// redeliveries failed (see [`write_jobs`]): a job that held a redelivery
+/// gets the cause, whose class (a lost connection answers 503) it keeps.
 fn partly_written(
     jobs: &[Job],
-    settled: &[Settled<'_>],
+    rows: &[WriteRow<'_>],
     inserted: &HashSet<String>,
-    e: &StoreError,
+    e: StoreError,
     now: i64,
 ) -> JobResults {
     tracing::warn!(error = %e, "resolving redelivered events failed; the group's new events are written");
-    let mut settled = settled.iter();
-    jobs.iter()
-        .map(|job| {
-            let answers: Vec<Option<Persisted>> = job
-                .items
-                .iter()
-                .zip(settled.by_ref())
-                .map(|(it, s)| {
-                    let new = inserted.contains(&it.id);
-                    new.then(|| it.stored_as(it.id.clone(), s.points, now))
-                })
-                .collect();
+    let cause = Arc::new(e);
+    let answers = rows.iter().map(|((_, it), settled)| {
+        let new = inserted.contains(&it.id);
+        new.then(|| it.stored_as(it.id.clone(), settled.points, now))
+    });
+    by_job(jobs, answers)
+        .into_iter()
+        .map(|answers| {
             answers
                 .into_iter()
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| {
-                    StoreError::Db(sqlx::Error::Protocol(format!(
-                        "resolving redelivered events: {e}"
-                    )))
-                })
+                .ok_or_else(|| StoreError::Redeliveries(cause.clone()))
         })
         .collect()
 }
@@ -367,63 +365,53 @@ async fn insert_fresh(
     Ok(inserted)
 }
 
-/// Binds $1..$18: the events' columns, one array each.
+/// One column's values, one per row, bound as an array.
+fn col<'q, R, T>(rows: &'q [R], f: impl Fn(&'q R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
+}
+
+/// Binds $1..$18: the events' columns, one array each, borrowing the rows'
+/// strings.
 fn bind_events<'q>(query: PgQuery<'q>, rows: &'q [WriteRow<'_>], now: i64) -> PgQuery<'q> {
     fn ev<'r>(r: &'r WriteRow<'_>) -> &'r crate::pipeline::mapping::CanonicalEvent {
         &r.0 .1.prepared.event
     }
-    let col = |f: &dyn Fn(&WriteRow<'_>) -> Option<String>| -> Vec<Option<String>> {
-        rows.iter().map(f).collect()
-    };
-    let int = |f: &dyn Fn(&WriteRow<'_>) -> Option<i64>| -> Vec<Option<i64>> {
-        rows.iter().map(f).collect()
-    };
     query
-        .bind(col(&|r| Some(r.0 .1.id.clone())))
-        .bind(col(&|r| Some(ev(r).source.clone())))
-        .bind(col(&|r| Some(ev(r).dedupe_key.clone())))
-        .bind(col(&|r| Some(r.0 .0.to_string())))
-        .bind(col(&|r| ev(r).event_type.clone()))
-        .bind(col(&|r| ev(r).vendor_event_type.clone()))
-        .bind(col(&|r| ev(r).user_id.clone()))
-        .bind(col(&|r| ev(r).course_id.clone()))
-        .bind(col(&|r| ev(r).object_id.clone()))
-        .bind(int(&|r| Some(ev(r).occurred_at.timestamp_millis())))
-        .bind(int(&|r| Some(r.0 .1.received_at)))
-        .bind(int(&|r| {
+        .bind(col(rows, |r| r.0 .1.id.as_str()))
+        .bind(col(rows, |r| ev(r).source.as_str()))
+        .bind(col(rows, |r| ev(r).dedupe_key.as_str()))
+        .bind(col(rows, |r| r.0 .0))
+        .bind(col(rows, |r| ev(r).event_type.as_deref()))
+        .bind(col(rows, |r| ev(r).vendor_event_type.as_deref()))
+        .bind(col(rows, |r| ev(r).user_id.as_deref()))
+        .bind(col(rows, |r| ev(r).course_id.as_deref()))
+        .bind(col(rows, |r| ev(r).object_id.as_deref()))
+        .bind(col(rows, |r| ev(r).occurred_at.timestamp_millis()))
+        .bind(col(rows, |r| r.0 .1.received_at))
+        .bind(col(rows, |r| {
             (r.0 .1.status != EventStatus::Queued).then_some(now)
         }))
-        .bind(col(&|r| Some(r.0 .1.status.as_str().to_string())))
-        .bind(int(&|r| Some(r.1.points)))
-        .bind(col(&|r| r.0 .1.error.clone()))
-        .bind(col(&|r| Some(r.0 .1.canonical.clone())))
-        .bind(
-            rows.iter()
-                .map(|r| r.0 .1.prepared.raw.as_ref())
-                .collect::<Vec<&[u8]>>(),
-        )
-        .bind(col(&|r| {
-            r.0 .1.prepared.headers.as_deref().map(str::to_string)
-        }))
+        .bind(col(rows, |r| r.0 .1.status.as_str()))
+        .bind(col(rows, |r| r.1.points))
+        .bind(col(rows, |r| r.0 .1.error.as_deref()))
+        .bind(col(rows, |r| r.0 .1.canonical.as_str()))
+        .bind(col(rows, |r| &r.0 .1.prepared.raw[..]))
+        .bind(col(rows, |r| r.0 .1.prepared.headers.as_deref()))
 }
 
 /// Binds the awards' columns (event id, namespace, user, course, rule,
 /// points, reason, occurred_at, once-key), one array each.
-fn bind_ledger<'q>(query: PgQuery<'q>, rows: &[LedgerRow<'_>]) -> PgQuery<'q> {
-    let col = |f: &dyn Fn(&LedgerRow<'_>) -> Option<String>| -> Vec<Option<String>> {
-        rows.iter().map(f).collect()
-    };
-    let int = |f: &dyn Fn(&LedgerRow<'_>) -> i64| -> Vec<i64> { rows.iter().map(f).collect() };
+fn bind_ledger<'q>(query: PgQuery<'q>, rows: &'q [LedgerRow<'_>]) -> PgQuery<'q> {
     query
-        .bind(col(&|r| Some(r.event_id.clone())))
-        .bind(col(&|r| Some(r.namespace.to_string())))
-        .bind(col(&|r| Some(r.user.to_string())))
-        .bind(col(&|r| r.course.clone()))
-        .bind(col(&|r| Some(r.award.rule.to_string())))
-        .bind(int(&|r| r.award.points))
-        .bind(col(&|r| r.award.reason.clone()))
-        .bind(int(&|r| r.occurred_at))
-        .bind(col(&|r| r.award.once.clone()))
+        .bind(col(rows, |r| r.event_id.as_str()))
+        .bind(col(rows, |r| r.namespace))
+        .bind(col(rows, |r| r.user))
+        .bind(col(rows, |r| r.course.as_deref()))
+        .bind(col(rows, |r| &*r.award.rule))
+        .bind(col(rows, |r| r.award.points))
+        .bind(col(rows, |r| r.award.reason.as_deref()))
+        .bind(col(rows, |r| r.occurred_at))
+        .bind(col(rows, |r| r.award.once.as_deref()))
 }
 
 /// The new events ($1..$18), the awards of those inserted ($19..$27, in

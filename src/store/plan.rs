@@ -123,7 +123,6 @@ impl Job {
 pub(super) type OnceKey = (String, String, Arc<str>, String);
 
 /// What an item awards once its once-awards are settled.
-#[derive(Clone)]
 pub(super) struct Settled<'a> {
     pub(super) awards: Vec<&'a Award>,
     pub(super) points: i64,
@@ -140,11 +139,7 @@ impl Item {
         claimed: &mut HashSet<OnceKey>,
         mut held: impl FnMut(&OnceKey) -> Result<bool, E>,
     ) -> Result<Settled<'a>, E> {
-        let (Ok(awards), Some(user), EventStatus::Processed) = (
-            &self.prepared.outcome,
-            &self.prepared.event.user_id,
-            self.status,
-        ) else {
+        let (Some(user), Ok(awards)) = (self.earner(), &self.prepared.outcome) else {
             return Ok(Settled {
                 awards: Vec::new(),
                 points: self.points,
@@ -155,7 +150,7 @@ impl Item {
             if let Some(key) = &award.once {
                 let once = (
                     namespace.to_string(),
-                    user.clone(),
+                    user.to_string(),
                     award.rule.clone(),
                     key.clone(),
                 );
@@ -208,15 +203,15 @@ impl Item {
         'a: 's,
     {
         let ev = &self.prepared.event;
-        let user = self.earner();
-        settled.awards.iter().filter_map(move |&award| {
-            Some(LedgerRow {
+        let occurred_at = ev.occurred_at.timestamp_millis();
+        self.earner().into_iter().flat_map(move |user| {
+            settled.awards.iter().map(move |&award| LedgerRow {
                 event_id: event_id.to_string(),
                 namespace: ns,
-                user: user?,
+                user,
                 course: &ev.course_id,
                 award,
-                occurred_at: ev.occurred_at.timestamp_millis(),
+                occurred_at,
             })
         })
     }
@@ -230,6 +225,15 @@ impl Item {
             duplicate: false,
             processed_at: now,
             error: self.error.clone(),
+        }
+    }
+
+    /// The answer for this item: written under the fate's id with its
+    /// settled `points`, or a duplicate's stored answer.
+    pub(super) fn answer(&self, fate: Fate, points: i64, now: i64) -> Persisted {
+        match fate {
+            Fate::Written(id) => self.stored_as(id, points, now),
+            Fate::Duplicate(stored) => stored,
         }
     }
 }
@@ -292,23 +296,16 @@ impl<'a> Plan<'a> {
         now: i64,
     ) -> Plan<'a> {
         let mut plan = Plan::empty();
-        let mut fates = fates.into_iter();
-        for job in jobs {
-            let ns = job.namespace.as_str();
-            let mut answers = Vec::with_capacity(job.items.len());
-            for (it, (settled, fate)) in job.items.iter().zip(fates.by_ref()) {
-                let event_id = match fate {
-                    Fate::Duplicate(stored) => {
-                        answers.push(stored);
-                        continue;
-                    }
-                    Fate::Written(id) => id,
-                };
-                plan.add_written(ns, it, &settled, &event_id);
-                answers.push(it.stored_as(event_id, settled.points, now));
-            }
-            plan.answers.push(answers);
-        }
+        let answers: Vec<Persisted> = items(jobs)
+            .zip(fates)
+            .map(|((ns, it), (settled, fate))| {
+                if let Fate::Written(id) = &fate {
+                    plan.add_written(ns, it, &settled, id);
+                }
+                it.answer(fate, settled.points, now)
+            })
+            .collect();
+        plan.answers = by_job(jobs, answers);
         plan
     }
 
@@ -335,5 +332,165 @@ impl<'a> Plan<'a> {
         let t = self.totals.entry((ns, user)).or_insert((0, 0));
         t.0 += settled.points;
         t.1 += 1;
+    }
+}
+
+/// Every job's items with their namespace, in job order.
+pub(super) fn items(jobs: &[Job]) -> impl Iterator<Item = (&str, &Item)> {
+    jobs.iter()
+        .flat_map(|j| j.items.iter().map(move |it| (j.namespace.as_str(), it)))
+}
+
+/// Per-item values, in job order, split into one vector per job.
+pub(super) fn by_job<T>(jobs: &[Job], values: impl IntoIterator<Item = T>) -> Vec<Vec<T>> {
+    let mut values = values.into_iter();
+    jobs.iter()
+        .map(|j| values.by_ref().take(j.items.len()).collect())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::mapping::CanonicalEvent;
+    use crate::pipeline::rules::RuleError;
+
+    fn award(rule: &str, points: i64, once: Option<&str>) -> Award {
+        Award {
+            rule: Arc::from(rule),
+            points,
+            reason: None,
+            once: once.map(str::to_string),
+        }
+    }
+
+    fn prepared(key: &str, user: Option<&str>, outcome: Result<Vec<Award>, RuleError>) -> Prepared {
+        Prepared {
+            event: CanonicalEvent {
+                source: "lms".into(),
+                dedupe_key: key.into(),
+                event_type: Some("course_completed".into()),
+                vendor_event_type: None,
+                user_id: user.map(str::to_string),
+                course_id: Some("c1".into()),
+                object_id: None,
+                occurred_at: chrono::Utc::now(),
+                attributes: Default::default(),
+            },
+            raw: bytes::Bytes::from_static(b"{}"),
+            outcome,
+            headers: None,
+        }
+    }
+
+    fn job(ns: &str, events: Vec<Prepared>) -> Job {
+        Job::new(ns, events, false, oneshot::channel().0)
+    }
+
+    /// A once-key the ledger holds, or an earlier item of the group
+    /// claimed, drops its award and its points; a failed event or one
+    /// without a learner settles to its stored points and writes nothing.
+    #[test]
+    fn settling_drops_held_and_claimed_once_keys() {
+        let ok = |awards| Ok::<_, RuleError>(awards);
+        let jobs = [
+            job(
+                "ns",
+                vec![
+                    prepared(
+                        "a",
+                        Some("u1"),
+                        ok(vec![award("r", 5, Some("k")), award("s", 1, None)]),
+                    ),
+                    prepared("b", Some("u1"), ok(vec![award("r", 5, Some("k"))])),
+                    prepared("c", Some("u1"), ok(vec![award("r", 5, Some("held"))])),
+                ],
+            ),
+            job("ns", vec![]),
+            job(
+                "ns",
+                vec![
+                    prepared("d", None, ok(vec![award("s", 2, None)])),
+                    prepared(
+                        "e",
+                        Some("u2"),
+                        Err(RuleError {
+                            rule: "r".into(),
+                            message: "boom".into(),
+                        }),
+                    ),
+                ],
+            ),
+        ];
+        let held: HashSet<OnceKey> =
+            [("ns".into(), "u1".into(), Arc::from("r"), "held".into())].into();
+        let mut claimed = HashSet::new();
+        let settled: Vec<Settled> = items(&jobs)
+            .map(|(ns, it)| it.settle_against(ns, &mut claimed, &held))
+            .collect();
+        let points: Vec<i64> = settled.iter().map(|s| s.points).collect();
+        // "d" has no learner: its rules' points are its own, but it earns
+        // nothing (no ledger row, no total).
+        assert_eq!(points, [6, 0, 0, 2, 0]);
+        let fates = items(&jobs).map(|(_, it)| Fate::Written(it.id.clone()));
+        let plan = Plan::new(&jobs, settled.into_iter().zip(fates), 7);
+        let rows: Vec<(&str, &str, i64)> = plan
+            .ledger
+            .iter()
+            .map(|r| (r.user, &*r.award.rule, r.award.points))
+            .collect();
+        assert_eq!(rows, [("u1", "r", 5), ("u1", "s", 1)]);
+        let totals: Vec<_> = plan.totals.into_iter().collect();
+        // Three processed events of u1 (two of them earning nothing now).
+        assert_eq!(totals, [(("ns", "u1"), (6, 3))]);
+        let answers: Vec<Vec<i64>> = plan
+            .answers
+            .iter()
+            .map(|a| a.iter().map(|p| p.points).collect())
+            .collect();
+        assert_eq!(answers, [vec![6, 0, 0], vec![], vec![2, 0]]);
+        assert_eq!(plan.answers[2][1].status, EventStatus::Failed);
+    }
+
+    /// Per-item values come back one vector per job, in order, empty jobs
+    /// included; a duplicate answers what was stored.
+    #[test]
+    fn answers_split_by_job_and_duplicates_answer_as_stored() {
+        let jobs = [
+            job(
+                "ns",
+                vec![prepared("a", Some("u"), Ok(vec![award("r", 3, None)]))],
+            ),
+            job("ns", vec![]),
+            job(
+                "ns",
+                vec![prepared("b", Some("u"), Ok(vec![award("r", 3, None)]))],
+            ),
+        ];
+        let stored = Persisted {
+            event_id: "evt_first".into(),
+            status: EventStatus::Processed,
+            points: 9,
+            duplicate: true,
+            processed_at: 1,
+            error: None,
+        };
+        let mut claimed = HashSet::new();
+        let settled: Vec<Settled> = items(&jobs)
+            .map(|(ns, it)| it.settle_against(ns, &mut claimed, &HashSet::new()))
+            .collect();
+        let fates = [
+            Fate::Written(jobs[0].items[0].id.clone()),
+            Fate::Duplicate(stored.clone()),
+        ];
+        let plan = Plan::new(&jobs, settled.into_iter().zip(fates), 7);
+        assert_eq!(plan.answers.len(), 3);
+        assert_eq!(plan.answers[0][0].points, 3);
+        assert!(!plan.answers[0][0].duplicate);
+        assert!(plan.answers[1].is_empty());
+        assert_eq!(plan.answers[2], [stored]);
+        // The duplicate writes nothing.
+        assert_eq!(plan.ledger.len(), 1);
+        assert_eq!(by_job(&jobs, [1, 2]), [vec![1], vec![], vec![2]]);
     }
 }
