@@ -1,7 +1,8 @@
 //! Leaderboards read from summary tables instead of aggregating the ledger
-//! (SQLite; see `migrations/sqlite/0009_leaderboards.sql`, whose triggers
-//! keep them exact, and `writer_sums`, where the hook's writer, which runs
-//! without triggers, does the same):
+//! (on both stores: see `migrations/sqlite/0009_leaderboards.sql` and
+//! `migrations/postgres/0008_leaderboards.sql`, whose triggers keep them
+//! exact, and `writer_sums`, where SQLite's hook writer, which runs without
+//! triggers, does the same):
 //!
 //! - a course's leaderboard (no time bounds) is the top of `course_points`;
 //! - a leaderboard `since` a time at or shortly after the trailing window's
@@ -15,9 +16,9 @@
 
 use std::collections::HashSet;
 
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 
-use super::{LeaderRow, LeaderboardQuery, Pool, Store, StoreError};
+use super::{with_pool, LeaderRow, LeaderboardQuery, Pool, Store, StoreError};
 
 /// How far the trailing window reaches back.
 pub const RECENT_WINDOW_MS: i64 = 7 * 86_400_000;
@@ -42,15 +43,19 @@ pub(super) const RECENT_NAMESPACES: &str = "WITH RECURSIVE ns(name) AS ( \
 pub(super) const RECENT_TOP_NS: &str = "SELECT namespace, user_id, points FROM recent_points \
     WHERE namespace = $1 ORDER BY points DESC, user_id LIMIT $2";
 /// The learners with ledger rows in `[$1, $2)` (through `ledger_time`),
-/// with their window points and rows less those.
+/// with their window points and rows less those. (PostgreSQL's `SUM` of a
+/// `BIGINT` is a `NUMERIC`: cast back.)
 pub(super) const CORRECTED: &str = "SELECT r.namespace, r.user_id, \
     r.points - s.points AS points, r.entries - s.entries AS entries \
-    FROM (SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries \
+    FROM (SELECT namespace, user_id, CAST(SUM(points) AS BIGINT) AS points, COUNT(*) AS entries \
     FROM ledger WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id) AS s \
     JOIN recent_points r ON r.namespace = s.namespace AND r.user_id = s.user_id";
 
 // Moving the window. The first statement writes, so SQLite takes the write
 // lock at once (waiting its busy timeout) rather than failing to upgrade.
+// On PostgreSQL the move first takes the advisory lock that ledger writers
+// hold shared while they read the window's start (its migration 0008).
+const EXCLUDE_WRITERS_PG: &str = "SELECT pg_advisory_xact_lock(hashtext('recent_window'))";
 const LOCK_WINDOW: &str =
     "UPDATE recent_window SET start_ms = start_ms WHERE id = 1 RETURNING start_ms";
 // The `occurred_at` that many rows from either end of a stretch of the
@@ -65,16 +70,26 @@ const SET_WINDOW: &str = "UPDATE recent_window SET start_ms = $1 WHERE id = 1";
 const ADD_SLICE: &str = "INSERT INTO recent_points (namespace, user_id, points, entries) \
     SELECT namespace, user_id, SUM(points), COUNT(*) FROM ledger \
     WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id \
-    ON CONFLICT (namespace, user_id) DO UPDATE SET points = points + excluded.points, \
-    entries = entries + excluded.entries";
-// A sum left with no rows is deleted by the `recent_points_empty` trigger.
+    ON CONFLICT (namespace, user_id) DO UPDATE SET \
+    points = recent_points.points + excluded.points, \
+    entries = recent_points.entries + excluded.entries";
+// A sum left with no rows is deleted: by the `recent_points_empty` trigger
+// on SQLite, by [`DELETE_EMPTIED_PG`] on PostgreSQL.
 const SUBTRACT_SLICE: &str = "UPDATE recent_points SET points = recent_points.points - s.points, \
     entries = recent_points.entries - s.entries \
     FROM (SELECT namespace, user_id, SUM(points) AS points, COUNT(*) AS entries FROM ledger \
     WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY namespace, user_id) AS s \
     WHERE recent_points.namespace = s.namespace AND recent_points.user_id = s.user_id";
+const DELETE_EMPTIED_PG: &str = "DELETE FROM recent_points WHERE entries = 0 \
+    AND (namespace, user_id) IN (SELECT namespace, user_id FROM ledger \
+    WHERE occurred_at >= $1 AND occurred_at < $2)";
 
-fn leader_row(r: &sqlx::sqlite::SqliteRow) -> Result<LeaderRow, sqlx::Error> {
+fn leader_row<R: Row>(r: &R) -> Result<LeaderRow, sqlx::Error>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
     Ok(LeaderRow {
         namespace: r.try_get("namespace")?,
         user_id: r.try_get("user_id")?,
@@ -85,31 +100,31 @@ fn leader_row(r: &sqlx::sqlite::SqliteRow) -> Result<LeaderRow, sqlx::Error> {
 /// The leaderboard from a summary table, or `None` when `q` is not one
 /// they answer.
 pub(super) async fn from_summaries(
-    pool: &SqlitePool,
+    pool: &Pool,
     q: &LeaderboardQuery,
 ) -> Result<Option<Vec<LeaderRow>>, StoreError> {
     match (&q.course_id, q.since_ms, q.until_ms) {
-        (Some(course), None, None) => {
+        (Some(course), None, None) => with_pool!(pool, p => {
             let rows = match &q.namespace {
                 Some(ns) => {
                     sqlx::query(COURSE_TOP_NS)
                         .bind(course)
                         .bind(ns)
                         .bind(q.limit)
-                        .fetch_all(pool)
+                        .fetch_all(p)
                         .await?
                 }
                 None => {
                     sqlx::query(COURSE_TOP)
                         .bind(course)
                         .bind(q.limit)
-                        .fetch_all(pool)
+                        .fetch_all(p)
                         .await?
                 }
             };
             let rows = rows.iter().map(leader_row).collect::<Result<_, _>>()?;
             Ok(Some(rows))
-        }
+        }),
         (None, Some(since), None) => recent(pool, q, since).await,
         _ => Ok(None),
     }
@@ -121,61 +136,70 @@ pub(super) async fn from_summaries(
 /// slice's learners from the top of each namespace is enough: any other
 /// learner has at least `limit` uncorrected learners above them.
 async fn recent(
-    pool: &SqlitePool,
+    pool: &Pool,
     q: &LeaderboardQuery,
     since: i64,
 ) -> Result<Option<Vec<LeaderRow>>, StoreError> {
-    // One snapshot: the window, its top and the slice agree.
-    let mut tx = pool.begin().await?;
-    let start: i64 = sqlx::query_scalar(WINDOW_START).fetch_one(&mut *tx).await?;
-    if since < start || since - start > MAX_SLICE_MS {
-        return Ok(None);
-    }
-    // The slice's learners (every one has window rows: the window holds
-    // the slice), corrected; the rest are read from the tops below.
-    let mut slice: HashSet<(String, String)> = HashSet::new();
+    let postgres = matches!(pool, Pool::Postgres(_));
     let mut rows = Vec::new();
-    for r in sqlx::query(CORRECTED)
-        .bind(start)
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await?
-    {
-        let row = leader_row(&r)?;
-        if q.namespace
-            .as_ref()
-            .is_some_and(|want| *want != row.namespace)
-        {
-            continue;
+    with_pool!(pool, p => {
+        // One snapshot: the window, its top and the slice agree. (SQLite's
+        // read transaction holds one; PostgreSQL's needs REPEATABLE READ.)
+        let mut tx = p.begin().await?;
+        if postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
         }
-        slice.insert((row.namespace.clone(), row.user_id.clone()));
-        // A learner all of whose window rows are in the slice has none since.
-        if r.try_get::<i64, _>("entries")? > 0 {
-            rows.push(row);
+        let start: i64 = sqlx::query_scalar(WINDOW_START).fetch_one(&mut *tx).await?;
+        if since < start || since - start > MAX_SLICE_MS {
+            return Ok(None);
         }
-    }
-    let wanted = q.limit + slice.len() as i64;
-    let namespaces: Vec<String> = match &q.namespace {
-        Some(ns) => vec![ns.clone()],
-        None => {
-            sqlx::query_scalar(RECENT_NAMESPACES)
-                .fetch_all(&mut *tx)
-                .await?
-        }
-    };
-    for ns in &namespaces {
-        for r in sqlx::query(RECENT_TOP_NS)
-            .bind(ns)
-            .bind(wanted)
+        // The slice's learners (every one has window rows: the window holds
+        // the slice), corrected; the rest are read from the tops below.
+        let mut slice: HashSet<(String, String)> = HashSet::new();
+        for r in sqlx::query(CORRECTED)
+            .bind(start)
+            .bind(since)
             .fetch_all(&mut *tx)
             .await?
         {
             let row = leader_row(&r)?;
-            if !slice.contains(&(row.namespace.clone(), row.user_id.clone())) {
+            if q.namespace
+                .as_ref()
+                .is_some_and(|want| *want != row.namespace)
+            {
+                continue;
+            }
+            slice.insert((row.namespace.clone(), row.user_id.clone()));
+            // A learner all of whose window rows are in the slice has none since.
+            if r.try_get::<i64, _>("entries")? > 0 {
                 rows.push(row);
             }
         }
-    }
+        let wanted = q.limit + slice.len() as i64;
+        let namespaces: Vec<String> = match &q.namespace {
+            Some(ns) => vec![ns.clone()],
+            None => {
+                sqlx::query_scalar(RECENT_NAMESPACES)
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
+        };
+        for ns in &namespaces {
+            for r in sqlx::query(RECENT_TOP_NS)
+                .bind(ns)
+                .bind(wanted)
+                .fetch_all(&mut *tx)
+                .await?
+            {
+                let row = leader_row(&r)?;
+                if !slice.contains(&(row.namespace.clone(), row.user_id.clone())) {
+                    rows.push(row);
+                }
+            }
+        }
+    });
     rows.sort_by(|a, b| {
         b.points
             .cmp(&a.points)
@@ -187,15 +211,12 @@ async fn recent(
 }
 
 impl Store {
-    /// Where the trailing window starts (`None` on PostgreSQL, which keeps
-    /// none).
+    /// Where the trailing window starts (`None` where the store keeps no
+    /// window: both stores keep one once migrated).
     pub async fn recent_window_start(&self) -> Result<Option<i64>, StoreError> {
-        let Pool::Sqlite(pool) = &self.pool else {
-            return Ok(None);
-        };
-        Ok(Some(
-            sqlx::query_scalar(WINDOW_START).fetch_one(pool).await?,
-        ))
+        with_pool!(&self.pool, p => {
+            Ok(sqlx::query_scalar(WINDOW_START).fetch_optional(p).await?)
+        })
     }
 
     /// Where a move of the window from `start` towards `to_ms` should stop
@@ -208,20 +229,19 @@ impl Store {
         to_ms: i64,
         rows: i64,
     ) -> Result<i64, StoreError> {
-        let Pool::Sqlite(pool) = &self.pool else {
-            return Ok(to_ms);
-        };
         let (sql, lo, hi) = if to_ms < start {
             (STEP_BACK, to_ms, start)
         } else {
             (STEP_FORWARD, start, to_ms)
         };
-        let at: Option<i64> = sqlx::query_scalar(sql)
-            .bind(lo)
-            .bind(hi)
-            .bind(rows)
-            .fetch_optional(pool)
-            .await?;
+        let at: Option<i64> = with_pool!(&self.pool, p => {
+            sqlx::query_scalar(sql)
+                .bind(lo)
+                .bind(hi)
+                .bind(rows)
+                .fetch_optional(p)
+                .await?
+        });
         Ok(match at {
             None => to_ms,
             // Forward, rows before `at` go: past `start` at least.
@@ -232,27 +252,37 @@ impl Store {
 
     /// Moves the trailing window's start to `to_ms`, adding or subtracting
     /// the ledger's rows between the old start and the new, in one
-    /// transaction. (PostgreSQL keeps no window: a no-op there.)
+    /// transaction that no ledger write overlaps.
     pub async fn move_recent_window(&self, to_ms: i64) -> Result<(), StoreError> {
-        let Pool::Sqlite(pool) = &self.pool else {
-            return Ok(());
-        };
-        let mut tx = pool.begin().await?;
-        let from: i64 = sqlx::query_scalar(LOCK_WINDOW).fetch_one(&mut *tx).await?;
-        if from == to_ms {
-            return Ok(());
-        }
-        let (sql, lo, hi) = if to_ms < from {
-            (ADD_SLICE, to_ms, from)
-        } else {
-            (SUBTRACT_SLICE, from, to_ms)
-        };
-        sqlx::query(sql).bind(lo).bind(hi).execute(&mut *tx).await?;
-        sqlx::query(SET_WINDOW)
-            .bind(to_ms)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        let postgres = matches!(self.pool, Pool::Postgres(_));
+        with_pool!(&self.pool, p => {
+            let mut tx = p.begin().await?;
+            if postgres {
+                sqlx::query(EXCLUDE_WRITERS_PG).execute(&mut *tx).await?;
+            }
+            let from: i64 = sqlx::query_scalar(LOCK_WINDOW).fetch_one(&mut *tx).await?;
+            if from == to_ms {
+                return Ok(());
+            }
+            let (sql, lo, hi) = if to_ms < from {
+                (ADD_SLICE, to_ms, from)
+            } else {
+                (SUBTRACT_SLICE, from, to_ms)
+            };
+            sqlx::query(sql).bind(lo).bind(hi).execute(&mut *tx).await?;
+            if postgres && to_ms > from {
+                sqlx::query(DELETE_EMPTIED_PG)
+                    .bind(lo)
+                    .bind(hi)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query(SET_WINDOW)
+                .bind(to_ms)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 }

@@ -665,12 +665,10 @@ impl Store {
 
     /// The top of a leaderboard, best first. Overall standings come from the
     /// totals table; a course's, or the last seven days', from the summary
-    /// tables on SQLite ([`leaderboards`]); other filters aggregate the ledger.
+    /// tables ([`leaderboards`]); other filters aggregate the ledger.
     pub async fn leaderboard(&self, q: &LeaderboardQuery) -> Result<Vec<LeaderRow>, StoreError> {
-        if let Pool::Sqlite(p) = &self.pool {
-            if let Some(rows) = leaderboards::from_summaries(p, q).await? {
-                return Ok(rows);
-            }
+        if let Some(rows) = leaderboards::from_summaries(&self.pool, q).await? {
+            return Ok(rows);
         }
         let mut conds: Vec<String> = Vec::new();
         let mut texts: Vec<&str> = Vec::new();
@@ -1059,7 +1057,9 @@ mod tests {
             (q(Some("c"), Some(start), None), false),
             (q(None, Some(start), Some(now)), false),
         ] {
-            let answered = leaderboards::from_summaries(&pool, &query).await.unwrap();
+            let answered = leaderboards::from_summaries(&store.pool, &query)
+                .await
+                .unwrap();
             assert_eq!(answered.is_some(), summary, "{query:?}");
         }
     }

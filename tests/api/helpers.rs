@@ -106,7 +106,7 @@ pub async fn spawn_custom(
 }
 
 /// Waits for the server's first move of the leaderboards' seven-day window
-/// (a task it starts with; on SQLite), so that tests meet the window where
+/// (a task it starts with), so that tests meet the window where
 /// the server puts it and no later move of the task's (a minute on) races
 /// theirs.
 async fn window_moved(server: &Running) {
