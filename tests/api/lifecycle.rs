@@ -457,6 +457,16 @@ async fn summary_tables_match_a_recount_after_every_kind_of_write() {
 async fn recount_summary_tables(database_url: &str) {
     use sqlx::Connection;
     crate::analytics::recount_leaderboard_tables(database_url).await;
+    // Neither store enforces the ledger's reference to its event (see
+    // `connect_sqlite` and PostgreSQL's migration 0010): every award still
+    // has its event.
+    let orphans = crate::analytics::query_rows::<(String, i64)>(
+        database_url,
+        "SELECT event_id, COUNT(*) FROM ledger l \
+         WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = l.event_id) GROUP BY 1",
+    )
+    .await;
+    assert!(orphans.is_empty(), "{orphans:?}");
     if database_url.starts_with("postgres") {
         // PostgreSQL keeps no stats counters (`/api/v1/stats` aggregates).
         let rows = |sql| crate::analytics::query_rows::<(String, String, i64)>(database_url, sql);
@@ -490,8 +500,6 @@ async fn recount_summary_tables(database_url: &str) {
         )
         .await
     );
-    // SQLite does not enforce the ledger's reference to its event (see
-    // `connect_sqlite`): every award still has its event.
     let orphans: Vec<(String, i64, String, i64)> = sqlx::query_as("PRAGMA foreign_key_check")
         .fetch_all(&mut db)
         .await

@@ -1,0 +1,12 @@
+-- The ledger's reference to its event is kept by the writers, not checked
+-- by PostgreSQL, as on SQLite: an award is inserted in the statement or
+-- transaction that inserts or rescores its event, retention deletes only
+-- events without awards, and erasure keeps its events as tombstones. The
+-- check cost every award an index probe and a lock on its event's row (a
+-- write to that row's page) in the hook's one statement, and the index
+-- on `ledger.event_id` it needed is read by nothing else: the ledger rows
+-- of an event are found through `ledger_learner` (namespace, user, then
+-- the event id), on both stores. The API tests look for awards without
+-- their event after every kind of write.
+ALTER TABLE ledger DROP CONSTRAINT ledger_event_id_fkey;
+DROP INDEX ledger_event;
