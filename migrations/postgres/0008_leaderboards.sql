@@ -9,7 +9,8 @@
 -- Statement-level triggers on the ledger keep both exact in the statement
 -- that writes the ledger: each statement's rows are summed per key and
 -- applied in key order, so concurrent writers lock the sums' rows in the
--- same order (after the totals, which they also lock in key order). A
+-- same order, and every writer locks a learner's total (in key order)
+-- before it writes the ledger, so none waits on another in a circle. A
 -- writer holds a shared advisory lock while it reads the window's start;
 -- a move of the window takes it exclusively, so no row is counted under a
 -- start that is being moved.

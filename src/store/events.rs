@@ -179,12 +179,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            let ledger_entries = sqlx::query(DELETE_LEDGER)
-                .bind(namespace)
-                .bind(user)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            // The total before the ledger: every writer locks a learner's
+            // total before the summary sums the ledger's triggers lock.
             let points = sqlx::query(DELETE_TOTAL)
                 .bind(namespace)
                 .bind(user)
@@ -193,6 +189,12 @@ impl Store {
                 .map(|r| r.try_get::<i64, _>("points"))
                 .transpose()?
                 .unwrap_or(0);
+            let ledger_entries = sqlx::query(DELETE_LEDGER)
+                .bind(namespace)
+                .bind(user)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             tx.commit().await?;
             Ok(Erasure { events, ledger_entries, points })
         })

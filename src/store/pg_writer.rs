@@ -300,7 +300,10 @@ fn partly_written(
 
 /// The fates of a group some of whose events were stored already: each
 /// redelivery is resolved (a failed one rescored, with its awards and
-/// totals) in one transaction.
+/// totals) in one transaction. The totals are written before the awards,
+/// as in [`INSERT_FRESH`]: the ledger's triggers lock the learners'
+/// summary sums (migration 0008), and every writer locks a learner's total
+/// before those, so two writers never wait on each other in a circle.
 async fn resolve_redeliveries(
     conn: &mut PgConnection,
     rows: &[WriteRow<'_>],
@@ -321,8 +324,8 @@ async fn resolve_redeliveries(
         }
         fates.push(fate);
     }
-    insert_ledger(&mut tx, &rescored.ledger, now).await?;
     upsert_totals(&mut tx, rescored.totals, now).await?;
+    insert_ledger(&mut tx, &rescored.ledger, now).await?;
     tx.commit().await?;
     Ok(fates)
 }

@@ -100,12 +100,22 @@ impl Store {
                     let course: Option<String> = row.try_get("course_id")?;
                     let occurred: i64 = row.try_get("occurred_at")?;
                     if let Some(user) = user {
+                        // The event counted in the total first, then the awards,
+                        // then their points: every writer locks a learner's
+                        // total before the summary sums the ledger's triggers
+                        // lock (PostgreSQL's migration 0008).
+                        let total = |points: i64, events: i64| {
+                            sqlx::query(UPSERT_TOTAL).bind(&c.namespace).bind(&user).bind(points).bind(events).bind(now)
+                        };
+                        total(0, 1).execute(&mut *tx).await?;
                         let inserted = insert_awards!(tx, awards, event = &c.id, ns = &c.namespace,
                             user = &user, course = &course, occurred = occurred, now = now);
                         if inserted != points {
                             sqlx::query(SET_POINTS).bind(inserted).bind(&c.id).execute(&mut *tx).await?;
                         }
-                        sqlx::query(UPSERT_TOTAL).bind(&c.namespace).bind(&user).bind(inserted).bind(1_i64).bind(now).execute(&mut *tx).await?;
+                        if inserted != 0 {
+                            total(inserted, 0).execute(&mut *tx).await?;
+                        }
                     }
                     true
                 }

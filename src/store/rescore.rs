@@ -158,22 +158,25 @@ impl Store {
                 return Ok(false);
             }
             if let Some(user) = &ev.user_id {
+                let total = |points: i64, events: i64| {
+                    sqlx::query(UPSERT_TOTAL).bind(&ev.namespace).bind(user).bind(points).bind(events).bind(now)
+                };
+                // The old points out of the total first (a failed event's were
+                // never in it, nor was it counted), then the ledger, then the
+                // new points: every writer locks a learner's total before the
+                // summary sums the ledger's triggers lock (PostgreSQL's
+                // migration 0008).
+                let (old, counted): (i64, i64) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
+                total(-old, counted).execute(&mut *tx).await?;
                 sqlx::query(DELETE_LEDGER).bind(&ev.namespace).bind(user).bind(&ev.id).execute(&mut *tx).await?;
                 let inserted = insert_awards!(tx, awards, event = &ev.id, ns = &ev.namespace,
                     user = user, course = &ev.course_id, occurred = ev.occurred_at, now = now);
                 if inserted != points {
                     sqlx::query(SET_POINTS).bind(inserted).bind(&ev.id).execute(&mut *tx).await?;
                 }
-                // A failed event's points were never in the total, nor was it counted.
-                let (old, counted): (i64, i64) = if ev.status == "processed" { (ev.points, 0) } else { (0, 1) };
-                sqlx::query(UPSERT_TOTAL)
-                    .bind(&ev.namespace)
-                    .bind(user)
-                    .bind(inserted - old)
-                    .bind(counted)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                if inserted != 0 {
+                    total(inserted, 0).execute(&mut *tx).await?;
+                }
             }
             tx.commit().await?;
             Ok(true)

@@ -46,6 +46,12 @@ const NEXT_EVENTS: &str = "SELECT id, (points = 0 AND status IN ('processed', 'e
     AND l.user_id = events.user_id AND l.event_id = events.id)) AS prunable \
     FROM events WHERE source = $1 AND id > $2 AND id < $3 ORDER BY id LIMIT $4";
 const DROP_RAW: &str = "UPDATE events SET raw = $1, request_headers = NULL WHERE id = $2";
+// On PostgreSQL the event's row is locked first, and the delete that
+// follows, a statement of its own, reads the ledger in a snapshot taken
+// after the lock: a rescore that held the row and awarded it is then seen.
+// (In one statement, the wait for the row lock re-checks the row but not
+// the ledger, and the event would go with its awards left behind.)
+const LOCK_EVENT_PG: &str = "SELECT 1 FROM events WHERE id = $1 FOR UPDATE";
 // Guarded: an event scored or awarded since it was read is kept.
 const DELETE_EVENT: &str = "DELETE FROM events WHERE id = $1 AND points = 0 \
     AND status IN ('processed', 'erased') AND NOT EXISTS (SELECT 1 FROM ledger l \
@@ -72,6 +78,7 @@ impl Store {
             Prune::Raw => NEXT_RAW,
             Prune::ZeroPointEvents => NEXT_EVENTS,
         };
+        let postgres = matches!(self.pool, super::Pool::Postgres(_));
         with_pool!(&self.pool, p => {
             // Read without the write lock.
             let mark: String = sqlx::query(READ_MARK)
@@ -114,7 +121,12 @@ impl Store {
             for id in &prunable {
                 let done = match what {
                     Prune::Raw => sqlx::query(DROP_RAW).bind(Vec::<u8>::new()).bind(id).execute(&mut *tx).await?,
-                    Prune::ZeroPointEvents => sqlx::query(DELETE_EVENT).bind(id).execute(&mut *tx).await?,
+                    Prune::ZeroPointEvents => {
+                        if postgres {
+                            sqlx::query(LOCK_EVENT_PG).bind(id).execute(&mut *tx).await?;
+                        }
+                        sqlx::query(DELETE_EVENT).bind(id).execute(&mut *tx).await?
+                    }
                 };
                 pruned += done.rows_affected();
             }

@@ -458,7 +458,7 @@ async fn recount_summary_tables(database_url: &str) {
     use sqlx::Connection;
     crate::analytics::recount_leaderboard_tables(database_url).await;
     // Neither store enforces the ledger's reference to its event (see
-    // `connect_sqlite` and PostgreSQL's migration 0010): every award still
+    // `connect_sqlite` and PostgreSQL's migration 0009): every award still
     // has its event.
     let orphans = crate::analytics::query_rows::<(String, i64)>(
         database_url,

@@ -7,7 +7,10 @@
 -- the leaderboards now break ties in the same order on both stores.
 --
 -- Only the collation changes: PostgreSQL rebuilds the indexes on these
--- columns (and the ledger's reference to events), not the tables.
+-- columns, not the tables, holding each table's lock meanwhile (every
+-- instance waits). A view of an operator's on one of these columns makes
+-- the migration fail ("cannot alter type of a column used by a view"):
+-- drop it first and create it again after.
 
 ALTER TABLE events
     ALTER COLUMN id TYPE TEXT COLLATE "C",
