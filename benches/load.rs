@@ -84,7 +84,8 @@ usage: cargo bench --bench load -- [options]
   --connections LIST     concurrent keep-alive connections, e.g. 64 or 1,8,64,256 (default 64)
   --prefill N            insert N events through the hook route before measuring (default 0)
   --prefill-connections C  connections used for the prefill (default 64)
-  --bulk N               fill the ledger to N events with SQL before the server starts (not the route)
+  --bulk N               fill the ledger to N events with SQL before the server starts (not the route);
+                         with --postgres, the PostgreSQL database too, and its analytics reads are timed
   --db FILE              use this SQLite file (kept, and only topped up by --bulk) instead of a temp one
   --sources N            load N sources: the shipped ones plus generated copies of learnworlds.yaml
   --log LEVEL            the server's ROCKET_LOG (default warn)

@@ -51,6 +51,9 @@ pub(super) async fn compare(
     // The database is dropped however the measurement ends.
     let db_url = with_database(url, &name);
     let result = async {
+        if args.bulk > 0 {
+            super::bulk::fill_postgres(&db_url, args.bulk).await?;
+        }
         let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
         let addr = format!("127.0.0.1:{port}");
         let log_path = tmp.join("server-postgres.log");
@@ -63,6 +66,10 @@ pub(super) async fn compare(
             args.seconds
         );
         let mut ok = measure_hook(&addr, server.pid, ctx, sqlite).await;
+        if args.bulk > 0 {
+            println!();
+            ok &= super::bulk::time_reads(&addr).await;
+        }
         if server.exited().is_some() {
             println!("the PostgreSQL server exited:\n{}", server.log_tail(30));
             ok = false;
