@@ -25,9 +25,11 @@ const STEP_ROWS: i64 = 20_000;
 /// Moves the window's start to `to_ms` (the task's step; tests call it to
 /// put the window where they need it). A long way (a new window, which
 /// starts in the far future, or one a stopped server left behind) is gone
-/// [`STEP_ROWS`] ledger rows at a time, each step a short transaction of
-/// its own, so the hook's writer never waits long for the lock; a small
-/// ledger takes one step.
+/// [`STEP_ROWS`] ledger rows at a time, each step a transaction of its
+/// own, so the hook's writers can write between steps; a small ledger takes
+/// one step. Each step holds them off while it sums its rows: on a large
+/// PostgreSQL ledger whose pages are not cached, about as long as reading
+/// those rows (docs/performance.md, 2026-12-01, later).
 pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
     while let Some(start) = state.store.recent_window_start().await? {
         if start == to_ms {
