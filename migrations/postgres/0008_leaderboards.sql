@@ -54,15 +54,21 @@ CREATE TABLE recent_points (
 );
 CREATE INDEX recent_points_ns_rank ON recent_points (namespace, points DESC, user_id);
 
+-- The window's start for a ledger writer, read under the advisory lock
+-- that writers share and a move of the window (`move_recent_window`) takes
+-- exclusively (the key is the text 'recent_window' hashed). The read is a
+-- statement after the lock, so it sees a move that committed meanwhile.
+CREATE FUNCTION recent_window_start_shared() RETURNS BIGINT LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared(hashtext('recent_window'));
+    RETURN (SELECT start_ms FROM recent_window WHERE id = 1);
+END $$;
+
 -- Adds the statement's new ledger rows (`new_rows`) to the sums.
 CREATE FUNCTION ledger_sums_add() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    window_start BIGINT;
+    window_start BIGINT := recent_window_start_shared();
 BEGIN
-    -- Shared among writers; exclusive for a move of the window
-    -- (`move_recent_window`). The key is the text 'recent_window' hashed.
-    PERFORM pg_advisory_xact_lock_shared(hashtext('recent_window'));
-    SELECT start_ms INTO window_start FROM recent_window WHERE id = 1;
     INSERT INTO course_points AS c (course_id, namespace, user_id, points, entries)
     SELECT course_id, namespace, user_id, SUM(points), COUNT(*) FROM new_rows
     WHERE course_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
@@ -80,10 +86,8 @@ END $$;
 -- deletes the sums left with no rows.
 CREATE FUNCTION ledger_sums_subtract() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    window_start BIGINT;
+    window_start BIGINT := recent_window_start_shared();
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(hashtext('recent_window'));
-    SELECT start_ms INTO window_start FROM recent_window WHERE id = 1;
     UPDATE course_points AS c
     SET points = c.points - o.points, entries = c.entries - o.entries
     FROM (SELECT course_id, namespace, user_id, SUM(points) AS points, COUNT(*) AS entries
