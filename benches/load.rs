@@ -835,19 +835,31 @@ fn print_group_commit(before: Option<(f64, f64)>, after: Option<(f64, f64)>) {
     }
 }
 
-/// `rocket_store_group_commit_requests` (sum, count) from `/metrics`.
-async fn group_commit(addr: &str) -> Option<(f64, f64)> {
+/// The text of `/metrics`.
+async fn metrics_text(addr: &str) -> Option<String> {
     let mut c = Conn::open(addr).await.ok()?;
     let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let resp = c.roundtrip(req.as_bytes()).await.ok()?;
-    let text = String::from_utf8_lossy(&c.buf[resp.body]).into_owned();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-    };
+    Some(String::from_utf8_lossy(&c.buf[resp.body]).into_owned())
+}
+
+/// The value of the series `name` (with its labels, if any) in `text`.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+    })
+}
+
+/// `rocket_store_group_commit_requests` (sum, count) from `/metrics`.
+async fn group_commit(addr: &str) -> Option<(f64, f64)> {
+    let text = metrics_text(addr).await?;
     Some((
-        value("rocket_store_group_commit_requests_sum ")?,
-        value("rocket_store_group_commit_requests_count ")?,
+        metric_value(&text, "rocket_store_group_commit_requests_sum")?,
+        metric_value(&text, "rocket_store_group_commit_requests_count")?,
     ))
 }
 
@@ -1269,6 +1281,10 @@ fn run(args: Args) -> Result<bool, String> {
     let mut ok = true;
 
     rt.block_on(async {
+        if args.bulk > 0 && !bulk::wait_for_window(&addr).await {
+            ok = false;
+            return;
+        }
         if args.prefill > 0 {
             let cpu0 = cpu_ticks(pid);
             let started = Arc::new(AtomicU64::new(0));

@@ -29,6 +29,15 @@ pub struct Metrics {
     pub events_failed: IntGauge,
     pub retention_pruned: IntCounterVec,
     pub queue_oldest_age: prometheus::Gauge,
+    /// Read from the store at each scrape.
+    pub window_lag: prometheus::Gauge,
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    reg.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -150,14 +159,18 @@ impl Metrics {
         registry
             .register(Box::new(events_failed.clone()))
             .unwrap_or_else(|e| panic!("gauge: {e}"));
-        let queue_oldest_age = prometheus::Gauge::new(
+        let queue_oldest_age = gauge(
+            &registry,
             "rocket_queue_oldest_age_seconds",
             "Age of the oldest queued event of async sources; 0 when none is queued (read at each scrape).",
-        )
-        .unwrap_or_else(|e| panic!("gauge: {e}"));
-        registry
-            .register(Box::new(queue_oldest_age.clone()))
-            .unwrap_or_else(|e| panic!("gauge: {e}"));
+        );
+        let window_lag = gauge(
+            &registry,
+            "rocket_leaderboard_window_lag_seconds",
+            "How far the seven-day leaderboard window's start is from seven days before now \
+             (read at each scrape; +Inf before its first build). Up to a minute is normal; \
+             beyond an hour the last-7-days leaderboard aggregates the ledger instead.",
+        );
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::new(
@@ -184,6 +197,7 @@ impl Metrics {
             events_failed,
             retention_pruned,
             queue_oldest_age,
+            window_lag,
         }
     }
 

@@ -19,6 +19,16 @@ pub fn start_for(now_ms: i64) -> i64 {
     (now_ms - RECENT_WINDOW_MS).div_euclid(60_000) * 60_000
 }
 
+/// How far a window starting at `start` is from [`start_for`] `now_ms`, in
+/// seconds: the `rocket_leaderboard_window_lag_seconds` gauge. A window
+/// never built (its start in the far future) is infinitely far.
+pub fn lag_seconds(start: Option<i64>, now_ms: i64) -> f64 {
+    match start {
+        Some(start) if start < i64::MAX => (start - start_for(now_ms)).abs() as f64 / 1000.0,
+        _ => f64::INFINITY,
+    }
+}
+
 /// The most ledger rows one move adds or subtracts.
 const STEP_ROWS: i64 = 20_000;
 
@@ -31,6 +41,8 @@ const STEP_ROWS: i64 = 20_000;
 /// PostgreSQL ledger whose pages are not cached, about as long as reading
 /// those rows (docs/performance.md, 2026-12-01, later).
 pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
+    let began = std::time::Instant::now();
+    let mut steps = 0u32;
     while let Some(start) = state.store.recent_window_start().await? {
         if start == to_ms {
             break;
@@ -40,6 +52,16 @@ pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
             .recent_window_step(start, to_ms, STEP_ROWS)
             .await?;
         state.store.move_recent_window(next).await?;
+        steps += 1;
+    }
+    // A long way is worth a line: a first build after an upgrade or a bulk
+    // load, or a server back after a long stop.
+    if steps > 1 {
+        tracing::info!(
+            steps,
+            ms = began.elapsed().as_millis() as u64,
+            "moved the leaderboards' seven-day window"
+        );
     }
     Ok(())
 }
@@ -57,5 +79,22 @@ pub async fn run(state: Weak<AppState>) {
         }
         drop(s);
         tokio::time::sleep(EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_is_the_distance_either_way_and_infinite_before_a_build() {
+        let now = 1_000 * 86_400_000 + 30_000;
+        let target = start_for(now);
+        assert_eq!(target % 60_000, 0);
+        assert_eq!(lag_seconds(Some(target), now), 0.0);
+        assert_eq!(lag_seconds(Some(target - 90_000), now), 90.0);
+        assert_eq!(lag_seconds(Some(target + 90_000), now), 90.0);
+        assert_eq!(lag_seconds(Some(i64::MAX), now), f64::INFINITY);
+        assert_eq!(lag_seconds(None, now), f64::INFINITY);
     }
 }

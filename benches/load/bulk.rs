@@ -126,6 +126,34 @@ fn insert_chunk(
     Ok(())
 }
 
+/// Waits until the server at `addr` has built its seven-day window (a
+/// lag of two minutes at most in `/metrics`), printing how long that took:
+/// the first build after a fill adds a week of the ledger in steps that
+/// each hold the hook's writers off briefly, so the hook is measured on
+/// steady traffic only after it. False after an hour without it.
+pub async fn wait_for_window(addr: &str) -> bool {
+    let started = Instant::now();
+    loop {
+        let lag = super::metrics_text(addr)
+            .await
+            .and_then(|t| super::metric_value(&t, "rocket_leaderboard_window_lag_seconds"));
+        match lag {
+            Some(lag) if lag <= 120.0 => {
+                println!(
+                    "seven-day window built {:.1} s after the server was ready",
+                    started.elapsed().as_secs_f64()
+                );
+                return true;
+            }
+            _ if started.elapsed() > Duration::from_secs(3600) => {
+                println!("the seven-day window was not built in an hour (lag {lag:?} s)");
+                return false;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// One analytics read, timed `runs` times over HTTP: (median, max) in ms.
 async fn time_get(addr: &str, path: &str, runs: usize) -> Result<(f64, f64), String> {
     let mut conn = Conn::open(addr).await.map_err(|e| e.to_string())?;

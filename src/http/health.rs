@@ -64,6 +64,17 @@ impl HealthApi {
                 tracing::warn!(error = %e, "reading the backlog for /metrics failed");
             }
         }
+        match state.store.recent_window_start().await {
+            Ok(start) => {
+                let now = chrono::Utc::now().timestamp_millis();
+                let lag = crate::window::lag_seconds(start, now);
+                state.metrics.window_lag.set(lag);
+            }
+            Err(e) => {
+                state.metrics.store_errors.inc();
+                tracing::warn!(error = %e, "reading the leaderboard window for /metrics failed");
+            }
+        }
         MetricsText::Ok(PlainText(state.metrics.render()))
     }
 }

@@ -151,6 +151,31 @@ async fn metrics_count_exactly_what_happened() {
 
 /// On SQLite the checkpoint thread reports the WAL it copied (frames at its
 /// last pass) and counts failed checkpoints; PostgreSQL has neither series.
+/// The seven-day window's lag is read at each scrape: within the minute the
+/// task keeps it to once the server has moved it, and the whole span when a
+/// move left it three hours behind.
+#[tokio::test]
+async fn the_leaderboard_window_lag_is_exported() {
+    const SERIES: &str = "rocket_leaderboard_window_lag_seconds";
+    let app = spawn_app().await;
+    let scrape = || async { app.send(app.client.get(app.url("/metrics"))).await.text };
+    let text = scrape().await;
+    assert!(
+        text.contains(&format!("\n# TYPE {SERIES} gauge\n")),
+        "{text}"
+    );
+    let lag = sample(&text, SERIES);
+    assert!((0.0..=60.0).contains(&lag), "{lag}");
+
+    let now = chrono::Utc::now().timestamp_millis();
+    let behind = rocket_rewards::window::start_for(now) - 3 * 3_600_000;
+    rocket_rewards::window::move_to(&app.server.state, behind)
+        .await
+        .unwrap();
+    let lag = sample(&scrape().await, SERIES);
+    assert!((10_800.0..=10_860.0).contains(&lag), "{lag}");
+}
+
 #[tokio::test]
 async fn the_sqlite_wal_is_reported_by_the_checkpoint_thread() {
     let app = spawn_app().await;
