@@ -1216,6 +1216,7 @@ fn run(args: Args) -> Result<bool, String> {
 
     if args.bulk > 0 {
         bulk::fill(&db, args.bulk, &rt)?;
+        bulk::read_into_page_cache(&db)?;
     }
     let (mut server, startup) = rt.block_on(start_server(cmd, &bin, &log_path, &addr))?;
     let pid = server.pid;
