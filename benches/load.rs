@@ -1421,6 +1421,11 @@ fn run(args: Args) -> Result<bool, String> {
         }
 
         println!();
+        if args.bulk > 0 && args.postgres.is_some() {
+            if let Err(e) = bulk::read_into_page_cache(&db) {
+                println!("{e}");
+            }
+        }
         if !bulk::time_reads(&addr).await {
             ok = false;
         }

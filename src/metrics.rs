@@ -168,9 +168,12 @@ impl Metrics {
             &registry,
             "rocket_leaderboard_window_lag_seconds",
             "How far the seven-day leaderboard window's start is from seven days before now \
-             (read at each scrape; +Inf before its first build). Up to a minute is normal; \
+             (read at each scrape; +Inf before its first step, or when the store cannot be read). \
+             Up to a minute or two is normal; \
              beyond an hour the last-7-days leaderboard aggregates the ledger instead.",
         );
+        // Unknown until a scrape reads the store: never "current" by default.
+        window_lag.set(f64::INFINITY);
         #[cfg(target_os = "linux")]
         {
             let pc = prometheus::process_collector::ProcessCollector::new(

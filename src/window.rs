@@ -43,7 +43,9 @@ const STEP_ROWS: i64 = 20_000;
 pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
     let began = std::time::Instant::now();
     let mut steps = 0u32;
+    let mut first = None;
     while let Some(start) = state.store.recent_window_start().await? {
+        first.get_or_insert(start);
         if start == to_ms {
             break;
         }
@@ -55,8 +57,10 @@ pub async fn move_to(state: &AppState, to_ms: i64) -> Result<(), StoreError> {
         steps += 1;
     }
     // A long way is worth a line: a first build after an upgrade or a bulk
-    // load, or a server back after a long stop.
-    if steps > 1 {
+    // load, or a server back after a long stop (not a minute's move that
+    // took two steps because that minute of the ledger was busy).
+    let far = first.is_some_and(|f| f.abs_diff(to_ms) > 2 * EVERY.as_millis() as u64);
+    if far {
         tracing::info!(
             steps,
             ms = began.elapsed().as_millis() as u64,

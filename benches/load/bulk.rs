@@ -34,7 +34,8 @@ fn bulk_events(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
 
 /// Reads the database file once so that the SQLite server meets it in the
 /// page cache, as a server that has run for a while does: a PostgreSQL
-/// fill of the same run, or any other large file, may have pushed it out.
+/// fill (an earlier run's, or this run's before SQLite's reads are timed),
+/// or any other large file, may have pushed it out.
 pub fn read_into_page_cache(db: &Path) -> Result<(), String> {
     let started = Instant::now();
     let mut file = std::fs::File::open(db).map_err(|e| format!("{}: {e}", db.display()))?;
@@ -149,14 +150,23 @@ fn insert_chunk(
 /// steady traffic only after it. False after an hour without it.
 pub async fn wait_for_window(addr: &str) -> bool {
     let started = Instant::now();
+    let mut unreachable = 0;
     loop {
-        let lag = super::metrics_text(addr)
-            .await
-            .and_then(|t| super::metric_value(&t, "rocket_leaderboard_window_lag_seconds"));
+        let Some(text) = super::metrics_text(addr).await else {
+            unreachable += 1;
+            if unreachable == 20 {
+                println!("the server stopped answering /metrics while its window was built");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
+        unreachable = 0;
+        let lag = super::metric_value(&text, "rocket_leaderboard_window_lag_seconds");
         match lag {
             Some(lag) if lag <= 120.0 => {
                 println!(
-                    "seven-day window built {:.1} s after the server was ready",
+                    "seven-day window built: waited {:.1} s for it",
                     started.elapsed().as_secs_f64()
                 );
                 return true;

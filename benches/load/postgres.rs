@@ -59,16 +59,16 @@ pub(super) async fn compare(
         let log_path = tmp.join("server-postgres.log");
         let cmd = server_command(bin, &addr, &db_url, config_dir, args, &log_path)?;
         let (mut server, _) = start_server(cmd, bin, &log_path, &addr).await?;
-        if args.bulk > 0 && !super::bulk::wait_for_window(&addr).await {
-            server.terminate();
-            return Ok(false);
-        }
         println!();
         // The database's name only: the URL may hold a password.
         println!(
             "== PostgreSQL (database {name}), {} s per route ==",
             args.seconds
         );
+        if args.bulk > 0 && !super::bulk::wait_for_window(&addr).await {
+            server.terminate();
+            return Ok(false);
+        }
         let mut ok = measure_hook(&addr, server.pid, ctx, sqlite).await;
         if args.bulk > 0 {
             println!();

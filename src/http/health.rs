@@ -72,6 +72,7 @@ impl HealthApi {
             }
             Err(e) => {
                 state.metrics.store_errors.inc();
+                state.metrics.window_lag.set(f64::INFINITY);
                 tracing::warn!(error = %e, "reading the leaderboard window for /metrics failed");
             }
         }

@@ -149,8 +149,6 @@ async fn metrics_count_exactly_what_happened() {
     );
 }
 
-/// On SQLite the checkpoint thread reports the WAL it copied (frames at its
-/// last pass) and counts failed checkpoints; PostgreSQL has neither series.
 /// The seven-day window's lag is read at each scrape: within the minute the
 /// task keeps it to once the server has moved it, and the whole span when a
 /// move left it three hours behind.
@@ -176,6 +174,8 @@ async fn the_leaderboard_window_lag_is_exported() {
     assert!((10_800.0..=10_860.0).contains(&lag), "{lag}");
 }
 
+/// On SQLite the checkpoint thread reports the WAL it copied (frames at its
+/// last pass) and counts failed checkpoints; PostgreSQL has neither series.
 #[tokio::test]
 async fn the_sqlite_wal_is_reported_by_the_checkpoint_thread() {
     let app = spawn_app().await;
