@@ -24,7 +24,7 @@ pub fn start_for(now_ms: i64) -> i64 {
 /// never built (its start in the far future) is infinitely far.
 pub fn lag_seconds(start: Option<i64>, now_ms: i64) -> f64 {
     match start {
-        Some(start) if start < i64::MAX => (start - start_for(now_ms)).abs() as f64 / 1000.0,
+        Some(start) if start < i64::MAX => start.abs_diff(start_for(now_ms)) as f64 / 1000.0,
         _ => f64::INFINITY,
     }
 }
