@@ -267,12 +267,12 @@ pub async fn fill_postgres(url: &str, events: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let now = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
+    let events_sql = pg_events_sql();
     let mut next = 1;
     while next <= events {
         let last = (next + CHUNK - 1).min(events);
         let mut tx = conn.begin().await.map_err(|e| e.to_string())?;
         let range = |sql| sqlx::query(sql).bind(next as i64).bind(last as i64);
-        let events_sql = pg_events_sql();
         for q in [range(&events_sql).bind(now), range(PG_LEDGER)] {
             q.execute(&mut *tx)
                 .await
