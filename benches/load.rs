@@ -14,8 +14,13 @@
 //! fixed time after a warm-up. Reports req/s, p50/p99, non-2xx and errors,
 //! the server's CPU µs per request (utime+stime from /proc; in all and by
 //! thread: tokio workers, SQLite writer, sync and checkpoint), its peak RSS
-//! (VmHWM) and the hook/bare throughput ratio. Any non-2xx answer or error
-//! on the hook route makes the run exit non-zero.
+//! (VmHWM), the disks' writes, and the hook/bare throughput ratio. Any
+//! non-2xx answer or error on the hook route makes the run exit non-zero.
+//!
+//! The same signed request then goes to the peer (Debian's `webhook`) and
+//! to two reference servers of `load/floor.rs` (HMAC and JSON alone; the
+//! same storing one SQLite row per event, durably), and the run prints the
+//! hook's CPU against theirs.
 //!
 //! The client is a lean HTTP/1.1 keep-alive client over tokio `TcpStream`
 //! (one task per connection, request bytes prebuilt, HMAC from a pre-keyed
@@ -32,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "load/bulk.rs"]
 mod bulk;
+#[path = "load/floor.rs"]
+mod floor;
 #[path = "load/postgres.rs"]
 mod postgres;
 
@@ -72,6 +79,8 @@ struct Args {
     server_env: Vec<(String, String)>,
     /// Measure the peer (`webhook`) too.
     peer: bool,
+    /// Measure the two reference servers of `floor` too.
+    floor: bool,
     /// A PostgreSQL server (URL of a database to connect to): the hook is
     /// measured again on a fresh database there, after SQLite's run.
     postgres: Option<String>,
@@ -94,6 +103,8 @@ usage: cargo bench --bench load -- [options]
   --client-threads T     tokio worker threads of the load generator (default 2)
   --no-build             do not run `cargo build --release --bin rocket-rewards` first
   --no-peer              do not measure the peer (Debian's `webhook`, one HMAC-verified hook)
+  --no-floor             do not measure the two reference servers (a poem route that checks the HMAC
+                         and parses the JSON; the same storing one SQLite row per event, durably)
   --postgres URL         then measure the hook again on PostgreSQL, on a database the harness creates
                          (and drops) on the server of URL, e.g. postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -113,6 +124,7 @@ fn parse_args() -> Result<Args, String> {
         client_threads: 2,
         server_env: Vec::new(),
         peer: true,
+        floor: true,
         postgres: None,
     };
     let mut it = std::env::args().skip(1);
@@ -169,6 +181,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "--no-build" => a.build = false,
             "--no-peer" => a.peer = false,
+            "--no-floor" => a.floor = false,
             "--postgres" => a.postgres = Some(value("--postgres")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -644,6 +657,28 @@ fn box_ticks() -> Option<(u64, u64)> {
     Some((all - idle, all))
 }
 
+/// Writes completed and sectors (512 bytes) written by the machine's whole
+/// disks (`/proc/diskstats`, devices listed in /sys/block, loop and zram
+/// devices left out): what reached the devices, checkpoints and fsyncs
+/// included.
+fn disk_writes() -> Option<(u64, u64)> {
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    let mut total = (0, 0);
+    for line in stats.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(name) = f.get(2) else { continue };
+        if name.starts_with("loop") || name.starts_with("zram") || name.starts_with("ram") {
+            continue;
+        }
+        if !Path::new("/sys/block").join(name).exists() {
+            continue;
+        }
+        total.0 += f.get(7)?.parse::<u64>().ok()?;
+        total.1 += f.get(9)?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
 /// Bytes the process has passed to write calls (`wchar` of /proc/PID/io):
 /// the WAL, checkpoints, and (a few hundred bytes each) the responses.
 fn written_bytes(pid: u32) -> Option<u64> {
@@ -730,6 +765,65 @@ struct Peer {
 }
 
 impl Peer {
+    /// Starts `cmd` (which listens on 127.0.0.1:`port`) with its output in
+    /// `log`, and waits until it accepts connections.
+    fn spawn(
+        mut cmd: Command,
+        log: &Path,
+        port: u16,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<Peer, String> {
+        let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().map_err(|e| e.to_string())?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+        let pid = child.id();
+        let mut peer = Peer {
+            server: Server {
+                child: Some(child),
+                pid,
+                log: log.to_path_buf(),
+            },
+            addr: format!("127.0.0.1:{port}"),
+        };
+        let addr = peer.addr.clone();
+        let listening = rt.block_on(async {
+            for _ in 0..500 {
+                if Conn::open(&addr).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        });
+        if !listening {
+            peer.server.terminate();
+            return Err(format!(
+                "{:?} did not listen on {addr}: {}",
+                cmd.get_program(),
+                peer.server.log_tail(5)
+            ));
+        }
+        Ok(peer)
+    }
+
+    /// Starts this harness's own binary as one of the reference servers of
+    /// [`floor`] (`hmac-json` or `durable`, the latter storing in a new
+    /// file in `dir`).
+    fn floor(kind: &str, dir: &Path, rt: &tokio::runtime::Runtime) -> Result<Peer, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("the harness's own path: {e}"))?;
+        let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["--serve-floor", kind, &format!("127.0.0.1:{port}")]);
+        if kind == "durable" {
+            cmd.arg(dir.join("floor.db"));
+        }
+        Peer::spawn(cmd, &dir.join(format!("floor-{kind}.log")), port, rt)
+    }
+
     /// Starts it if `webhook` is installed (`benches/run.sh` installs it).
     fn start(dir: &std::path::Path, rt: &tokio::runtime::Runtime) -> Result<Option<Peer>, String> {
         let Ok(out) = Command::new("sh")
@@ -756,36 +850,12 @@ impl Peer {
         std::fs::write(&hooks, config.to_string())
             .map_err(|e| format!("{}: {e}", hooks.display()))?;
         let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
-        let log = dir.join("peer.log");
-        let file = std::fs::File::create(&log).map_err(|e| e.to_string())?;
-        let child = Command::new("webhook")
-            .arg("-hooks")
+        let mut cmd = Command::new("webhook");
+        cmd.arg("-hooks")
             .arg(&hooks)
-            .args(["-ip", "127.0.0.1", "-port", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().map_err(|e| e.to_string())?)
-            .stderr(file)
-            .spawn()
-            .map_err(|e| format!("starting webhook: {e}"))?;
-        let pid = child.id();
-        let peer = Peer {
-            server: Server {
-                child: Some(child),
-                pid,
-                log,
-            },
-            addr: format!("127.0.0.1:{port}"),
-        };
-        let addr = peer.addr.clone();
-        rt.block_on(async {
-            for _ in 0..500 {
-                if Conn::open(&addr).await.is_ok() {
-                    return Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(format!("webhook did not listen on {addr}"))
-        })?;
+            .args(["-ip", "127.0.0.1", "-port", &port.to_string()]);
+        let peer = Peer::spawn(cmd, &dir.join("peer.log"), port, rt)?;
+        let pid = peer.server.pid;
         let version = Command::new("webhook").arg("-version").output().ok();
         println!(
             "peer: {} (pid {pid}) on {}{PEER_PATH}, one HMAC-SHA256 rule, nothing executed or stored",
@@ -922,6 +992,8 @@ struct RouteReport {
     client_us_per_req: Option<f64>,
     /// Share of all CPUs' time busy during the measurement, in percent.
     box_busy: Option<f64>,
+    /// The disks' writes per second and MiB written per second.
+    disk: Option<(f64, f64)>,
     statuses: BTreeMap<u16, u64>,
     samples: Vec<String>,
 }
@@ -944,6 +1016,67 @@ struct Ctx {
     measure: Duration,
 }
 
+impl Ctx {
+    /// The same run and ids, against another server.
+    fn on(&self, p: &Peer) -> Ctx {
+        Ctx {
+            addr: Arc::new(p.addr.clone()),
+            pid: p.server.pid,
+            ticks: self.ticks,
+            run: self.run.clone(),
+            next_id: self.next_id.clone(),
+            warmup: self.warmup,
+            measure: self.measure,
+        }
+    }
+}
+
+/// Server CPU µs per request of the threads whose names start with one of
+/// `prefixes` (Linux cuts thread names to 15 bytes).
+fn threads_us(r: &RouteReport, prefixes: &[&str]) -> f64 {
+    r.threads
+        .iter()
+        .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
+        .map(|(_, us)| us)
+        .sum()
+}
+
+/// Where the hook's CPU goes, against the two reference servers: the
+/// request path (tokio threads) against `plain`'s (HTTP, HMAC, JSON) and
+/// `durable`'s (the same, handing the row over and waiting for it), and
+/// the store's threads against `durable`'s one-row writer.
+fn print_budget(h: &RouteReport, plain: &RouteReport, durable: &RouteReport) {
+    let path = threads_us(h, &["tokio-"]);
+    let store = threads_us(h, &["rocket-sqlite"]);
+    println!(
+        "where the hook's cpu goes (µs/req): request path {path:.1} (HTTP, HMAC and JSON alone {:.1}; \
+         with a durable hand-off {:.1}); store threads {store:.1} (one row alone {:.1})",
+        threads_us(plain, &["tokio-"]),
+        threads_us(durable, &["tokio-"]),
+        threads_us(durable, &["floor-writer"]),
+    );
+}
+
+/// One line comparing the hook (`h`) with another server's run (`other`).
+fn print_against(what: &str, h: &RouteReport, other: &RouteReport) {
+    let cpu = |r: &RouteReport| {
+        r.cpu_us_per_req
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    println!(
+        "{what}: {:.2}× its req/s ({:.0} against {:.0}), p99 {:.3} against {:.3} ms, \
+         cpu µs/req {} against {}",
+        h.rps / other.rps,
+        h.rps,
+        other.rps,
+        h.p99_ms,
+        other.p99_ms,
+        cpu(h),
+        cpu(other)
+    );
+}
+
 async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteReport {
     if !ctx.warmup.is_zero() {
         run_phase(
@@ -959,6 +1092,7 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
     let threads_before = thread_ticks(ctx.pid);
     let client_before = cpu_ticks(std::process::id());
     let box_before = box_ticks();
+    let disk_before = disk_writes();
     let expect = (ctx.measure.as_secs_f64() * 20_000.0) as usize;
     let r = run_phase(
         &ctx.addr,
@@ -972,6 +1106,7 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
     let threads_after = thread_ticks(ctx.pid);
     let client_after = cpu_ticks(std::process::id());
     let box_after = box_ticks();
+    let disk_after = disk_writes();
     let mut st = r.stats;
     st.latencies.sort_unstable();
     // CPU µs per answered request, from clock ticks before and after.
@@ -997,6 +1132,14 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         }
         _ => None,
     };
+    let seconds = r.elapsed.as_secs_f64();
+    let disk = match (disk_before, disk_after) {
+        (Some((w0, s0)), Some((w1, s1))) if seconds > 0.0 => Some((
+            w1.saturating_sub(w0) as f64 / seconds,
+            s1.saturating_sub(s0) as f64 * 512.0 / (1024.0 * 1024.0) / seconds,
+        )),
+        _ => None,
+    };
     RouteReport {
         rps: st.responses as f64 / r.elapsed.as_secs_f64(),
         p50_ms: percentile(&st.latencies, 50.0),
@@ -1009,6 +1152,7 @@ async fn measure_route(ctx: &Ctx, target: &Arc<Target>, conns: usize) -> RouteRe
         threads,
         client_us_per_req,
         box_busy,
+        disk,
         statuses: st.statuses,
         samples: st.samples,
     }
@@ -1047,6 +1191,11 @@ fn print_row(name: &str, r: &RouteReport) {
         println!(
             "    load generator cpu µs/req: {client:.1}; all CPUs busy: {busy:.0}% (the rest idle or waiting on the disk)"
         );
+    }
+    if let Some((writes, mib)) = r.disk {
+        if writes >= 1.0 {
+            println!("    disks: {writes:.0} writes/s, {mib:.1} MiB/s written");
+        }
     }
     if !r.statuses.is_empty() {
         let s: Vec<String> = r.statuses.iter().map(|(k, v)| format!("{k}×{v}")).collect();
@@ -1134,6 +1283,22 @@ async fn start_server(
 }
 
 fn main() -> ExitCode {
+    // The harness started as one of its own reference servers.
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(i) = argv.iter().position(|a| a == "--serve-floor") {
+        let (Some(kind), Some(addr)) = (argv.get(i + 1), argv.get(i + 2)) else {
+            eprintln!("usage: load --serve-floor hmac-json|durable ADDR [DB]");
+            return ExitCode::from(2);
+        };
+        let db = argv.get(i + 3).map(PathBuf::from);
+        return match floor::serve(kind, addr, db.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -1279,6 +1444,27 @@ fn run(args: Args) -> Result<bool, String> {
             ctx.next_id.clone(),
         ))
     });
+    let floors = if args.floor {
+        ["hmac-json", "durable"]
+            .into_iter()
+            .map(|kind| {
+                let p = Peer::floor(kind, tmp.path(), &rt)?;
+                let t = Arc::new(Target::hook(
+                    &p.addr,
+                    HOOK_PATH,
+                    &ctx.run,
+                    ctx.next_id.clone(),
+                ));
+                println!(
+                    "reference server {kind} (pid {}) on {}{HOOK_PATH} (benches/load/floor.rs)",
+                    p.server.pid, p.addr
+                );
+                Ok((kind, p, t))
+            })
+            .collect::<Result<Vec<_>, String>>()?
+    } else {
+        Vec::new()
+    };
     let mut ok = true;
 
     rt.block_on(async {
@@ -1378,32 +1564,25 @@ fn run(args: Args) -> Result<bool, String> {
                 mib(status_kb(pid, "VmHWM"))
             );
             if let (Some(p), Some(t)) = (&peer, &peer_target) {
-                let peer_ctx = Ctx {
-                    addr: Arc::new(p.addr.clone()),
-                    pid: p.server.pid,
-                    ticks: ctx.ticks,
-                    run: ctx.run.clone(),
-                    next_id: ctx.next_id.clone(),
-                    warmup: ctx.warmup,
-                    measure: ctx.measure,
-                };
-                let pr = measure_route(&peer_ctx, t, conns).await;
+                let pr = measure_route(&ctx.on(p), t, conns).await;
                 print_row(&format!("POST {PEER_PATH} (peer: webhook)"), &pr);
                 if pr.non_2xx > 0 || pr.errors > 0 {
                     println!("    the peer failed requests: its figures are not comparable");
                 }
-                let cpu = |r: &RouteReport| r.cpu_us_per_req.map(|v| format!("{v:.1}")).unwrap_or_else(|| "n/a".into());
-                println!(
-                    "durable hook vs peer: {:.2}× its req/s ({:.0} against {:.0}), p99 {:.3} against {:.3} ms, \
-                     cpu µs/req {} against {}",
-                    h.rps / pr.rps,
-                    h.rps,
-                    pr.rps,
-                    h.p99_ms,
-                    pr.p99_ms,
-                    cpu(&h),
-                    cpu(&pr)
-                );
+                print_against("durable hook vs peer", &h, &pr);
+            }
+            let mut references = Vec::new();
+            for (kind, p, t) in &floors {
+                let fr = measure_route(&ctx.on(p), t, conns).await;
+                print_row(&format!("POST {HOOK_PATH} (reference: {kind})"), &fr);
+                if fr.non_2xx > 0 || fr.errors > 0 {
+                    println!("    the reference server failed requests: its figures are not comparable");
+                }
+                print_against(&format!("durable hook vs reference {kind}"), &h, &fr);
+                references.push(fr);
+            }
+            if let [plain, durable] = references.as_slice() {
+                print_budget(&h, plain, durable);
             }
             summary.push((conns, b, h, ratio));
         }
