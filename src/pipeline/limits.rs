@@ -254,7 +254,10 @@ impl Bucket {
             }
             Ok(Err(not_until)) => {
                 self.remember(0);
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                // The limiter's own clock: a new `DefaultClock` calibrates
+                // the TSC (CPUID, a trap under a hypervisor) and cost a
+                // refusal more than a stored event.
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
                 Err(refuse(ceil_secs(wait)))
             }
             Err(_) => Err(refuse(ceil_secs(per_cell * self.spec.burst))),
