@@ -20,7 +20,9 @@
 //! The same signed request then goes to the peer (Debian's `webhook`) and
 //! to two reference servers of `load/floor.rs` (HMAC and JSON alone; the
 //! same storing one SQLite row per event, durably), and the run prints the
-//! hook's CPU against theirs.
+//! hook's CPU against theirs. Last, what refusals cost: the hook with a
+//! wrong signature (401), and on a second server with the default rate
+//! limits, one address over its limit (429).
 //!
 //! The client is a lean HTTP/1.1 keep-alive client over tokio `TcpStream`
 //! (one task per connection, request bytes prebuilt, HMAC from a pre-keyed
@@ -81,6 +83,9 @@ struct Args {
     peer: bool,
     /// Measure the two reference servers of `floor` too.
     floor: bool,
+    /// Measure what refused requests cost: a wrong signature (401), and
+    /// one address over its rate limit (429).
+    refusals: bool,
     /// A PostgreSQL server (URL of a database to connect to): the hook is
     /// measured again on a fresh database there, after SQLite's run.
     postgres: Option<String>,
@@ -105,6 +110,8 @@ usage: cargo bench --bench load -- [options]
   --no-peer              do not measure the peer (Debian's `webhook`, one HMAC-verified hook)
   --no-floor             do not measure the two reference servers (a poem route that checks the HMAC
                          and parses the JSON; the same storing one SQLite row per event, durably)
+  --no-refusals          do not measure refused requests (a wrong signature: 401; one address over
+                         its rate limit, on a second server with the default limits: 429)
   --postgres URL         then measure the hook again on PostgreSQL, on a database the harness creates
                          (and drops) on the server of URL, e.g. postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -125,6 +132,7 @@ fn parse_args() -> Result<Args, String> {
         server_env: Vec::new(),
         peer: true,
         floor: true,
+        refusals: true,
         postgres: None,
     };
     let mut it = std::env::args().skip(1);
@@ -182,6 +190,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-build" => a.build = false,
             "--no-peer" => a.peer = false,
             "--no-floor" => a.floor = false,
+            "--no-refusals" => a.refusals = false,
             "--postgres" => a.postgres = Some(value("--postgres")?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -379,13 +388,24 @@ impl Target {
     }
 
     fn hook(host: &str, path: &str, run: &str, next_id: Arc<AtomicU64>) -> Target {
+        Target::hook_signed(host, path, run, next_id, SECRET)
+    }
+
+    /// [`Target::hook`] signed with `secret` (a wrong one for refusals).
+    fn hook_signed(
+        host: &str,
+        path: &str,
+        run: &str,
+        next_id: Arc<AtomicU64>,
+        secret: &str,
+    ) -> Target {
         Target::Hook {
             head_prefix: format!(
                 "POST {path} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n\
                  Content-Type: application/json\r\nX-Signature: sha256="
             )
             .into_bytes(),
-            key: HmacSha256::new_from_slice(SECRET.as_bytes()).expect("any key length"),
+            key: HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length"),
             run: run.to_string(),
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             next_id,
@@ -1031,6 +1051,75 @@ impl Ctx {
     }
 }
 
+/// What refused requests cost the server, against a stored event (`hook`):
+/// the hook with a wrong signature (401) on the server measured above, and
+/// one address over its rate limit (429) on a second server started with
+/// the default limits (after its burst, every request is refused).
+async fn measure_refusals(
+    ctx: &Ctx,
+    args: &Args,
+    bin: &Path,
+    config_dir: &Path,
+    dir: &Path,
+    conns: usize,
+    hook: &RouteReport,
+) -> Result<(), String> {
+    println!();
+    println!(
+        "== refused requests, {conns} connection(s), {} s per route ==",
+        args.seconds
+    );
+    print_header();
+    let wrong = Arc::new(Target::hook_signed(
+        &ctx.addr,
+        HOOK_PATH,
+        &ctx.run,
+        ctx.next_id.clone(),
+        "not-the-secret",
+    ));
+    let r = measure_route(ctx, &wrong, conns).await;
+    print_row(&format!("POST {HOOK_PATH} (wrong signature)"), &r);
+    print_refused("a wrong signature (401)", &r, hook);
+
+    let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
+    let addr = format!("127.0.0.1:{port}");
+    let log = dir.join("limited-server.log");
+    let db_url = format!("sqlite://{}", dir.join("limited.db").display());
+    let mut cmd = server_command(bin, &addr, &db_url, config_dir, args, &log)?;
+    cmd.env("ROCKET_RATE_LIMITS", "on");
+    let (server, _) = start_server(cmd, bin, &log, &addr).await?;
+    let limited = Peer { server, addr };
+    println!(
+        "second server (pid {}) on {}: the default rate limits (ROCKET_RATE_LIMITS=on)",
+        limited.server.pid, limited.addr
+    );
+    let target = Arc::new(Target::hook(
+        &limited.addr,
+        HOOK_PATH,
+        &ctx.run,
+        ctx.next_id.clone(),
+    ));
+    let r = measure_route(&ctx.on(&limited), &target, conns).await;
+    print_row(&format!("POST {HOOK_PATH} (over the rate limit)"), &r);
+    print_refused("one address over its rate limit (429)", &r, hook);
+    Ok(())
+}
+
+fn print_refused(what: &str, r: &RouteReport, hook: &RouteReport) {
+    let cpu = |r: &RouteReport| {
+        r.cpu_us_per_req
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    println!(
+        "    refused: {} of {} answers; server cpu µs per request refused for {what}: {} (a stored event: {})",
+        r.non_2xx,
+        r.responses,
+        cpu(r),
+        cpu(hook)
+    );
+}
+
 /// Server CPU µs per request of the threads whose names start with one of
 /// `prefixes` (Linux cuts thread names to 15 bytes).
 fn threads_us(r: &RouteReport, prefixes: &[&str]) -> f64 {
@@ -1585,6 +1674,14 @@ fn run(args: Args) -> Result<bool, String> {
                 print_budget(&h, plain, durable);
             }
             summary.push((conns, b, h, ratio));
+        }
+
+        if let (true, Some((conns, _, h, _))) = (args.refusals, summary.first()) {
+            let dir = tmp.path();
+            if let Err(e) = measure_refusals(&ctx, &args, &bin, &config_dir, dir, *conns, h).await {
+                println!("refused requests not measured: {e}");
+                ok = false;
+            }
         }
 
         if let Some(url) = &args.postgres {
