@@ -21,8 +21,8 @@
 //! to two reference servers of `load/floor.rs` (HMAC and JSON alone; the
 //! same storing one SQLite row per event, durably), and the run prints the
 //! hook's CPU against theirs. Last, what refusals cost: the hook with a
-//! wrong signature (401), and on a second server with the default rate
-//! limits, one address over its limit (429).
+//! wrong signature (401); on a second server with the default rate limits,
+//! one address over its limit, and a new address at every request (429).
 //!
 //! The client is a lean HTTP/1.1 keep-alive client over tokio `TcpStream`
 //! (one task per connection, request bytes prebuilt, HMAC from a pre-keyed
@@ -83,8 +83,8 @@ struct Args {
     peer: bool,
     /// Measure the two reference servers of `floor` too.
     floor: bool,
-    /// Measure what refused requests cost: a wrong signature (401), and
-    /// one address over its rate limit (429).
+    /// Measure what refused requests cost: a wrong signature (401), one
+    /// address over its rate limit and a new address at every request (429).
     refusals: bool,
     /// A PostgreSQL server (URL of a database to connect to): the hook is
     /// measured again on a fresh database there, after SQLite's run.
@@ -110,8 +110,9 @@ usage: cargo bench --bench load -- [options]
   --no-peer              do not measure the peer (Debian's `webhook`, one HMAC-verified hook)
   --no-floor             do not measure the two reference servers (a poem route that checks the HMAC
                          and parses the JSON; the same storing one SQLite row per event, durably)
-  --no-refusals          do not measure refused requests (a wrong signature: 401; one address over
-                         its rate limit, on a second server with the default limits: 429)
+  --no-refusals          do not measure refused requests (a wrong signature: 401; on a second server
+                         with the default limits, one address over its rate limit, and a new address
+                         at every request through a trusted proxy: 429)
   --postgres URL         then measure the hook again on PostgreSQL, on a database the harness creates
                          (and drops) on the server of URL, e.g. postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -376,6 +377,9 @@ enum Target {
         /// `occurred_at` of every event: when the harness started.
         at: String,
         next_id: Arc<AtomicU64>,
+        /// Each request names a client address of its own in
+        /// `X-Forwarded-For` (10.0.0.0/8, by request number).
+        spread: bool,
     },
 }
 
@@ -409,6 +413,30 @@ impl Target {
             run: run.to_string(),
             at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             next_id,
+            spread: false,
+        }
+    }
+
+    /// [`Target::hook`] from a new client address at every request, as a
+    /// trusted proxy forwards them.
+    fn hook_spread(host: &str, path: &str, run: &str, next_id: Arc<AtomicU64>) -> Target {
+        match Target::hook(host, path, run, next_id) {
+            Target::Hook {
+                head_prefix,
+                key,
+                run,
+                at,
+                next_id,
+                ..
+            } => Target::Hook {
+                head_prefix,
+                key,
+                run,
+                at,
+                next_id,
+                spread: true,
+            },
+            bare => bare,
         }
     }
 
@@ -422,6 +450,7 @@ impl Target {
                 run,
                 at,
                 next_id,
+                spread,
             } => {
                 let n = next_id.fetch_add(1, Ordering::Relaxed);
                 body.clear();
@@ -445,6 +474,10 @@ impl Target {
                 out.clear();
                 out.extend_from_slice(head_prefix);
                 out.extend_from_slice(&hex_tag);
+                if *spread {
+                    let [_, b, c, d] = (n as u32).to_be_bytes();
+                    write!(out, "\r\nX-Forwarded-For: 10.{b}.{c}.{d}").expect("write to a Vec");
+                }
                 write!(out, "\r\nContent-Length: {}\r\n\r\n", body.len()).expect("write to a Vec");
                 out.extend_from_slice(body);
                 out
@@ -1052,9 +1085,11 @@ impl Ctx {
 }
 
 /// What refused requests cost the server, against a stored event (`hook`):
-/// the hook with a wrong signature (401) on the server measured above, and
-/// one address over its rate limit (429) on a second server started with
-/// the default limits (after its burst, every request is refused).
+/// the hook with a wrong signature (401) on the server measured above; on a
+/// second server started with the default limits, one address over its
+/// rate limit (429: after its burst, every request is refused), and a new
+/// address at every request (through a trusted proxy: each makes and
+/// passes its address's bucket, and the source's bucket refuses it).
 async fn measure_refusals(
     ctx: &Ctx,
     args: &Args,
@@ -1086,11 +1121,13 @@ async fn measure_refusals(
     let log = dir.join("limited-server.log");
     let db_url = format!("sqlite://{}", dir.join("limited.db").display());
     let mut cmd = server_command(bin, &addr, &db_url, config_dir, args, &log)?;
-    cmd.env("ROCKET_RATE_LIMITS", "on");
+    cmd.env("ROCKET_RATE_LIMITS", "on")
+        .env("ROCKET_TRUSTED_PROXIES", "127.0.0.1/32");
     let (server, _) = start_server(cmd, bin, &log, &addr).await?;
     let limited = Peer { server, addr };
     println!(
-        "second server (pid {}) on {}: the default rate limits (ROCKET_RATE_LIMITS=on)",
+        "second server (pid {}) on {}: the default rate limits (ROCKET_RATE_LIMITS=on), \
+         127.0.0.1 a trusted proxy",
         limited.server.pid, limited.addr
     );
     let target = Arc::new(Target::hook(
@@ -1102,6 +1139,21 @@ async fn measure_refusals(
     let r = measure_route(&ctx.on(&limited), &target, conns).await;
     print_row(&format!("POST {HOOK_PATH} (over the rate limit)"), &r);
     print_refused("one address over its rate limit (429)", &r, hook);
+    // Every request from an address not seen before: each makes that
+    // address's bucket, passes it, and is refused by the source's bucket.
+    let spread = Arc::new(Target::hook_spread(
+        &limited.addr,
+        HOOK_PATH,
+        &ctx.run,
+        ctx.next_id.clone(),
+    ));
+    let r = measure_route(&ctx.on(&limited), &spread, conns).await;
+    print_row(&format!("POST {HOOK_PATH} (new address each)"), &r);
+    print_refused(
+        "a new address each, over the source's limit (429)",
+        &r,
+        hook,
+    );
     Ok(())
 }
 
