@@ -420,24 +420,11 @@ impl Target {
     /// [`Target::hook`] from a new client address at every request, as a
     /// trusted proxy forwards them.
     fn hook_spread(host: &str, path: &str, run: &str, next_id: Arc<AtomicU64>) -> Target {
-        match Target::hook(host, path, run, next_id) {
-            Target::Hook {
-                head_prefix,
-                key,
-                run,
-                at,
-                next_id,
-                ..
-            } => Target::Hook {
-                head_prefix,
-                key,
-                run,
-                at,
-                next_id,
-                spread: true,
-            },
-            bare => bare,
+        let mut target = Target::hook(host, path, run, next_id);
+        if let Target::Hook { spread, .. } = &mut target {
+            *spread = true;
         }
+        target
     }
 
     /// Writes the next request into `out` (the body goes through `body`).
@@ -1051,6 +1038,15 @@ struct RouteReport {
     samples: Vec<String>,
 }
 
+impl RouteReport {
+    /// The server's CPU µs per request, as printed.
+    fn cpu(&self) -> String {
+        self.cpu_us_per_req
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "n/a".into())
+    }
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -1105,16 +1101,15 @@ async fn measure_refusals(
         args.seconds
     );
     print_header();
-    let wrong = Arc::new(Target::hook_signed(
+    let wrong = Target::hook_signed(
         &ctx.addr,
         HOOK_PATH,
         &ctx.run,
         ctx.next_id.clone(),
         "not-the-secret",
-    ));
-    let r = measure_route(ctx, &wrong, conns).await;
-    print_row(&format!("POST {HOOK_PATH} (wrong signature)"), &r);
-    print_refused("a wrong signature (401)", &r, hook);
+    );
+    let what = "a wrong signature (401)";
+    measure_refused(ctx, wrong, conns, "wrong signature", what, hook).await;
 
     let port = free_port().map_err(|e| format!("finding a free port: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
@@ -1130,45 +1125,39 @@ async fn measure_refusals(
          127.0.0.1 a trusted proxy",
         limited.server.pid, limited.addr
     );
-    let target = Arc::new(Target::hook(
-        &limited.addr,
-        HOOK_PATH,
-        &ctx.run,
-        ctx.next_id.clone(),
-    ));
-    let r = measure_route(&ctx.on(&limited), &target, conns).await;
-    print_row(&format!("POST {HOOK_PATH} (over the rate limit)"), &r);
-    print_refused("one address over its rate limit (429)", &r, hook);
+    let on = ctx.on(&limited);
+    let one = Target::hook(&limited.addr, HOOK_PATH, &ctx.run, ctx.next_id.clone());
+    let what = "one address over its rate limit (429)";
+    measure_refused(&on, one, conns, "over the rate limit", what, hook).await;
     // Every request from an address not seen before: each makes that
     // address's bucket, passes it, and is refused by the source's bucket.
-    let spread = Arc::new(Target::hook_spread(
-        &limited.addr,
-        HOOK_PATH,
-        &ctx.run,
-        ctx.next_id.clone(),
-    ));
-    let r = measure_route(&ctx.on(&limited), &spread, conns).await;
-    print_row(&format!("POST {HOOK_PATH} (new address each)"), &r);
-    print_refused(
-        "a new address each, over the source's limit (429)",
-        &r,
-        hook,
-    );
+    let spread = Target::hook_spread(&limited.addr, HOOK_PATH, &ctx.run, ctx.next_id.clone());
+    let what = "a new address each, over the source's limit (429)";
+    measure_refused(&on, spread, conns, "new address each", what, hook).await;
     Ok(())
 }
 
+/// Measures one refused route and prints its row and its cost per refusal.
+async fn measure_refused(
+    ctx: &Ctx,
+    target: Target,
+    conns: usize,
+    route: &str,
+    what: &str,
+    hook: &RouteReport,
+) {
+    let r = measure_route(ctx, &Arc::new(target), conns).await;
+    print_row(&format!("POST {HOOK_PATH} ({route})"), &r);
+    print_refused(what, &r, hook);
+}
+
 fn print_refused(what: &str, r: &RouteReport, hook: &RouteReport) {
-    let cpu = |r: &RouteReport| {
-        r.cpu_us_per_req
-            .map(|v| format!("{v:.1}"))
-            .unwrap_or_else(|| "n/a".into())
-    };
     println!(
         "    refused: {} of {} answers; server cpu µs per request refused for {what}: {} (a stored event: {})",
         r.non_2xx,
         r.responses,
-        cpu(r),
-        cpu(hook)
+        r.cpu(),
+        hook.cpu()
     );
 }
 
@@ -1200,11 +1189,6 @@ fn print_budget(h: &RouteReport, plain: &RouteReport, durable: &RouteReport) {
 
 /// One line comparing the hook (`h`) with another server's run (`other`).
 fn print_against(what: &str, h: &RouteReport, other: &RouteReport) {
-    let cpu = |r: &RouteReport| {
-        r.cpu_us_per_req
-            .map(|v| format!("{v:.1}"))
-            .unwrap_or_else(|| "n/a".into())
-    };
     println!(
         "{what}: {:.2}× its req/s ({:.0} against {:.0}), p99 {:.3} against {:.3} ms, \
          cpu µs/req {} against {}",
@@ -1213,8 +1197,8 @@ fn print_against(what: &str, h: &RouteReport, other: &RouteReport) {
         other.rps,
         h.p99_ms,
         other.p99_ms,
-        cpu(h),
-        cpu(other)
+        h.cpu(),
+        other.cpu()
     );
 }
 
