@@ -169,10 +169,20 @@ fn operator_token(
 ) -> OperatorToken {
     let reference = SecretRef::Env(name.to_string());
     match secrets.resolve(&reference, dir) {
-        Ok(r) => OperatorToken {
-            digests: digests(&r.values),
-            origin: r.origin,
-        },
+        Ok(r) => {
+            if r.values.is_empty() {
+                let refused = if name == ADMIN_TOKEN {
+                    "the admin API and console refuse every request (401)"
+                } else {
+                    "dry runs take the admin token only"
+                };
+                warnings.push(format!("{} is unset; {refused}", r.origin));
+            }
+            OperatorToken {
+                digests: digests(&r.values),
+                origin: r.origin,
+            }
+        }
         Err(message) => {
             if secrets.is_lenient() {
                 warnings.push(format!("{name}: {message}"));
@@ -724,8 +734,9 @@ fn compile_auths(
         fail(&["auth"], "at least one auth scheme is required".into());
     }
     let mut auth = Vec::new();
+    let mut unset = Vec::new();
     for (n, a) in raw_auth.into_iter().enumerate() {
-        match compile_auth(a, name, kind, base, secrets, warnings) {
+        match compile_auth(a, name, kind, base, secrets, warnings, &mut unset) {
             Ok(scheme) => auth.push(scheme),
             Err(problems) => {
                 for (key, message) in problems {
@@ -745,6 +756,16 @@ fn compile_auths(
         .count();
     if body_tokens > 1 {
         fail(&["auth"], "at most one body_token scheme per source".into());
+    }
+    // A source refuses everything only when none of its schemes has a
+    // secret; with one set, an unset other is worth a warning, not alarm.
+    let refused = if unset.len() == declared {
+        "every request to it is refused (401)"
+    } else {
+        "that scheme refuses every request; the source's other schemes still verify"
+    };
+    for origin in unset {
+        warnings.push(format!("source {name}: {origin} is unset; {refused}"));
     }
     auth
 }
@@ -961,6 +982,7 @@ fn compile_auth(
     base: &Path,
     secrets: &SecretEnv,
     warnings: &mut Vec<String>,
+    unset: &mut Vec<String>,
 ) -> Result<AuthScheme, Vec<(&'static str, String)>> {
     let mut problems: Vec<(&'static str, String)> = Vec::new();
     for key in a.keys_set() {
@@ -981,6 +1003,10 @@ fn compile_auth(
         SecretRef::Dir(_) => "secret",
     };
     let (values, origin) = match resolve_secret(&reference, source, base, secrets, warnings) {
+        Ok((values, origin)) if values.is_empty() => {
+            unset.push(origin.to_string());
+            (values, origin)
+        }
         Ok(found) => found,
         Err(message) => {
             problems.push((key_of_ref, message));
@@ -1014,9 +1040,9 @@ fn secret_reference(
     }
 }
 
-/// A secret's values and origin. An unset variable warns (the source then
-/// refuses every request); a problem with a file is an error, or a warning
-/// when the environment is lenient (`check`).
+/// A secret's values and origin (no values: unset, which the caller
+/// reports); a problem with a file is an error, or a warning when the
+/// environment is lenient (`check`).
 fn resolve_secret(
     reference: &SecretRef,
     source: &str,
@@ -1025,15 +1051,7 @@ fn resolve_secret(
     warnings: &mut Vec<String>,
 ) -> Result<(Vec<crate::secrets::Secret>, Origin), String> {
     match secrets.resolve(reference, base) {
-        Ok(r) => {
-            if r.values.is_empty() {
-                warnings.push(format!(
-                    "source {source}: {} is unset; every request to it is refused (401)",
-                    r.origin
-                ));
-            }
-            Ok((r.values, r.origin))
-        }
+        Ok(r) => Ok((r.values, r.origin)),
         Err(message) if secrets.is_lenient() => {
             warnings.push(format!("source {source}: {message}"));
             // Where it was looked for; a name with nowhere to look names itself.
@@ -1409,6 +1427,65 @@ mod tests {
         let e = errs[0].to_string();
         assert!(e.starts_with("sources.d/x.yaml:5:"), "{e}");
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_key_inside_a_scheme_or_a_field_spec_is_named_too() {
+        let cases = [
+            (
+                "auth:\n  - type: bearer\n    secret_evn: ROCKET_X_TOKEN\nevent_type: {paths: $.t}\n",
+                "sources.d/x.yaml:3:",
+                "secret_evn",
+            ),
+            (
+                "auth: {type: bearer, secret_env: ROCKET_X_TOKEN}\nevent_type: {paths: $.t}\nfields:\n  occurred_at:\n    paths: $.at\n    tpye: timestamp\n",
+                "sources.d/x.yaml:6:",
+                "tpye",
+            ),
+            (
+                "auth: {type: bearer, secret_env: ROCKET_X_TOKEN}\nevent_type: {paths: $.t}\nattributes:\n  grade: {path: $.g, formt: x}\n",
+                "sources.d/x.yaml:4:",
+                "formt",
+            ),
+        ];
+        for (text, at, key) in cases {
+            let errs = compile(text).unwrap_err();
+            let e = errs[0].to_string();
+            assert!(e.starts_with(at), "{e}");
+            assert!(e.contains(&format!("unknown field `{key}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_unset_secret_warns_by_whether_the_source_still_verifies() {
+        let text = "auth:\n  - {type: bearer, secret_env: ROCKET_X_TOKEN}\n  - {type: hmac, header: X-Sig, secret_env: ROCKET_X_SECRET}\nevent_type: {paths: $.t}\n";
+        let warned = |secrets: SecretEnv| {
+            let mut warnings = Vec::new();
+            compile_source(
+                Path::new("sources.d/x.yaml"),
+                text,
+                &BTreeMap::new(),
+                &secrets,
+                crate::pipeline::limits::DEFAULT_SOURCE,
+                &mut warnings,
+            )
+            .unwrap();
+            warnings
+        };
+        assert_eq!(
+            warned(SecretEnv::from_pairs([("ROCKET_X_TOKEN", "t")])),
+            [
+                "source x: ROCKET_X_SECRET is unset; that scheme refuses every request; \
+              the source's other schemes still verify"
+            ]
+        );
+        assert_eq!(
+            warned(SecretEnv::default()),
+            [
+                "source x: ROCKET_X_TOKEN is unset; every request to it is refused (401)",
+                "source x: ROCKET_X_SECRET is unset; every request to it is refused (401)",
+            ]
+        );
     }
 
     #[test]
