@@ -107,9 +107,9 @@ pub fn endpoint(state: Arc<AppState>) -> impl Endpoint {
     });
     Route::new()
         .nest("/", api)
-        .at("/openapi.json", spec_json)
-        .at("/openapi.yaml", spec_yaml)
-        .at("/docs", docs)
+        .at("/openapi.json", poem::get(spec_json))
+        .at("/openapi.yaml", poem::get(spec_yaml))
+        .at("/docs", poem::get(docs))
         .at("/console", poem::get(console::page))
         .at("/console/app.js", poem::get(console::script))
         .at("/console/app.css", poem::get(console::style))

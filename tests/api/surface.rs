@@ -53,6 +53,10 @@ async fn the_spec_and_docs_are_served_and_the_committed_spec_is_current() {
         "the UI is served from the binary"
     );
     assert!(!docs.text.contains("cdn."), "no CDN");
+    for path in ["/openapi.json", "/openapi.yaml", "/docs"] {
+        let post = app.send(app.client.post(app.url(path))).await;
+        assert_error(&post, 405, "METHOD_NOT_ALLOWED");
+    }
 
     let committed =
         std::fs::read_to_string(repo_dir().join("openapi/openapi.json")).unwrap_or_default();
