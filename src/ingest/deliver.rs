@@ -16,6 +16,7 @@ use crate::config::raw::Processing;
 use crate::config::{Config, Source};
 use crate::pipeline::limits::{self, Scope, Standing};
 use crate::pipeline::mapping::CanonicalEvent;
+use crate::pipeline::rules::RuleError;
 use crate::pipeline::verify::AuthError;
 use crate::pipeline::{PrepareError, Prepared};
 use crate::scoring;
@@ -183,11 +184,13 @@ async fn store(
     queued: bool,
     standing: Option<Standing>,
 ) -> Result<Ingested, Refused> {
-    for p in &prepared {
-        if let Err(e) = &p.outcome {
-            scoring::rule_failed(&state.metrics, &src.name, None, e);
-        }
-    }
+    // A rule's failure counts once the store says the event stands failed:
+    // a redelivery of a processed event was scored too, but its outcome is
+    // dropped in favour of the stored one.
+    let rule_errors: Vec<Option<RuleError>> = prepared
+        .iter()
+        .map(|p| p.outcome.as_ref().err().cloned())
+        .collect();
     let labels: Vec<String> = prepared
         .iter()
         .map(|p| type_label(src, &p.event).to_string())
@@ -202,6 +205,11 @@ async fn store(
         .ingest(&src.namespace, prepared, queued)
         .await
         .map_err(|e| store_refusal(state, e, "store write"))?;
+    for (p, e) in stored.iter().zip(&rule_errors) {
+        if let (Some(e), EventStatus::Failed) = (e, p.status) {
+            scoring::rule_failed(&state.metrics, &src.name, Some(&p.event_id), e);
+        }
+    }
     for (p, label) in stored.iter().zip(&labels) {
         let name = src.name.as_str();
         if p.duplicate {

@@ -404,12 +404,18 @@ pub fn set_custom_rules(dir: &Path, rules: &str) {
 /// Gives the custom source a rule that fails `badge.earned` events ("not
 /// today") beside `course_completed`.
 pub fn with_flaky_rule(dir: &Path) {
+    break_flaky_rule(dir);
+    set_custom_rules(dir, "course_completed, flaky");
+}
+
+/// Makes the rule of [`with_flaky_rule`] fail `badge.earned` events again
+/// (reload to apply).
+pub fn break_flaky_rule(dir: &Path) {
     std::fs::write(
         dir.join("rules/flaky.rhai"),
         "if event.event_type == \"badge.earned\" { throw \"not today\" }",
     )
     .unwrap();
-    set_custom_rules(dir, "course_completed, flaky");
 }
 
 /// Fixes the rule of [`with_flaky_rule`]: `badge.earned` earns 7 (reload

@@ -500,6 +500,18 @@ async fn a_failing_rule_stores_the_event_as_failed_and_rescores_it_on_redelivery
     let again = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
     assert_eq!(again.body["duplicate"], true);
     assert_eq!(app.user_points("custom", "u1").await, 7);
+    // The rule breaks again: a redelivery of the processed event is still
+    // the first delivery's answer, and its failed scoring is no rule error.
+    break_flaky_rule(&app.config_dir);
+    assert_eq!(app.reload().await.status, 200);
+    let again = app.bearer("custom", CUSTOM_TOKEN, &ev).await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert_eq!(again.body["duplicate"], true);
+    let metrics = app.send(app.client.get(app.url("/metrics"))).await.text;
+    assert!(
+        metrics.contains("\nrocket_rule_errors_total{rule=\"flaky\"} 2\n"),
+        "the two failed deliveries only: {metrics}"
+    );
 }
 
 #[tokio::test]
