@@ -191,7 +191,8 @@ impl AnalyticsApi {
         state: Data<&Arc<AppState>>,
         auth: AdminToken,
         req: &Request,
-        /// Only users of this namespace.
+        /// Only users of this source's namespace (a source's name, or a
+        /// namespace as the entries show it).
         #[oai(name = "source")]
         namespace: Query<Option<String>>,
         /// Only points earned in this course.
@@ -204,8 +205,17 @@ impl AnalyticsApi {
         limit: Query<Option<i64>>,
     ) -> Result<Json<Leaderboard>, ApiError> {
         state.require_admin(req, &auth)?;
+        // As the event log reads `source`: a source's name stands for its
+        // namespace; anything else is taken as a namespace.
+        let namespace = namespace.0.map(|name| {
+            state
+                .config
+                .load()
+                .source(&name)
+                .map_or(name, |s| s.namespace.clone())
+        });
         let q = LeaderboardQuery {
-            namespace: namespace.0,
+            namespace,
             course_id: course_id.0,
             since_ms: parse_time("since", &since.0)?,
             until_ms: parse_time("until", &until.0)?,

@@ -123,6 +123,35 @@ async fn leaderboards_rank_ties_and_filter_by_source_course_and_time() {
     assert_error(&bad, 400, "INVALID_REQUEST");
 }
 
+/// A source that sets its own namespace: `source=` takes its name, or the
+/// namespace the entries show.
+#[tokio::test]
+async fn the_leaderboard_takes_a_source_name_for_its_namespace() {
+    let app = spawn_with(|dir| append_to_source(dir, "custom", "namespace: campus")).await;
+    custom(
+        &app,
+        "1",
+        "course.completed",
+        "ana",
+        "c1",
+        "2025-01-01T00:00:00Z",
+    )
+    .await;
+    for source in ["custom", "campus"] {
+        let r = app
+            .admin_get(&format!("/api/v1/leaderboard?source={source}"))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.body["entries"],
+            json!([{"rank": 1, "source": "campus", "user_id": "ana", "points": 50}]),
+            "source={source}"
+        );
+    }
+    let none = app.admin_get("/api/v1/leaderboard?source=moodle").await;
+    assert_eq!(none.body["entries"], json!([]));
+}
+
 #[tokio::test]
 async fn an_event_shows_its_status_canonical_form_and_awards() {
     let app = spawn_app().await;
