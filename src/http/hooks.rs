@@ -235,7 +235,7 @@ impl HookApi {
                     s.name
                 ),
             )),
-            Some(s) => ingest_into(&state, &config, s, req, ip, body, None)
+            Some(s) => ingest_into(&state, &config, s, req, ip, body, None, None)
                 .await
                 .map(hook_response),
         };
@@ -357,7 +357,11 @@ async fn chosen_or_detected(
 /// One delivery for the hook or the statements resource: the use case
 /// (`ingest::deliver`) with the body read here within the source's limit,
 /// its rate standing written into the response headers, and a refusal
-/// turned into the one error body.
+/// turned into the one error body. `refused`: the resource's own objection
+/// to the request (the statements resource's version header), answered
+/// once the allowlist and the address's limit have passed it, as the
+/// pipeline orders them.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn ingest_into(
     state: &AppState,
     config: &Config,
@@ -366,11 +370,15 @@ pub(super) async fn ingest_into(
     ip: IpAddr,
     body: HookBody,
     statement_id: Option<&str>,
+    refused: Option<ApiError>,
 ) -> Result<Ingested, ApiError> {
     let slot = req.extensions().get::<Arc<RateSlot>>().cloned();
     let answer = |r: Refused| refusal(src, slot.as_deref(), r);
     let address = deliver::admit(state, src, ip).map_err(answer)?;
     note_standing(slot.as_deref(), address);
+    if let Some(e) = refused {
+        return Err(e);
+    }
     let bytes = read_body(body, src, req, state.settings.body_timeout).await?;
     let delivery = Delivery {
         headers: req.headers(),

@@ -166,7 +166,7 @@ async fn response_headers<E: Endpoint>(ep: Arc<E>, mut req: Request) -> poem::Re
     let is_xapi = path.starts_with("/api/public/xapi/");
     let xapi_version = is_xapi.then(|| {
         let requested = req.headers().get(xapi::VERSION_HEADER);
-        xapi::answer_version(requested.and_then(|v| v.to_str().ok())).unwrap_or("1.0.3")
+        xapi::answer_version(requested.and_then(|v| v.to_str().ok())).unwrap_or(xapi::LATEST_1_0)
     });
     let slot = if path.starts_with("/api/public/hook/") || is_xapi {
         let slot = Arc::new(RateSlot::default());

@@ -27,10 +27,13 @@ pub const VERSION_HEADER: &str = "x-experience-api-version";
 /// the latest patch of the request's minor version (Communication 3.3).
 /// `None`: a version this resource does not take (missing, 0.9, 1.1+ but
 /// not 2.0).
+/// The 1.0 version this resource answers as.
+pub const LATEST_1_0: &str = "1.0.3";
+
 pub fn answer_version(requested: Option<&str>) -> Option<&'static str> {
     let v = requested?.trim();
     if v == "1.0" || v.starts_with("1.0.") {
-        Some("1.0.3")
+        Some(LATEST_1_0)
     } else if v == "2.0" || v.starts_with("2.0.") {
         Some("2.0.0")
     } else {
@@ -135,22 +138,27 @@ async fn statements(
         .headers()
         .get(VERSION_HEADER)
         .and_then(|v| v.to_str().ok());
-    let result = match (&src, answer_version(requested)) {
-        (None, _) => Err(match config.source(name) {
+    let version = answer_version(requested);
+    let result = match &src {
+        None => Err(match config.source(name) {
             Some(_) => ApiError::not_found(
                 "UNKNOWN_SOURCE",
                 format!("source {name:?} does not take xAPI statements"),
             ),
             None => unknown_source(name),
         }),
-        (Some(_), None) => Err(ApiError::bad_request(
-            "INVALID_REQUEST",
-            "X-Experience-API-Version must be 1.0.x or 2.0.x",
-            None,
-        )),
-        (Some(s), Some(version)) => ingest_into(state, &config, s, req, ip, body, statement_id)
-            .await
-            .map(|ingested| (version, ingested)),
+        Some(s) => {
+            let bad_version = version.is_none().then(|| {
+                ApiError::bad_request(
+                    "INVALID_REQUEST",
+                    "X-Experience-API-Version must be 1.0.x or 2.0.x",
+                    None,
+                )
+            });
+            ingest_into(state, &config, s, req, ip, body, statement_id, bad_version)
+                .await
+                .map(|ingested| (version.unwrap_or(LATEST_1_0), ingested))
+        }
     };
     match &result {
         Ok((_, ingested)) => {

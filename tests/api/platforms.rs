@@ -335,6 +335,33 @@ async fn a_logstore_xapi_batch_with_basic_auth_and_no_ids_earns_once_and_gets_st
     }
 }
 
+/// The pipeline's order holds on the statements resource too: a blocked
+/// address is refused (403) before its request is read for a version.
+#[tokio::test]
+async fn the_statements_resource_checks_the_allowlist_before_the_version() {
+    let app = spawn_custom(
+        |dir| append_to_source(dir, "valamis", "allow_ips: [192.0.2.0/24]"),
+        |s| {
+            s.secrets.set(
+                "ROCKET_VALAMIS_LRS_SECRET",
+                format!("{LRS_KEY}:{LRS_SECRET}"),
+            )
+        },
+    )
+    .await;
+    let statement = json!({"actor": {"mbox": "mailto:ada@example.com"},
+        "verb": {"id": "http://adlnet.gov/expapi/verbs/passed"},
+        "object": {"id": "http://example.com/quiz/1"}});
+    let credentials = format!("{LRS_KEY}:{LRS_SECRET}");
+    for version in ["", "1.0.3"] {
+        let r = app
+            .send(lrs_post_as(&app, &statement, version, &credentials))
+            .await;
+        assert_error(&r, 403, "IP_NOT_ALLOWED");
+        assert_eq!(r.headers["x-experience-api-version"], "1.0.3");
+    }
+}
+
 #[tokio::test]
 async fn the_statements_resource_answers_as_an_lrs_does() {
     let app = spawn_platforms().await;
