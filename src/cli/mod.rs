@@ -147,7 +147,7 @@ fn causes(e: &anyhow::Error) -> String {
 }
 
 #[cfg(test)]
-mod env_tests {
+mod tests {
     use super::*;
 
     /// Every variable a subcommand reads is a server setting, never
@@ -170,5 +170,19 @@ mod env_tests {
             }
         }
         assert!(seen > 20, "{seen}");
+    }
+
+    /// `rocket-rewards token`: 32 random bytes as 64 hex digits, a new value
+    /// at every call.
+    #[test]
+    fn a_token_is_64_hex_digits_and_new_each_time() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 64, "{a}");
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{a}"
+        );
+        assert_ne!(a, b);
     }
 }
