@@ -1,5 +1,6 @@
 //! The real binary's logs: one JSON line per hook request, audit lines for
-//! refusals, never a secret, a signature or a body; SIGTERM exits 0.
+//! refusals, never a secret, a signature or a body; SIGHUP reloads, SIGTERM
+//! exits 0.
 
 use std::process::{Child, Command};
 use std::sync::mpsc;
@@ -211,4 +212,77 @@ async fn tokens_in_the_body_or_the_url_are_never_logged_or_stored() {
         "the rest of the body is kept"
     );
     assert!(stored.get("token").is_none());
+}
+
+/// The next log line `what` accepts (the lines before it are kept too).
+fn wait_for(
+    rx: &mpsc::Receiver<String>,
+    lines: &mut Vec<String>,
+    what: impl Fn(&Value) -> bool,
+) -> Value {
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no such line in:\n{}", lines.join("\n")));
+        lines.push(line.clone());
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+            if what(&v) {
+                return v;
+            }
+        }
+    }
+}
+
+/// SIGHUP reloads the config all or nothing: a broken source file is
+/// refused and the running config keeps serving; fixed, the next SIGHUP
+/// takes it.
+#[tokio::test]
+async fn sighup_reloads_the_config_all_or_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_config(tmp.path());
+    let db = format!("sqlite://{}/db/x.db", tmp.path().display());
+    let Launched {
+        mut child,
+        log: rx,
+        mut lines,
+        addr,
+    } = launch_binary(tmp.path(), &db, &[("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN)]);
+    let pid = child.id().to_string();
+    let hup = || {
+        let sent = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+        assert!(sent.success());
+    };
+    let client = reqwest::Client::new();
+    let names = || async {
+        let r = client
+            .get(format!("http://{addr}/api/admin/sources"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let body: Value = r.json().await.unwrap();
+        body["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let before = names().await;
+    let extra = tmp.path().join("sources.d/extra.yaml");
+    let good = "auth: {type: bearer, secret_env: ROCKET_EXTRA_TOKEN}\nevent_type: {paths: $.t}\n";
+    std::fs::write(&extra, format!("{good}colour: red\n")).unwrap();
+    hup();
+    wait_for(&rx, &mut lines, |v| {
+        v["kind"] == "sighup" && v["message"] == "config reload refused; keeping the running config"
+    });
+    assert_eq!(names().await, before, "the running config still serves");
+    std::fs::write(&extra, good).unwrap();
+    hup();
+    let loaded = wait_for(&rx, &mut lines, |v| {
+        v["kind"] == "sighup" && v["message"] == "config reloaded"
+    });
+    assert_eq!(loaded["sources"], before.len() + 1, "{loaded}");
+    assert!(names().await.contains(&"extra".to_string()));
+    stop_logged(&mut child, &rx, &mut lines);
 }
