@@ -735,9 +735,16 @@ fn compile_auths(
     }
     let mut auth = Vec::new();
     let mut unset = Vec::new();
+    let mut verifying = 0;
     for (n, a) in raw_auth.into_iter().enumerate() {
+        let unset_before = unset.len();
         match compile_auth(a, name, kind, base, secrets, warnings, &mut unset) {
-            Ok(scheme) => auth.push(scheme),
+            Ok(scheme) => {
+                if unset.len() == unset_before {
+                    verifying += 1;
+                }
+                auth.push(scheme)
+            }
             Err(problems) => {
                 for (key, message) in problems {
                     let message = if declared > 1 {
@@ -759,13 +766,16 @@ fn compile_auths(
     }
     // A source refuses everything only when none of its schemes has a
     // secret; with one set, an unset other is worth a warning, not alarm.
-    let refused = if unset.len() == declared {
+    // The dry-run source's secret is the test token, which warns itself.
+    let refused = if verifying == 0 {
         "every request to it is refused (401)"
     } else {
         "that scheme refuses every request; the source's other schemes still verify"
     };
-    for origin in unset {
-        warnings.push(format!("source {name}: {origin} is unset; {refused}"));
+    if !kind.dry_run {
+        for origin in unset {
+            warnings.push(format!("source {name}: {origin} is unset; {refused}"));
+        }
     }
     auth
 }
@@ -971,10 +981,9 @@ struct SourceKind {
     dry_run: bool,
 }
 
-/// Compiles one auth scheme: its secret resolved (a problem with an env
-/// variable that is unset is a warning, the source then refuses every
-/// request; one with a file is an error), its keys checked against its
-/// kind. Errors are `(key, message)`.
+/// Compiles one auth scheme: its secret resolved (an unset one is added to
+/// `unset`, for the caller to warn of; a problem with a file is an error),
+/// its keys checked against its kind. Errors are `(key, message)`.
 fn compile_auth(
     a: raw::RawAuth,
     source: &str,
@@ -1002,11 +1011,8 @@ fn compile_auth(
         SecretRef::File(_) => "secret_file",
         SecretRef::Dir(_) => "secret",
     };
-    let (values, origin) = match resolve_secret(&reference, source, base, secrets, warnings) {
-        Ok((values, origin)) if values.is_empty() => {
-            unset.push(origin.to_string());
-            (values, origin)
-        }
+    let (values, origin) = match resolve_secret(&reference, source, base, secrets, warnings, unset)
+    {
         Ok(found) => found,
         Err(message) => {
             problems.push((key_of_ref, message));
@@ -1040,18 +1046,24 @@ fn secret_reference(
     }
 }
 
-/// A secret's values and origin (no values: unset, which the caller
-/// reports); a problem with a file is an error, or a warning when the
-/// environment is lenient (`check`).
+/// A secret's values and origin (an unset one is added to `unset`); a
+/// problem with a file is an error, or a warning when the environment is
+/// lenient (`check`), and then no values.
 fn resolve_secret(
     reference: &SecretRef,
     source: &str,
     base: &Path,
     secrets: &SecretEnv,
     warnings: &mut Vec<String>,
+    unset: &mut Vec<String>,
 ) -> Result<(Vec<crate::secrets::Secret>, Origin), String> {
     match secrets.resolve(reference, base) {
-        Ok(r) => Ok((r.values, r.origin)),
+        Ok(r) => {
+            if r.values.is_empty() {
+                unset.push(r.origin.to_string());
+            }
+            Ok((r.values, r.origin))
+        }
         Err(message) if secrets.is_lenient() => {
             warnings.push(format!("source {source}: {message}"));
             // Where it was looked for; a name with nowhere to look names itself.
@@ -1486,6 +1498,29 @@ mod tests {
                 "source x: ROCKET_X_SECRET is unset; every request to it is refused (401)",
             ]
         );
+    }
+
+    #[test]
+    fn a_secret_file_problem_in_check_warns_once_and_the_dry_run_source_not_at_all() {
+        let warned = |text: &str| {
+            let mut warnings = Vec::new();
+            let _ = compile_source(
+                Path::new("sources.d/x.yaml"),
+                text,
+                &BTreeMap::new(),
+                &SecretEnv::default().lenient(),
+                crate::pipeline::limits::DEFAULT_SOURCE,
+                &mut warnings,
+            );
+            warnings
+        };
+        let missing = warned(
+            "auth: {type: bearer, secret_file: /nonexistent/x-token}\nevent_type: {paths: $.t}\n",
+        );
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(!missing[0].contains("is unset"), "{missing:?}");
+        let test = warned("auth: {type: bearer, secret_env: ROCKET_TEST_TOKEN}\nevent_type: {paths: $.t}\ndry_run: true\n");
+        assert_eq!(test, Vec::<String>::new());
     }
 
     #[test]

@@ -43,20 +43,32 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
                 T::deserialize(v.into_deserializer()).map(OneOrMany::One)
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
-                T::deserialize(v.into_deserializer()).map(OneOrMany::One)
+                scalar(T::deserialize(v.into_deserializer()), v.to_string())
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                T::deserialize(v.into_deserializer()).map(OneOrMany::One)
+                scalar(T::deserialize(v.into_deserializer()), v.to_string())
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                T::deserialize(v.into_deserializer()).map(OneOrMany::One)
+                scalar(T::deserialize(v.into_deserializer()), v.to_string())
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                T::deserialize(v.into_deserializer()).map(OneOrMany::One)
+                scalar(T::deserialize(v.into_deserializer()), v.to_string())
             }
         }
         d.deserialize_any(Shape(PhantomData))
     }
+}
+
+/// A plain scalar as one value: as its own type, else as its text (so
+/// `vendor: 5` reads as a list element `[5]` does, the name "5"); the
+/// typed error when neither fits.
+fn scalar<'de, T: Deserialize<'de>, E: de::Error>(
+    typed: Result<T, E>,
+    text: String,
+) -> Result<OneOrMany<T>, E> {
+    typed
+        .or_else(|e| T::deserialize(text.into_deserializer()).map_err(|_: E| e))
+        .map(OneOrMany::One)
 }
 
 impl<T> OneOrMany<T> {
@@ -454,4 +466,27 @@ pub struct RawRepeat {
     pub count: usize,
     pub every_seconds: i64,
     pub first_seconds_ago: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scalar reads the same alone as in a list: `5` is the name "5"
+    /// either way; a map where a scalar is due names what was expected.
+    #[test]
+    fn one_or_many_reads_scalars_alone_as_in_a_list() {
+        let read = |yaml: &str| {
+            serde_yaml_ng::from_str::<OneOrMany<String>>(yaml).map(OneOrMany::into_vec)
+        };
+        assert_eq!(read("5").unwrap(), ["5"]);
+        assert_eq!(read("[5, a, true]").unwrap(), ["5", "a", "true"]);
+        assert_eq!(read("a").unwrap(), ["a"]);
+        let e = read("{a: 1}").unwrap_err().to_string();
+        assert!(e.contains("expected a string"), "{e}");
+        let e = serde_yaml_ng::from_str::<OneOrMany<RawAuth>>("5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("invalid type: integer `5`"), "{e}");
+    }
 }

@@ -23,13 +23,13 @@ use crate::state::AppState;
 /// The header every xAPI request and response carries.
 pub const VERSION_HEADER: &str = "x-experience-api-version";
 
+/// The 1.0 version this resource answers as.
+pub const LATEST_1_0: &str = "1.0.3";
+
 /// The version this resource answers with, for a request's version header:
 /// the latest patch of the request's minor version (Communication 3.3).
 /// `None`: a version this resource does not take (missing, 0.9, 1.1+ but
 /// not 2.0).
-/// The 1.0 version this resource answers as.
-pub const LATEST_1_0: &str = "1.0.3";
-
 pub fn answer_version(requested: Option<&str>) -> Option<&'static str> {
     let v = requested?.trim();
     if v == "1.0" || v.starts_with("1.0.") {
@@ -81,7 +81,7 @@ impl XapiApi {
         req: &Request,
         body: HookBody,
     ) -> Result<StatementsPosted, ApiError> {
-        let (version, ingested) = statements(&state, &source.0, req, body, None).await?;
+        let (version, ingested) = statements(&state, &source.0, req, body, None, None).await?;
         Ok(StatementsPosted::Ok(Json(ingested.keys), version.into()))
     }
 
@@ -104,27 +104,28 @@ impl XapiApi {
         body: HookBody,
     ) -> Result<StatementPut, ApiError> {
         // Stored in the hyphenated lower-case form, however it was written.
-        let Ok(id) = uuid::Uuid::parse_str(statement_id.0.trim()) else {
-            return Err(ApiError::bad_request(
-                "INVALID_REQUEST",
-                "statementId must be a UUID",
-                None,
-            ));
-        };
-        let id = id.hyphenated().to_string();
-        let (version, _) = statements(&state, &source.0, req, body, Some(&id)).await?;
+        let parsed =
+            uuid::Uuid::parse_str(statement_id.0.trim()).map(|id| id.hyphenated().to_string());
+        let bad_id = parsed
+            .is_err()
+            .then(|| ApiError::bad_request("INVALID_REQUEST", "statementId must be a UUID", None));
+        let id = parsed.unwrap_or_default();
+        let (version, _) = statements(&state, &source.0, req, body, Some(&id), bad_id).await?;
         Ok(StatementPut::NoContent(version.into()))
     }
 }
 
-/// Checks the source and the version header, then ingests; observed as
-/// the hook is (metrics and the log line).
+/// Ingests through the source, answering an unknown one 404, and a bad
+/// version header or `bad_id` 400 once the allowlist and the address's
+/// limit have passed the request; observed as the hook is (metrics and
+/// the log line).
 async fn statements(
     state: &AppState,
     name: &str,
     req: &Request,
     body: HookBody,
     statement_id: Option<&str>,
+    bad_id: Option<ApiError>,
 ) -> Result<(&'static str, Ingested), ApiError> {
     let started = Instant::now();
     let config = state.config.load_full();
@@ -155,7 +156,8 @@ async fn statements(
                     None,
                 )
             });
-            ingest_into(state, &config, s, req, ip, body, statement_id, bad_version)
+            let refused = bad_version.or(bad_id);
+            ingest_into(state, &config, s, req, ip, body, statement_id, refused)
                 .await
                 .map(|ingested| (version.unwrap_or(LATEST_1_0), ingested))
         }

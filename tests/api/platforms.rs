@@ -360,6 +360,18 @@ async fn the_statements_resource_checks_the_allowlist_before_the_version() {
         assert_error(&r, 403, "IP_NOT_ALLOWED");
         assert_eq!(r.headers["x-experience-api-version"], "1.0.3");
     }
+    // PUT with a statementId that is no UUID: 403 first too.
+    let basic = base64::engine::general_purpose::STANDARD.encode(&credentials);
+    let r = app
+        .send(
+            app.client
+                .put(app.url("/api/public/xapi/valamis/statements?statementId=nope"))
+                .header("authorization", format!("Basic {basic}"))
+                .header("x-experience-api-version", "1.0.3")
+                .json(&statement),
+        )
+        .await;
+    assert_error(&r, 403, "IP_NOT_ALLOWED");
 }
 
 #[tokio::test]
