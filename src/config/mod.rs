@@ -735,16 +735,9 @@ fn compile_auths(
     }
     let mut auth = Vec::new();
     let mut unset = Vec::new();
-    let mut verifying = 0;
     for (n, a) in raw_auth.into_iter().enumerate() {
-        let unset_before = unset.len();
         match compile_auth(a, name, kind, base, secrets, warnings, &mut unset) {
-            Ok(scheme) => {
-                if unset.len() == unset_before {
-                    verifying += 1;
-                }
-                auth.push(scheme)
-            }
+            Ok(scheme) => auth.push(scheme),
             Err(problems) => {
                 for (key, message) in problems {
                     let message = if declared > 1 {
@@ -767,7 +760,7 @@ fn compile_auths(
     // A source refuses everything only when none of its schemes has a
     // secret; with one set, an unset other is worth a warning, not alarm.
     // The dry-run source's secret is the test token, which warns itself.
-    let refused = if verifying == 0 {
+    let refused = if !auth.iter().any(AuthScheme::is_configured) {
         "every request to it is refused (401)"
     } else {
         "that scheme refuses every request; the source's other schemes still verify"

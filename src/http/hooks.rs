@@ -358,7 +358,8 @@ async fn chosen_or_detected(
 /// (`ingest::deliver`) with the body read here within the source's limit,
 /// its rate standing written into the response headers, and a refusal
 /// turned into the one error body. `refused`: the resource's own objection
-/// to the request (the statements resource's version header), answered
+/// to the request (the statements resource's version header or statement
+/// id), answered
 /// once the allowlist and the address's limit have passed it, as the
 /// pipeline orders them.
 #[allow(clippy::too_many_arguments)]

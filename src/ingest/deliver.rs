@@ -184,16 +184,15 @@ async fn store(
     queued: bool,
     standing: Option<Standing>,
 ) -> Result<Ingested, Refused> {
-    // A rule's failure counts once the store says the event stands failed:
-    // a redelivery of a processed event was scored too, but its outcome is
-    // dropped in favour of the stored one.
-    let rule_errors: Vec<Option<RuleError>> = prepared
+    // Each event's metric label and rule error, counted once the store has
+    // answered: a redelivery of a processed event was scored too, but its
+    // outcome is dropped in favour of the stored one.
+    let counted: Vec<(String, Option<RuleError>)> = prepared
         .iter()
-        .map(|p| p.outcome.as_ref().err().cloned())
-        .collect();
-    let labels: Vec<String> = prepared
-        .iter()
-        .map(|p| type_label(src, &p.event).to_string())
+        .map(|p| {
+            let label = type_label(src, &p.event).to_string();
+            (label, p.outcome.as_ref().err().cloned())
+        })
         .collect();
     let batch = prepared.len() > 1 || src.batch;
     let keys: Vec<String> = prepared
@@ -205,13 +204,11 @@ async fn store(
         .ingest(&src.namespace, prepared, queued)
         .await
         .map_err(|e| store_refusal(state, e, "store write"))?;
-    for (p, e) in stored.iter().zip(&rule_errors) {
-        if let (Some(e), EventStatus::Failed) = (e, p.status) {
-            scoring::rule_failed(&state.metrics, &src.name, Some(&p.event_id), e);
-        }
-    }
-    for (p, label) in stored.iter().zip(&labels) {
+    for (p, (label, rule_error)) in stored.iter().zip(&counted) {
         let name = src.name.as_str();
+        if let (Some(e), EventStatus::Failed) = (rule_error, p.status) {
+            scoring::rule_failed(&state.metrics, name, Some(&p.event_id), e);
+        }
         if p.duplicate {
             state.metrics.duplicates.with_label_values(&[name]).inc();
         } else if p.status == EventStatus::Processed {

@@ -10,13 +10,18 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// SIGTERM, a clean exit, and the rest of the log.
-fn stop_logged(child: &mut Child, rx: &mpsc::Receiver<String>, lines: &mut Vec<String>) {
+/// Sends `signal` (`-TERM`, `-HUP`) to the process `pid`.
+fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// SIGTERM, a clean exit, and the rest of the log.
+fn stop_logged(child: &mut Child, rx: &mpsc::Receiver<String>, lines: &mut Vec<String>) {
+    signal(child.id(), "-TERM");
     let exit = child.wait().unwrap();
     assert!(exit.success(), "SIGTERM exits 0: {exit:?}");
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
@@ -247,11 +252,7 @@ async fn sighup_reloads_the_config_all_or_nothing() {
         mut lines,
         addr,
     } = launch_binary(tmp.path(), &db, &[("ROCKET_ADMIN_TOKEN", ADMIN_TOKEN)]);
-    let pid = child.id().to_string();
-    let hup = || {
-        let sent = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-        assert!(sent.success());
-    };
+    let pid = child.id();
     let client = reqwest::Client::new();
     let names = || async {
         let r = client
@@ -272,13 +273,13 @@ async fn sighup_reloads_the_config_all_or_nothing() {
     let extra = tmp.path().join("sources.d/extra.yaml");
     let good = "auth: {type: bearer, secret_env: ROCKET_EXTRA_TOKEN}\nevent_type: {paths: $.t}\n";
     std::fs::write(&extra, format!("{good}colour: red\n")).unwrap();
-    hup();
+    signal(pid, "-HUP");
     wait_for(&rx, &mut lines, |v| {
         v["kind"] == "sighup" && v["message"] == "config reload refused; keeping the running config"
     });
     assert_eq!(names().await, before, "the running config still serves");
     std::fs::write(&extra, good).unwrap();
-    hup();
+    signal(pid, "-HUP");
     let loaded = wait_for(&rx, &mut lines, |v| {
         v["kind"] == "sighup" && v["message"] == "config reloaded"
     });
